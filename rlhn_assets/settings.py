@@ -1,0 +1,24 @@
+"""Where the project keeps its data. Everything is relative to one data directory.
+
+`RLHN_DATA_DIR` overrides the data directory (default: `data/` next to the package), `RLHN_DUCKDB`
+the DuckDB file (default: `<data dir>/rlhn.duckdb`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("RLHN_DATA_DIR", PROJECT_ROOT / "data")).resolve()
+
+
+def duckdb_path() -> Path:
+    return Path(os.environ.get("RLHN_DUCKDB", data_dir() / "rlhn.duckdb")).resolve()
+
+
+def registry_path() -> Path:
+    return Path(os.environ.get("RLHN_REGISTRY", data_dir() / "datasets.yaml")).resolve()
