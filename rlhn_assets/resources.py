@@ -38,3 +38,111 @@ class DatasetRegistryResource(dg.ConfigurableResource):
     @property
     def data_dir(self) -> Path:
         return self.load().data_dir
+
+
+class JudgeTierResource(dg.ConfigurableResource):
+    """One tier of the judge cascade: which kind of judge, and the OpenAI-compatible endpoint it calls.
+
+    ``kind``: ``listwise`` (the paper's prompt), ``pointwise`` (yes/no logprobs) or ``embedding_margin``
+    (no LLM). LLM kinds go through the one ``openai`` client path (``rlhn_assets.lib.llm.client``); the API
+    key is read from the environment variable named by ``api_key_env`` and never logged or stored.
+    ``local_model`` (e.g. ``qwen2.5-coder-0.5b``) makes the step start a llama.cpp server on 127.0.0.1
+    with that packaged model, health-check it, and stop it afterwards; ``base_url`` is then ignored."""
+
+    tier: int = 1
+    kind: str = "listwise"
+    prompt_family: str = "tier1"  # listwise prompt: tier1 | tier2 (datasets with prompt: scidocsrr use theirs)
+    # endpoint
+    model: str = "gpt-4o-mini"
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.1
+    max_tokens: int = 2048
+    response_format_style: str = "none"
+    concurrency: int = 8
+    max_retries: int = 5
+    timeout_s: float = 120.0
+    mode: str = "online"  # online | batch (OpenAI Batch API, half price)
+    local_model: str = ""
+    local_parallel: int = 1
+    local_ctx_size: int = 4096
+    # judge settings
+    max_parse_retries: int = 2
+    threshold_relevant: float = 0.5
+    threshold_better: float = 0.9
+    margin: float = 0.05
+    # cost per 1M tokens (USD), for metadata and the dry-run estimate
+    price_in_per_m: float = 0.0
+    price_out_per_m: float = 0.0
+    cache_path: str = ""
+    # asset check: share of `error` verdicts above which the tier's partition fails
+    max_error_rate: float = 0.05
+
+    def describe(self) -> dict:
+        """What the metadata shows about this tier (never the key)."""
+        d = {"tier": self.tier, "kind": self.kind}
+        if self.kind != "embedding_margin":
+            d |= {"model": self.model, "endpoint": "local llama.cpp (" + self.local_model + ")" if self.local_model
+                  else (self.base_url or "api.openai.com"), "mode": self.mode, "prompt_family": self.prompt_family}
+        if self.kind == "embedding_margin":
+            d["margin"] = self.margin
+        if self.kind == "pointwise":
+            d |= {"threshold_relevant": self.threshold_relevant, "threshold_better": self.threshold_better}
+        return d
+
+    def endpoint_settings(self, base_url: str | None = None):
+        from rlhn_assets.lib.llm.client import EndpointSettings
+
+        return EndpointSettings(
+            model=self.model, base_url=base_url or self.base_url or None, api_key_env=self.api_key_env,
+            temperature=self.temperature, max_tokens=self.max_tokens,
+            response_format_style=self.response_format_style, concurrency=self.concurrency,
+            max_retries=self.max_retries, timeout_s=self.timeout_s, mode=self.mode)
+
+    def cost_usd(self, tokens_in: int, tokens_out: int) -> float:
+        return tokens_in / 1e6 * self.price_in_per_m + tokens_out / 1e6 * self.price_out_per_m
+
+    @contextmanager
+    def open_judge(self, family_by_instance=None, log=None):
+        """Build the judge; for a local model, run the llama.cpp server for the duration."""
+        from rlhn_assets.lib.judging import judges
+
+        if self.kind == "embedding_margin":
+            from rlhn_assets.lib.embeddings import base_model_path, dir_hash, load_model
+
+            yield judges.EmbeddingMarginJudge(load_model(), dir_hash(base_model_path()), margin=self.margin)
+            return
+        if self.kind not in ("listwise", "pointwise"):
+            raise ValueError(f"judge kind must be listwise, pointwise or embedding_margin, not {self.kind!r}")
+        from rlhn_assets.lib.llm.cache import ResponseCache
+        from rlhn_assets.lib.llm.client import LLMClient
+
+        cache_path = self.cache_path or str(settings.data_dir() / "llm_cache.duckdb")
+        server = None
+        try:
+            base_url = None
+            if self.local_model:
+                from rlhn_assets.lib.local_llm import LlamaServer, assemble_gguf
+
+                gguf = assemble_gguf(self.local_model)
+                server = LlamaServer(gguf, ctx_size=self.local_ctx_size, parallel=self.local_parallel,
+                                     alias=self.model)
+                if log:
+                    log(f"starting llama.cpp server for {self.local_model} ({gguf.name})")
+                server.start()
+                base_url = server.base_url
+                if log:
+                    log(f"llama.cpp server healthy at {base_url}")
+            with ResponseCache(cache_path) as cache:
+                client = LLMClient(self.endpoint_settings(base_url), cache,
+                                   api_key="local" if self.local_model else None)
+                if self.kind == "listwise":
+                    yield judges.ListwiseLLMJudge(client, self.prompt_family, max_parse_retries=self.max_parse_retries,
+                                                  family_by_instance=family_by_instance)
+                else:
+                    yield judges.PointwiseLLMJudge(client, threshold_relevant=self.threshold_relevant,
+                                                   threshold_better=self.threshold_better,
+                                                   max_parse_retries=self.max_parse_retries)
+        finally:
+            if server is not None:
+                server.stop()

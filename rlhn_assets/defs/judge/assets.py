@@ -1,0 +1,199 @@
+import time
+
+import dagster as dg
+
+from rlhn_assets.defs.prune.assets import pruned
+from rlhn_assets.lib.judging import prompts
+from rlhn_assets.lib.judging.judges import listwise_calls
+from rlhn_assets.lib.judging.store import count_instances, iter_batches, write_judgments
+from rlhn_assets.lib.markdown import md_table
+from rlhn_assets.lib.relabel import ensure_tables, forwarded_sql
+from rlhn_assets.partitions import dataset_pd
+from rlhn_assets.resources import DatasetRegistryResource, JudgeTierResource, RLHNDuckDB
+
+# A retry reruns the whole step; the response cache makes that cheap and deterministic.
+JUDGE_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+class JudgeRunConfig(dg.Config):
+    batch_size: int = 256  # instances read, judged and written per round
+    # Forward instances whose tier-1 answer ended in `error` to tier 2 (an unreadable answer is no evidence
+    # that an instance is clean).
+    forward_errors: bool = True
+
+
+def _skip_reason(registry: DatasetRegistryResource, duckdb: RLHNDuckDB, dataset: str) -> str | None:
+    ds = registry.load().get(dataset)
+    if not ds.judge:
+        return "never judged (registry: judge: false); every variant keeps its data unchanged"
+    with duckdb.get_connection() as conn:
+        kept = conn.execute("SELECT kept FROM pruned_decisions WHERE dataset = $1", [dataset]).fetchall()
+    if kept and not kept[0][0]:
+        return "dataset pruned away: nothing to judge"
+    return None
+
+
+def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, registry: DatasetRegistryResource,
+              config: JudgeRunConfig, only_sql: str | None) -> dg.MaterializeResult:
+    dataset = context.partition_key
+    with duckdb.get_connection() as conn:
+        ensure_tables(conn)
+        conn.execute("DELETE FROM judgments WHERE dataset = $1 AND tier = $2", [dataset, tier])
+        total = count_instances(conn, dataset, only_sql)
+    reason = _skip_reason(registry, duckdb, dataset)
+    base = {"judge": dg.MetadataValue.json(judge_res.describe())}
+    if reason or total == 0:
+        reason = reason or ("no instance forwarded by tier 1" if tier == 2 else "no instances")
+        context.log.info(f"{dataset} tier {tier}: {reason}")
+        return dg.MaterializeResult(metadata=base | {"status": reason, "instances_judged": 0, "negatives_judged": 0})
+
+    reg = registry.load()
+    family_by_instance = None
+    if reg.get(dataset).prompt == "scidocsrr":
+        family_by_instance = lambda inst: "scidocsrr"  # noqa: E731
+    t0 = time.perf_counter()
+    done = 0
+    with judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info) as judge:
+        for batch in iter_batches(duckdb.get_connection, dataset, config.batch_size, only_sql):
+            rows = judge.judge(batch, progress=context.log.debug)
+            with duckdb.get_connection() as conn:
+                write_judgments(conn, dataset, tier, judge, rows)
+            done += len(batch)
+            s = judge.stats
+            context.log.info(f"{dataset} tier {tier} ({judge.kind}): {done:,}/{total:,} instances, "
+                             f"{s.negatives:,} negatives, {s.calls:,} calls, {s.cache_hits:,} cache hits, "
+                             f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s")
+        stats = judge.stats
+    seconds = time.perf_counter() - t0
+    flagged = stats.verdicts["better"] + stats.verdicts["worse"]
+    with duckdb.get_connection() as conn:
+        inst_flagged = conn.execute(
+            "SELECT count(DISTINCT instance_id) FROM judgments WHERE dataset = $1 AND tier = $2 "
+            "AND verdict IN ('better', 'worse')", [dataset, tier]).fetchall()[0][0]
+        preview = conn.execute(
+            """SELECT j.instance_id, q.query, j.neg_index, j.verdict, j.score, p.text
+               FROM judgments j JOIN pruned_instances i USING (dataset, instance_id)
+               JOIN raw_queries q ON q.dataset = j.dataset AND q.query_id = i.query_id
+               JOIN raw_passages p ON p.dataset = j.dataset AND p.docid = j.docid
+               WHERE j.dataset = $1 AND j.tier = $2 AND j.verdict IN ('better', 'worse')
+               ORDER BY j.instance_id, j.neg_index LIMIT 8""", [dataset, tier]).fetchall()
+    return dg.MaterializeResult(metadata=base | {
+        "instances_judged": stats.instances,
+        "negatives_judged": stats.negatives,
+        "verdicts": dg.MetadataValue.md(md_table(["verdict", "negatives"], list(stats.verdicts.items()))),
+        "flagged_negatives": flagged,
+        "flagged_negative_rate": round(flagged / stats.negatives, 4) if stats.negatives else 0.0,
+        "flagged_instances": inst_flagged,
+        "flagged_instance_rate": round(inst_flagged / stats.instances, 4) if stats.instances else 0.0,
+        "error_verdicts": stats.errors,
+        "error_rate": round(stats.errors / stats.negatives, 4) if stats.negatives else 0.0,
+        "llm_calls": stats.calls,
+        "cache_hits": stats.cache_hits,
+        "parse_retries": stats.parse_retries,
+        "truncated_answers": stats.truncated,
+        "tokens_in": stats.tokens_in,
+        "tokens_out": stats.tokens_out,
+        "cost_usd": round(judge_res.cost_usd(stats.tokens_in, stats.tokens_out), 4),
+        "wall_seconds": round(seconds, 1),
+        "judgments_per_second": round(stats.negatives / seconds, 2) if seconds else 0.0,
+        "flagged_preview": dg.MetadataValue.md(md_table(
+            ["instance", "query", "neg #", "verdict", "score", "passage"], preview, max_chars=60)),
+    })
+
+
+@dg.asset(
+    partitions_def=dataset_pd,
+    group_name="judge",
+    code_version="1",
+    deps=[pruned],
+    kinds={"openai", "duckdb"},
+    pool="llm_judge",
+    retry_policy=JUDGE_RETRY,
+    description=(
+        "Tier 1 of the judge cascade: every negative of every `pruned` instance gets a verdict (better / worse / "
+        "not_relevant / error) from the configured tier-1 judge (`local` preset: embedding margin with the packaged "
+        "MiniLM; `paper` preset: gpt-4o-mini listwise). Table `judgments` (tier = 1). LLM answers are cached in "
+        "`data/llm_cache.duckdb` as they arrive, so a rerun never pays twice."
+    ),
+)
+def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, duckdb: RLHNDuckDB,
+                    registry: DatasetRegistryResource, tier1_judge: JudgeTierResource) -> dg.MaterializeResult:
+    return _run_tier(context, 1, tier1_judge, duckdb, registry, config, None)
+
+
+@dg.asset(
+    partitions_def=dataset_pd,
+    group_name="judge",
+    code_version="1",
+    deps=[tier1_judgments],
+    kinds={"openai", "duckdb"},
+    pool="llm_judge",
+    retry_policy=JUDGE_RETRY,
+    description=(
+        "Tier 2 of the cascade: re-judges only the instances in which tier 1 listed any negative as better or "
+        "worse (and, by default, those with a tier-1 error); its verdict is final (`local` preset: Qwen2.5-Coder "
+        "on a llama.cpp server the step starts itself; `paper` preset: gpt-4o listwise). Table `judgments` (tier = 2)."
+    ),
+)
+def tier2_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, duckdb: RLHNDuckDB,
+                    registry: DatasetRegistryResource, tier2_judge: JudgeTierResource) -> dg.MaterializeResult:
+    return _run_tier(context, 2, tier2_judge, duckdb, registry, config, forwarded_sql(config.forward_errors))
+
+
+def _chars_per_token() -> float:
+    return 4.0  # rough English average; the estimate says so
+
+
+@dg.asset(
+    partitions_def=dataset_pd,
+    group_name="judge",
+    code_version="1",
+    deps=[pruned],
+    kinds={"duckdb"},
+    description=(
+        "Dry-run estimate before any money is spent: LLM calls, input tokens (prompt characters / 4), output "
+        "tokens and USD cost of tier 1 (every instance) and tier 2 (the instances tier 1 forwarded if tier 1 ran, "
+        "else every instance as an upper bound), from the configured price table. Makes no LLM call."
+    ),
+)
+def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB, registry: DatasetRegistryResource,
+                          tier1_judge: JudgeTierResource, tier2_judge: JudgeTierResource) -> dg.MaterializeResult:
+    dataset = context.partition_key
+    reason = _skip_reason(registry, duckdb, dataset)
+    if reason:
+        return dg.MaterializeResult(metadata={"status": reason})
+    with duckdb.get_connection() as conn:
+        ensure_tables(conn)
+        has_t1 = conn.execute("SELECT count(*) FROM judgments WHERE dataset = $1 AND tier = 1", [dataset]).fetchall()[0][0]
+    rows = []
+    for res, only in ((tier1_judge, None), (tier2_judge, forwarded_sql(True) if has_t1 else None)):
+        calls = chars = negatives = instances = 0
+        for batch in iter_batches(duckdb.get_connection, dataset, 512, only):
+            instances += len(batch)
+            for inst in batch:
+                negatives += len(inst.negatives)
+                if res.kind == "listwise":
+                    for _, r in listwise_calls(inst, res.prompt_family):
+                        calls += 1
+                        chars += sum(len(m["content"]) for m in r.messages)
+                elif res.kind == "pointwise":
+                    pos = inst.positives[0]
+                    for n in inst.negatives:
+                        calls += 1
+                        chars += sum(len(m["content"]) for m in prompts.render_pointwise(
+                            inst.query, (pos.title, pos.text), (n.title, n.text)))
+        tokens_in = int(chars / _chars_per_token())
+        out_max = calls * (1 if res.kind == "pointwise" else res.max_tokens)
+        out_typical = calls * (1 if res.kind == "pointwise" else 500)
+        rows.append([f"tier {res.tier}", res.kind, res.model if res.kind != "embedding_margin" else "MiniLM",
+                     instances, negatives, calls, tokens_in, out_typical, out_max,
+                     round(res.cost_usd(tokens_in, out_typical), 4), round(res.cost_usd(tokens_in, out_max), 4)])
+    headers = ["tier", "kind", "model", "instances", "negatives", "calls", "tokens_in", "tokens_out_typical",
+               "tokens_out_max", "usd_typical", "usd_max"]
+    return dg.MaterializeResult(metadata={
+        "estimate": dg.MetadataValue.md(md_table(headers, rows)),
+        "tier2_basis": "instances forwarded by the stored tier-1 verdicts" if has_t1 else "upper bound: every instance",
+        "usd_typical_total": sum(r[9] for r in rows),
+        "usd_max_total": sum(r[10] for r in rows),
+        "calls_total": sum(r[5] for r in rows),
+    })

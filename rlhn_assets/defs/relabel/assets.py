@@ -1,0 +1,78 @@
+import dagster as dg
+
+from rlhn_assets import settings
+from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
+from rlhn_assets.lib.markdown import md_table
+from rlhn_assets.lib.relabel import build_variant, export_variant
+from rlhn_assets.partitions import dataset_variant_pd
+from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB
+
+_BY_DATASET = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="dataset")
+
+
+class RelabelConfig(dg.Config):
+    # Which verdicts are false negatives: "better" (the paper) or "better+worse" (the authors' release script).
+    fn_lists: str = "better"
+    # hn_remove / rlhn drop an instance with more than k false negatives (ambiguous query; paper k = 7).
+    ambiguity_k: int = 7
+    export: bool = True
+
+
+def export_paths(variant: str, dataset: str):
+    root = settings.data_dir() / "exports" / variant
+    return root / f"{dataset}.parquet", root / f"{dataset}.jsonl.gz"
+
+
+@dg.asset(
+    partitions_def=dataset_variant_pd,
+    group_name="relabel",
+    code_version="1",
+    deps=[dg.AssetDep(tier1_judgments, partition_mapping=_BY_DATASET),
+          dg.AssetDep(tier2_judgments, partition_mapping=_BY_DATASET)],
+    kinds={"duckdb", "parquet"},
+    description=(
+        "The dataset variants of the paper (§3), per dataset x variant: `default` (pruned, unchanged), and from "
+        "stage 1 alone (`s1_`) or the full cascade (`s2_`): `remove` (drop instances with a false negative), "
+        "`hn_remove` (drop the false negatives), `rlhn` (relabel them as positives); instances with more than k "
+        "false negatives are dropped from hn_remove/rlhn. Table `relabeled_instances`; also exported in the rlhn "
+        "schema to data/exports/<variant>/<dataset>.{parquet,jsonl.gz}."
+    ),
+)
+def relabeled(context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: RLHNDuckDB,
+              registry: DatasetRegistryResource) -> dg.MaterializeResult:
+    keys = context.partition_key.keys_by_dimension
+    dataset, variant = keys["dataset"], keys["variant"]
+    judged = registry.load().get(dataset).judge
+    with duckdb.get_connection() as conn:
+        stats = build_variant(conn, dataset, variant, fn_lists=config.fn_lists, ambiguity_k=config.ambiguity_k,
+                              judged=judged)
+        md = {
+            "dagster/row_count": stats.instances_out,
+            "instances": stats.instances_out,
+            "instances_in": stats.instances_in,
+            "instances_with_false_negatives": stats.instances_with_fn,
+            "false_negatives": stats.false_negatives,
+            "dropped_ambiguous": stats.dropped_ambiguous,
+            "dropped_remove": stats.dropped_remove,
+            "error_verdicts_ignored": stats.error_verdicts,
+            "fn_lists": config.fn_lists,
+            "ambiguity_k": config.ambiguity_k,
+            "judged": judged,
+        }
+        pos_neg = conn.execute(
+            "SELECT avg(len(positive_ids)), avg(len(negative_ids)) FROM relabeled_instances "
+            "WHERE dataset = $1 AND variant = $2", [dataset, variant]).fetchall()[0]
+        md["positives_per_instance_mean"] = round(float(pos_neg[0] or 0), 3)
+        md["negatives_per_instance_mean"] = round(float(pos_neg[1] or 0), 3)
+        if config.export:
+            pq, jl = export_paths(variant, dataset)
+            n = export_variant(conn, dataset, variant, pq, jl)
+            md["export_parquet"] = dg.MetadataValue.path(str(pq))
+            md["export_jsonl"] = dg.MetadataValue.path(str(jl))
+            md["exported_rows"] = n
+    context.log.info(f"{dataset}/{variant}: {stats.instances_out:,}/{stats.instances_in:,} instances, "
+                     f"{stats.false_negatives:,} false negatives")
+    md["summary"] = dg.MetadataValue.md(md_table(["instances in", "out", "with FN", "FNs", "dropped (>k)", "dropped (remove)"],
+                                                 [[stats.instances_in, stats.instances_out, stats.instances_with_fn,
+                                                   stats.false_negatives, stats.dropped_ambiguous, stats.dropped_remove]]))
+    return dg.MaterializeResult(metadata=md)

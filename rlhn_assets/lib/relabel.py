@@ -1,0 +1,163 @@
+"""Cascade rule and the relabeled dataset variants, as DuckDB SQL over the ``judgments`` table.
+
+Cascade (paper §2.1): tier 2 re-judges only instances in which tier 1 listed any negative as ``better``
+or ``worse`` (and, by our default, instances where tier 1 produced an ``error``: an unreadable answer is
+not evidence of a clean instance). Tier 2's verdict is final; other instances keep tier 1's.
+
+Variants (paper §3), each from stage 1 alone (``s1_``) and from the full cascade (``s2_``):
+- ``default``: the pruned data, unchanged;
+- ``remove``: drop an instance with >= 1 false negative;
+- ``hn_remove``: drop just the false negatives from the negatives;
+- ``rlhn``: move the false negatives to the positives (appended in negative order).
+``hn_remove`` / ``rlhn`` drop instances with more than ``k`` false negatives (ambiguous queries; paper k=7).
+Which verdicts count as a false negative is a setting: ``better`` (the paper) or ``better+worse``
+(the authors' release script for stage 2). Datasets configured as never judged pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import duckdb
+
+from rlhn_assets.lib.db import replace_partition
+
+TREATMENTS = ("remove", "hn_remove", "rlhn")
+VARIANTS = ("default",) + tuple(f"{s}_{t}" for s in ("s1", "s2") for t in TREATMENTS)
+FnLists = Literal["better", "better+worse"]
+
+JUDGMENTS_DDL = """CREATE TABLE IF NOT EXISTS judgments (
+    dataset VARCHAR NOT NULL, tier INTEGER NOT NULL, instance_id VARCHAR NOT NULL, docid VARCHAR NOT NULL,
+    neg_index INTEGER NOT NULL, verdict VARCHAR NOT NULL, score DOUBLE, judge_kind VARCHAR, judge_model VARCHAR,
+    prompt_version VARCHAR, response_key VARCHAR, detail VARCHAR)"""
+
+RELABELED_DDL = """CREATE TABLE IF NOT EXISTS relabeled_instances (
+    dataset VARCHAR NOT NULL, variant VARCHAR NOT NULL, instance_id VARCHAR NOT NULL, query_id VARCHAR NOT NULL,
+    positive_ids VARCHAR[] NOT NULL, negative_ids VARCHAR[] NOT NULL, false_negatives INTEGER NOT NULL)"""
+
+
+def ensure_tables(conn: duckdb.DuckDBPyConnection) -> None:
+    conn.execute(JUDGMENTS_DDL)
+    conn.execute(RELABELED_DDL)
+
+
+def forwarded_sql(forward_errors: bool) -> str:
+    """Instance ids of a dataset ($1) that tier 1 forwards to tier 2."""
+    verdicts = "('better', 'worse', 'error')" if forward_errors else "('better', 'worse')"
+    return f"""SELECT DISTINCT instance_id FROM judgments
+               WHERE dataset = $1 AND tier = 1 AND verdict IN {verdicts}"""
+
+
+def verdicts_sql(stage: int) -> str:
+    """Per (instance_id, docid, neg_index) the stage's verdict for dataset $1."""
+    if stage == 1:
+        return "SELECT instance_id, docid, neg_index, verdict FROM judgments WHERE dataset = $1 AND tier = 1"
+    return """SELECT t1.instance_id, t1.docid, t1.neg_index, coalesce(t2.verdict, t1.verdict) AS verdict
+              FROM (SELECT * FROM judgments WHERE dataset = $1 AND tier = 1) t1
+              LEFT JOIN (SELECT * FROM judgments WHERE dataset = $1 AND tier = 2) t2
+                USING (instance_id, docid, neg_index)"""
+
+
+@dataclass
+class VariantStats:
+    instances_in: int = 0
+    instances_out: int = 0
+    instances_with_fn: int = 0
+    false_negatives: int = 0
+    dropped_ambiguous: int = 0
+    dropped_remove: int = 0
+    error_verdicts: int = 0
+
+
+def build_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, *, fn_lists: FnLists = "better",
+                  ambiguity_k: int = 7, judged: bool = True) -> VariantStats:
+    """Replace ``relabeled_instances`` for (dataset, variant)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if fn_lists not in ("better", "better+worse"):
+        raise ValueError("fn_lists must be 'better' or 'better+worse'")
+    ensure_tables(conn)
+    stats = VariantStats()
+    fn_verdicts = "('better')" if fn_lists == "better" else "('better', 'worse')"
+    if variant == "default" or not judged:
+        stage, treatment = 0, "default"
+    else:
+        stage, treatment = int(variant[1]), variant.split("_", 1)[1]
+    fn_cte = (f"""SELECT instance_id, list(docid ORDER BY neg_index) AS fn_ids,
+                         count(*) FILTER (WHERE verdict IN {fn_verdicts}) AS n_fn
+                  FROM ({verdicts_sql(stage)}) v WHERE verdict IN {fn_verdicts} GROUP BY instance_id"""
+              if stage else "SELECT NULL::VARCHAR AS instance_id, []::VARCHAR[] AS fn_ids, 0 AS n_fn WHERE false")
+    keep = {"default": "true", "remove": "n_fn = 0", "hn_remove": f"n_fn <= {int(ambiguity_k)}",
+            "rlhn": f"n_fn <= {int(ambiguity_k)}"}[treatment]
+    positives = "p.positive_ids || fn_ids" if treatment == "rlhn" else "p.positive_ids"
+    negatives = ("list_filter(p.negative_ids, lambda x: NOT list_contains(fn_ids, x))"
+                 if treatment in ("rlhn", "hn_remove") else "p.negative_ids")
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute("DELETE FROM relabeled_instances WHERE dataset = $1 AND variant = $2", [dataset, variant])
+        conn.execute(f"""
+            CREATE OR REPLACE TEMP TABLE _rel AS
+            SELECT p.instance_id, p.query_id, p.positive_ids, p.negative_ids,
+                   coalesce(f.fn_ids, []::VARCHAR[]) AS fn_ids, coalesce(f.n_fn, 0) AS n_fn
+            FROM pruned_instances p LEFT JOIN ({fn_cte}) f USING (instance_id)
+            WHERE p.dataset = $1""", [dataset])
+        conn.execute(f"""
+            INSERT INTO relabeled_instances (dataset, variant, instance_id, query_id, positive_ids, negative_ids,
+                                             false_negatives)
+            SELECT $1, $2, p.instance_id, p.query_id, {positives}, {negatives}, n_fn
+            FROM _rel p WHERE {keep} ORDER BY p.instance_id""", [dataset, variant])
+        n_in, n_fn_inst, n_fn, n_amb = conn.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE n_fn > 0), coalesce(sum(n_fn), 0), "
+            f"count(*) FILTER (WHERE n_fn > {int(ambiguity_k)}) FROM _rel").fetchall()[0]
+        conn.execute("DROP TABLE _rel")
+        conn.execute("COMMIT")
+    except Exception:
+        conn.execute("ROLLBACK")
+        raise
+    stats.instances_in, stats.instances_with_fn, stats.false_negatives = n_in, n_fn_inst, int(n_fn)
+    stats.instances_out = conn.execute(
+        "SELECT count(*) FROM relabeled_instances WHERE dataset = $1 AND variant = $2", [dataset, variant]).fetchall()[0][0]
+    if treatment in ("rlhn", "hn_remove"):
+        stats.dropped_ambiguous = n_amb
+    elif treatment == "remove":
+        stats.dropped_remove = n_fn_inst
+    if stage:
+        stats.error_verdicts = conn.execute(
+            f"SELECT count(*) FROM ({verdicts_sql(stage)}) v WHERE verdict = 'error'", [dataset]).fetchall()[0][0]
+    return stats
+
+
+def export_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, parquet_path, jsonl_path) -> int:
+    """Write (dataset, variant) in the rlhn/Tevatron schema ``query_id, query, positive_passages[{docid,
+    title,text}], negative_passages[...], subset`` as Parquet and JSONL.gz (loadable by HF datasets,
+    Tevatron and sentence-transformers). Returns the row count."""
+    select = """
+      WITH r AS (SELECT * FROM relabeled_instances WHERE dataset = $1 AND variant = $2),
+      refs AS (
+        SELECT instance_id, 'pos' AS side, unnest(positive_ids) AS docid, generate_subscripts(positive_ids, 1) AS i FROM r
+        UNION ALL
+        SELECT instance_id, 'neg', unnest(negative_ids), generate_subscripts(negative_ids, 1) FROM r),
+      lists AS (
+        SELECT instance_id,
+               list({'docid': x.docid, 'title': coalesce(p.title, ''), 'text': p.text} ORDER BY x.i)
+                 FILTER (WHERE side = 'pos') AS positive_passages,
+               list({'docid': x.docid, 'title': coalesce(p.title, ''), 'text': p.text} ORDER BY x.i)
+                 FILTER (WHERE side = 'neg') AS negative_passages
+        FROM refs x JOIN raw_passages p ON p.dataset = $1 AND p.docid = x.docid
+        GROUP BY instance_id)
+      SELECT r.query_id, q.query, l.positive_passages,
+             coalesce(l.negative_passages, []) AS negative_passages, $1 AS subset
+      FROM r JOIN lists l USING (instance_id)
+      JOIN raw_queries q ON q.dataset = $1 AND q.query_id = r.query_id
+      ORDER BY r.instance_id"""
+    from pathlib import Path
+
+    for path in (parquet_path, jsonl_path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE _export AS {select}", [dataset, variant])
+    conn.execute(f"COPY _export TO '{parquet_path}' (FORMAT parquet)")
+    conn.execute(f"COPY _export TO '{jsonl_path}' (FORMAT json, COMPRESSION gzip)")
+    n = conn.execute("SELECT count(*) FROM _export").fetchall()[0][0]
+    conn.execute("DROP TABLE _export")
+    return n
