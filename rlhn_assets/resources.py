@@ -102,6 +102,11 @@ class JudgeTierResource(dg.ConfigurableResource):
     def cost_usd(self, tokens_in: int, tokens_out: int) -> float:
         return tokens_in / 1e6 * self.price_in_per_m + tokens_out / 1e6 * self.price_out_per_m
 
+    def make_client(self, cache, base_url: str | None):
+        from rlhn_assets.lib.llm.client import LLMClient
+
+        return LLMClient(self.endpoint_settings(base_url), cache, api_key="local" if self.local_model else None)
+
     @contextmanager
     def open_judge(self, family_by_instance=None, log=None):
         """Build the judge; for a local model, run the llama.cpp server for the duration."""
@@ -115,7 +120,6 @@ class JudgeTierResource(dg.ConfigurableResource):
         if self.kind not in ("listwise", "pointwise"):
             raise ValueError(f"judge kind must be listwise, pointwise or embedding_margin, not {self.kind!r}")
         from rlhn_assets.lib.llm.cache import ResponseCache
-        from rlhn_assets.lib.llm.client import LLMClient
 
         cache_path = self.cache_path or str(settings.data_dir() / "llm_cache.duckdb")
         server = None
@@ -134,8 +138,7 @@ class JudgeTierResource(dg.ConfigurableResource):
                 if log:
                     log(f"llama.cpp server healthy at {base_url}")
             with ResponseCache(cache_path) as cache:
-                client = LLMClient(self.endpoint_settings(base_url), cache,
-                                   api_key="local" if self.local_model else None)
+                client = self.make_client(cache, base_url)
                 if self.kind == "listwise":
                     yield judges.ListwiseLLMJudge(client, self.prompt_family, max_parse_retries=self.max_parse_retries,
                                                   family_by_instance=family_by_instance)

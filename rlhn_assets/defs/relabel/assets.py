@@ -16,10 +16,15 @@ class RelabelConfig(dg.Config):
     # hn_remove / rlhn drop an instance with more than k false negatives (ambiguous query; paper k = 7).
     ambiguity_k: int = 7
     export: bool = True
+    export_dir: str = ""  # default: <data dir>/exports
 
 
-def export_paths(variant: str, dataset: str):
-    root = settings.data_dir() / "exports" / variant
+
+
+def export_paths(variant: str, dataset: str, export_dir: str = ""):
+    from pathlib import Path
+
+    root = (Path(export_dir) if export_dir else settings.data_dir() / "exports") / variant
     return root / f"{dataset}.parquet", root / f"{dataset}.jsonl.gz"
 
 
@@ -65,7 +70,7 @@ def relabeled(context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: 
         md["positives_per_instance_mean"] = round(float(pos_neg[0] or 0), 3)
         md["negatives_per_instance_mean"] = round(float(pos_neg[1] or 0), 3)
         if config.export:
-            pq, jl = export_paths(variant, dataset)
+            pq, jl = export_paths(variant, dataset, config.export_dir)
             n = export_variant(conn, dataset, variant, pq, jl)
             md["export_parquet"] = dg.MetadataValue.path(str(pq))
             md["export_jsonl"] = dg.MetadataValue.path(str(jl))

@@ -1,0 +1,257 @@
+"""Durable response cache of the LLM judges: one DuckDB file, one connection for its lifetime.
+
+Two tables:
+
+* ``llm_responses`` - one row per successful chat completion, keyed by :func:`request_key`
+  (``rlhn_assets.lib.llm.client``). ``request_json`` is the request body as sent (model, messages,
+  sampling parameters, response_format ...); it never holds an API key (keys travel in HTTP headers
+  only and are never passed to this module).
+* ``llm_batches`` - one row per OpenAI Batch API job, so an interrupted batch run resumes by polling
+  the jobs it already submitted instead of submitting them again.
+
+Plain module: no Dagster imports. The judging step owns the cache (opens it once, closes it at the end);
+DuckDB allows one writer process per file, so :class:`ResponseCache` retries the open with doubling
+back-off for up to ``open_timeout_s`` while another process holds the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import duckdb
+
+from rlhn_assets.lib.llm.client import LLMResponse
+
+log = logging.getLogger(__name__)
+
+TERMINAL_BATCH_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
+
+_RESPONSE_COLUMNS = (
+    "key", "model", "prompt_version", "request_json", "text", "finish_reason",
+    "tokens_in", "tokens_out", "latency_s", "top_logprobs_json", "created_at",
+)
+
+DDL = [
+    """CREATE TABLE IF NOT EXISTS llm_responses (
+        key VARCHAR PRIMARY KEY,
+        model VARCHAR,
+        prompt_version VARCHAR,
+        request_json VARCHAR,
+        text VARCHAR,
+        finish_reason VARCHAR,
+        tokens_in INTEGER,
+        tokens_out INTEGER,
+        latency_s DOUBLE,
+        top_logprobs_json VARCHAR,
+        created_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS llm_batches (
+        batch_id VARCHAR PRIMARY KEY,
+        input_file_id VARCHAR,
+        status VARCHAR,
+        keys_json VARCHAR,
+        created_at TIMESTAMP,
+        updated_at TIMESTAMP,
+        output_file_id VARCHAR,
+        error_file_id VARCHAR)""",
+]
+
+# rows per INSERT statement (a multi-row VALUES list is far cheaper than executemany in DuckDB)
+_INSERT_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """What :meth:`ResponseCache.put_many` stores: a successful response plus the request that produced it."""
+
+    response: LLMResponse
+    model: str
+    prompt_version: str
+    request: dict  # the request body as sent (never contains credentials)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    batch_id: str
+    input_file_id: str | None
+    status: str
+    keys: tuple[str, ...]
+    created_at: datetime | None
+    updated_at: datetime | None
+    output_file_id: str | None
+    error_file_id: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_BATCH_STATUSES
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+class ResponseCache:
+    """LLM response cache over a DuckDB file (``":memory:"`` for tests).
+
+    Thread-safe (one lock around the connection): the client writes from a worker thread so the event
+    loop is never blocked by DuckDB. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path, *, open_timeout_s: float = 300.0, first_delay_s: float = 0.1,
+                 config: dict | None = None):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = self._open(open_timeout_s, first_delay_s, config or {})
+        with self._lock:
+            for stmt in DDL:
+                self._conn.execute(stmt)
+
+    # ----------------------------------------------------------------------------------- lifecycle
+    def _open(self, timeout_s: float, delay: float, config: dict) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                return duckdb.connect(self.path, config=config)
+            except duckdb.IOException as exc:  # another process holds the file lock
+                attempt += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                wait = min(delay, remaining, 30.0)
+                log.warning("LLM cache %s is locked (%s); retry %d in %.1f s", self.path, exc, attempt, wait)
+                time.sleep(wait)
+                delay *= 2
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    def __enter__(self) -> "ResponseCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ResponseCache(path={self.path!r}, closed={self.closed})"
+
+    def _c(self) -> duckdb.DuckDBPyConnection:
+        if self._conn is None:
+            raise RuntimeError("ResponseCache is closed")
+        return self._conn
+
+    # ----------------------------------------------------------------------------------- responses
+    def get_many(self, keys: Iterable[str]) -> dict[str, LLMResponse]:
+        """Cached responses for ``keys`` (one query); missing keys are simply absent."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        with self._lock:
+            rows = self._c().execute(
+                """SELECT r.key, r.text, r.finish_reason, r.tokens_in, r.tokens_out, r.latency_s,
+                          r.top_logprobs_json
+                   FROM llm_responses r JOIN (SELECT unnest(?::VARCHAR[]) AS k) q ON r.key = q.k""",
+                [wanted],
+            ).fetchall()
+        out: dict[str, LLMResponse] = {}
+        for key, text, finish, t_in, t_out, lat, lp_json in rows:
+            lp = None
+            if lp_json is not None:
+                lp = [[(str(t), float(v)) for t, v in tok] for tok in json.loads(lp_json)]
+            out[key] = LLMResponse(key=key, text=text, finish_reason=finish, tokens_in=int(t_in or 0),
+                                   tokens_out=int(t_out or 0), latency_s=float(lat or 0.0),
+                                   top_logprobs=lp, cached=True)
+        return out
+
+    def put_many(self, rows: Sequence[CacheRow]) -> int:
+        """INSERT OR REPLACE successful responses; rows with ``response.error`` set are skipped.
+        Returns the number of rows written."""
+        latest: dict[str, tuple] = {}
+        now = _now()
+        for row in rows:
+            r = row.response
+            if r.error is not None:
+                continue
+            lp_json = None if r.top_logprobs is None else _dumps([[list(p) for p in tok] for tok in r.top_logprobs])
+            latest[r.key] = (r.key, row.model, row.prompt_version, _dumps(row.request), r.text, r.finish_reason,
+                             int(r.tokens_in), int(r.tokens_out), float(r.latency_s), lp_json, now)
+        if not latest:
+            return 0
+        values = list(latest.values())
+        cols = ", ".join(_RESPONSE_COLUMNS)
+        placeholder = "(" + ", ".join("?" * len(_RESPONSE_COLUMNS)) + ")"
+        with self._lock:
+            conn = self._c()
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                for i in range(0, len(values), _INSERT_CHUNK):
+                    chunk = values[i:i + _INSERT_CHUNK]
+                    conn.execute(
+                        f"INSERT OR REPLACE INTO llm_responses ({cols}) VALUES " + ", ".join([placeholder] * len(chunk)),
+                        [v for row in chunk for v in row],
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return len(values)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._c().execute("SELECT count(*) FROM llm_responses").fetchall()[0][0])
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._c().execute("SELECT key FROM llm_responses ORDER BY key").fetchall()]
+
+    # ----------------------------------------------------------------------------------- batches
+    def record_batch(self, batch_id: str, input_file_id: str | None, status: str, keys: Sequence[str]) -> None:
+        now = _now()
+        with self._lock:
+            self._c().execute(
+                """INSERT OR REPLACE INTO llm_batches
+                   (batch_id, input_file_id, status, keys_json, created_at, updated_at, output_file_id, error_file_id)
+                   VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)""",
+                [batch_id, input_file_id, status, json.dumps(list(keys)), now, now],
+            )
+
+    def update_batch(self, batch_id: str, status: str, *, output_file_id: str | None = None,
+                     error_file_id: str | None = None) -> None:
+        with self._lock:
+            self._c().execute(
+                """UPDATE llm_batches SET status = ?, updated_at = ?,
+                          output_file_id = coalesce(?, output_file_id), error_file_id = coalesce(?, error_file_id)
+                   WHERE batch_id = ?""",
+                [status, _now(), output_file_id, error_file_id, batch_id],
+            )
+
+    def batches(self, *, open_only: bool = False) -> list[BatchRecord]:
+        sql = ("SELECT batch_id, input_file_id, status, keys_json, created_at, updated_at, output_file_id, "
+               "error_file_id FROM llm_batches")
+        params: list = []
+        if open_only:
+            sql += " WHERE status NOT IN (SELECT unnest(?::VARCHAR[]))"
+            params.append(sorted(TERMINAL_BATCH_STATUSES))
+        sql += " ORDER BY created_at, batch_id"
+        with self._lock:
+            rows = self._c().execute(sql, params).fetchall()
+        return [BatchRecord(b, i, s, tuple(json.loads(k or "[]")), c, u, o, e) for b, i, s, k, c, u, o, e in rows]

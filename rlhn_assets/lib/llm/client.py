@@ -1,0 +1,693 @@
+"""The one OpenAI-compatible client path of every LLM judge.
+
+* :class:`EndpointSettings` - where and how to call (model, base URL, sampling, structured-output style,
+  concurrency, retry/back-off, online vs Batch API). The API key is never part of it: only the *name* of
+  the environment variable is, and the key is read from ``os.environ`` when the ``openai.AsyncOpenAI``
+  client is built.
+* :class:`LLMRequest` -> :func:`request_key` (sha256 of the canonical request; endpoint URL and key are not
+  part of it) -> :class:`LLMResponse`.
+* :class:`LLMClient` - cache first (one query for all keys), then only the misses are sent, ``concurrency``
+  requests in flight, our own retry loop (exponential back-off with full jitter, ``Retry-After`` honoured) on
+  429 / 408 / 5xx / timeouts / connection errors; each answer is written to the :class:`ResponseCache` as it
+  arrives (buffered: every 32 answers or 0.5 s, and always at the end / on exception / on cancellation).
+  ``mode="batch"`` sends the misses through the OpenAI Batch API instead (chunks of ``batch_chunk_size``,
+  jobs recorded in ``llm_batches`` so an interrupted run resumes by polling instead of resubmitting).
+
+Plain module: no Dagster imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import email.utils
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Literal, Sequence
+
+import httpx
+import openai
+
+try:  # openai >= 3 talks through httpx2; it also accepts legacy httpx clients (tests use those)
+    import httpx2 as _hx
+except ImportError:  # pragma: no cover - older openai
+    _hx = httpx
+
+if TYPE_CHECKING:
+    from rlhn_assets.lib.llm.cache import ResponseCache
+
+log = logging.getLogger(__name__)
+
+KEY_VERSION = 1  # bump when the key payload changes (invalidates every cached answer)
+BATCH_ENDPOINT = "/v1/chat/completions"
+TERMINAL_BATCH_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
+_STYLES = ("json_schema", "json_object_schema", "none")
+
+
+class LLMConfigError(RuntimeError):
+    """The endpoint cannot be used as configured (e.g. no API key for api.openai.com)."""
+
+
+# ---------------------------------------------------------------------------------------------- data types
+@dataclass(frozen=True)
+class EndpointSettings:
+    model: str
+    base_url: str | None = None  # None = api.openai.com
+    api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var; the key is read at client build time only
+    temperature: float = 0.1
+    max_tokens: int = 2048
+    response_format_style: Literal["json_schema", "json_object_schema", "none"] = "none"
+    concurrency: int = 8  # max requests in flight
+    max_retries: int = 5  # on 429 / 408 / 5xx / timeouts / connection errors
+    backoff_base_s: float = 1.0  # sleep uniform(0, min(backoff_max_s, base * 2**attempt)); Retry-After wins
+    backoff_max_s: float = 60.0
+    timeout_s: float = 120.0
+    seed: int | None = None
+    mode: Literal["online", "batch"] = "online"
+    batch_chunk_size: int = 250  # requests per Batch API job (authors: larger chunks dropped rows on Azure)
+    batch_poll_s: float = 60.0
+    batch_completion_window: str = "24h"
+
+    def __post_init__(self) -> None:
+        if self.response_format_style not in _STYLES:
+            raise ValueError(f"response_format_style must be one of {_STYLES}, got {self.response_format_style!r}")
+        if self.mode not in ("online", "batch"):
+            raise ValueError(f"mode must be 'online' or 'batch', got {self.mode!r}")
+        if self.concurrency < 1 or self.batch_chunk_size < 1 or self.max_retries < 0:
+            raise ValueError("concurrency and batch_chunk_size must be >= 1, max_retries >= 0")
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    messages: tuple[dict, ...]  # chat messages (role/content)
+    prompt_version: str
+    max_tokens: int | None = None  # overrides EndpointSettings.max_tokens
+    top_logprobs: int | None = None  # request logprobs=True, top_logprobs=N
+    json_schema: dict | None = None  # structured output, sent according to response_format_style
+    attempt: int = 0  # salt: a re-ask after an unparsable/truncated answer uses attempt+1 (a new cache key)
+
+
+@dataclass
+class LLMResponse:
+    key: str
+    text: str | None
+    finish_reason: str | None
+    tokens_in: int
+    tokens_out: int
+    latency_s: float
+    top_logprobs: list[list[tuple[str, float]]] | None  # per generated token: [(token, logprob), ...]
+    cached: bool  # served from the cache (no call made now)
+    error: str | None = None  # the call failed after all retries (never cached)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class ClientStats:
+    """Cumulative over the client's life. ``calls_made`` counts distinct requests sent to the endpoint
+    (online: each cache miss once, whatever its retries; batch: each request submitted in a new job),
+    ``retries`` the extra attempts, ``errors`` the requests that came back with ``error`` set."""
+
+    calls_made: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    wall_s: float = 0.0
+    batches_submitted: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- request building
+def effective_max_tokens(settings: EndpointSettings, req: LLMRequest) -> int:
+    return int(req.max_tokens if req.max_tokens is not None else settings.max_tokens)
+
+
+def response_format_for(settings: EndpointSettings, req: LLMRequest) -> dict | None:
+    if req.json_schema is None or settings.response_format_style == "none":
+        return None
+    if settings.response_format_style == "json_schema":  # OpenAI / native llama-server
+        return {"type": "json_schema", "json_schema": {"name": "verdict", "schema": req.json_schema, "strict": True}}
+    return {"type": "json_object", "schema": req.json_schema}  # llama-cpp-python's server extension
+
+
+def build_body(settings: EndpointSettings, req: LLMRequest) -> dict:
+    """The chat-completions request body (online calls and Batch API lines alike). No credentials."""
+    body: dict[str, Any] = {
+        "model": settings.model,
+        "messages": [dict(m) for m in req.messages],
+        "temperature": settings.temperature,
+        "max_tokens": effective_max_tokens(settings, req),
+    }
+    if settings.seed is not None:
+        body["seed"] = settings.seed
+    if req.top_logprobs is not None:
+        body["logprobs"] = True
+        body["top_logprobs"] = int(req.top_logprobs)
+    rf = response_format_for(settings, req)
+    if rf is not None:
+        body["response_format"] = rf
+    return body
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def request_key(settings: EndpointSettings, req: LLMRequest) -> str:
+    """sha256 hex of the canonical JSON of everything that determines the answer: model, prompt_version,
+    messages, temperature, effective max_tokens, top_logprobs, json_schema + response_format_style (the
+    style only when a schema is given - without one nothing is sent), seed and attempt.
+    base_url and the API key are not part of the key (the same model behind another URL shares answers)."""
+    payload = {
+        "v": KEY_VERSION,
+        "model": settings.model,
+        "prompt_version": req.prompt_version,
+        "messages": [dict(m) for m in req.messages],
+        "temperature": settings.temperature,
+        "max_tokens": effective_max_tokens(settings, req),
+        "top_logprobs": req.top_logprobs,
+        "json_schema": req.json_schema,
+        "response_format_style": settings.response_format_style if req.json_schema is not None else None,
+        "seed": settings.seed,
+        "attempt": req.attempt,
+    }
+    return hashlib.sha256(_canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- response parsing
+def parse_completion(key: str, data: dict, latency_s: float, want_logprobs: bool) -> LLMResponse:
+    """A chat.completion JSON object -> LLMResponse. Missing ``usage`` counts as 0 tokens."""
+    choices = data.get("choices") or []
+    if not choices:
+        raise ValueError("response has no choices")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    usage = data.get("usage") or {}
+    top = None
+    if want_logprobs and choice.get("logprobs") is not None:
+        content = choice["logprobs"].get("content") or []
+        top = [[(str(t["token"]), float(t["logprob"])) for t in (tok.get("top_logprobs") or [])] for tok in content]
+    return LLMResponse(
+        key=key,
+        text=message.get("content"),
+        finish_reason=choice.get("finish_reason"),
+        tokens_in=int(usage.get("prompt_tokens") or 0),
+        tokens_out=int(usage.get("completion_tokens") or 0),
+        latency_s=float(latency_s),
+        top_logprobs=top,
+        cached=False,
+    )
+
+
+def _error_response(key: str, error: str, latency_s: float = 0.0) -> LLMResponse:
+    return LLMResponse(key=key, text=None, finish_reason=None, tokens_in=0, tokens_out=0, latency_s=latency_s,
+                       top_logprobs=None, cached=False, error=error)
+
+
+def _retry_after_s(response: Any) -> float | None:
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _classify(exc: BaseException) -> tuple[bool, float | None]:
+    """(retryable, retry_after_s) for an openai exception."""
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True, None
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        if code == 429 or code == 408 or code >= 500:
+            return True, _retry_after_s(exc.response)
+    return False, None
+
+
+def _describe(exc: BaseException, attempts: int) -> str:
+    status = getattr(exc, "status_code", None)
+    head = f"{type(exc).__name__}" + (f" (HTTP {status})" if status is not None else "")
+    msg = str(exc).strip().replace("\n", " ")
+    if len(msg) > 500:
+        msg = msg[:500] + "..."
+    return f"{head} after {attempts} attempt(s): {msg}"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class _Secret:
+    """Holds an explicitly passed API key; never shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("API keys are not picklable")
+
+
+@dataclass
+class _LoopState:
+    loop: asyncio.AbstractEventLoop
+    oai: openai.AsyncOpenAI
+    sem: asyncio.Semaphore
+    owns_http: bool
+
+
+class _CacheWriter:
+    """Buffers successful answers and writes them from a worker thread every ``every`` rows or ``interval_s``
+    (DuckDB releases the GIL, so the event loop keeps serving responses meanwhile). :meth:`close` waits for a
+    write in progress and writes whatever is left synchronously - also on exception / cancellation."""
+
+    def __init__(self, cache: "ResponseCache", every: int, interval_s: float):
+        self.cache = cache
+        self.every = every
+        self.interval_s = interval_s
+        self.buf: list = []
+        self.written = 0
+        self._event = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-cache-writer")
+        self._inflight: concurrent.futures.Future | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def add(self, row) -> None:
+        self.buf.append(row)
+        if len(self.buf) >= self.every:
+            self._event.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._event.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._event.clear()
+            if self.buf:
+                rows, self.buf = self.buf, []
+                self._inflight = self._pool.submit(self.cache.put_many, rows)
+                # shield: cancelling this task must not cancel a write that holds rows already taken from buf
+                self.written += await asyncio.shield(asyncio.wrap_future(self._inflight))
+                self._inflight = None
+
+    def close(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        try:
+            if self._inflight is not None:
+                self._inflight.result()  # wait for the write in progress (re-raises its error)
+                self._inflight = None
+            rows, self.buf = self.buf, []
+            if rows:
+                self.written += self.cache.put_many(rows)
+        finally:
+            self._pool.shutdown(wait=True)
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+
+
+class _Progress:
+    def __init__(self, label: str, total: int, cache_hits: int, callback: Callable[[str], None] | None):
+        self.label, self.total, self.cache_hits, self.callback = label, total, cache_hits, callback
+        self.step = max(1, math.ceil(total / 20))  # ~every 5%
+        self.done = self.answered = self.errors = 0
+        self.t0 = time.perf_counter()
+
+    def tick(self, resp: LLMResponse) -> None:
+        self.done += 1
+        if resp.error is None:
+            self.answered += 1
+        else:
+            self.errors += 1
+        if self.callback is not None and (self.done % self.step == 0 or self.done == self.total):
+            self.emit()
+
+    def emit(self, extra: str = "") -> None:
+        if self.callback is None:
+            return
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.callback(f"{self.label}: {self.done}/{self.total} calls done ({self.answered} answered, "
+                      f"{self.errors} errors), {self.cache_hits} cache hits, {self.done / dt:.1f} calls/s{extra}")
+
+
+def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+# ---------------------------------------------------------------------------------------------- the client
+class LLMClient:
+    """Cache-first, concurrent, retrying OpenAI-compatible chat client. See the module docstring.
+
+    One ``openai.AsyncOpenAI`` (``max_retries=0``: the retries are ours) per event loop; :meth:`complete_many`
+    runs a fresh loop per call and closes the client it built at the end. A caller-provided ``http_client``
+    is used as is and never closed here.
+    """
+
+    flush_every: int = 32
+    flush_interval_s: float = 0.5
+
+    def __init__(self, settings: EndpointSettings, cache: "ResponseCache", *,
+                 http_client: httpx.AsyncClient | None = None, api_key: str | None = None):
+        self.settings = settings
+        self.cache = cache
+        self.stats = ClientStats()
+        self._http_client = http_client
+        self._api_key = _Secret(api_key) if api_key else None
+        self._state: _LoopState | None = None
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (f"LLMClient(model={s.model!r}, base_url={s.base_url!r}, mode={s.mode!r}, "
+                f"concurrency={s.concurrency})")
+
+    # ------------------------------------------------------------------------------ openai client per loop
+    def _resolve_api_key(self) -> str:
+        if self._api_key is not None:
+            return self._api_key.get()
+        key = os.environ.get(self.settings.api_key_env)
+        if key:
+            return key
+        if self.settings.base_url is None:
+            raise LLMConfigError(f"environment variable {self.settings.api_key_env} is not set "
+                                 "(needed for api.openai.com)")
+        return "no-key"  # local OpenAI-compatible servers ignore the key, but the SDK needs one
+
+    def _loop_state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        st = self._state
+        if st is not None and st.loop is loop:
+            return st
+        s = self.settings
+        http = self._http_client
+        owns = http is None
+        if http is None:
+            http = _hx.AsyncClient(
+                timeout=_hx.Timeout(s.timeout_s, connect=min(10.0, s.timeout_s)),
+                limits=_hx.Limits(max_connections=max(100, 2 * s.concurrency),
+                                  max_keepalive_connections=max(20, s.concurrency)),
+                follow_redirects=True,
+            )
+        oai = openai.AsyncOpenAI(base_url=s.base_url, api_key=self._resolve_api_key(), max_retries=0,
+                                 timeout=s.timeout_s, http_client=http)
+        self._state = _LoopState(loop=loop, oai=oai, sem=asyncio.Semaphore(s.concurrency), owns_http=owns)
+        return self._state
+
+    async def aclose(self) -> None:
+        st, self._state = self._state, None
+        if st is not None and st.owns_http:
+            await st.oai.close()
+
+    # ------------------------------------------------------------------------------ public API
+    def complete_many(self, requests: Sequence[LLMRequest],
+                      progress: Callable[[str], None] | None = None) -> list[LLMResponse]:
+        """Synchronous wrapper: runs :meth:`acomplete_many` (online or batch per ``settings.mode``) in a fresh
+        event loop; from inside a running loop it uses a helper thread."""
+
+        async def runner() -> list[LLMResponse]:
+            try:
+                return await self.acomplete_many(requests, progress)
+            finally:
+                await self.aclose()
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(runner())
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-client") as ex:
+            return ex.submit(asyncio.run, runner()).result()
+
+    async def acomplete_many(self, requests: Sequence[LLMRequest],
+                             progress: Callable[[str], None] | None = None) -> list[LLMResponse]:
+        """Responses in the order of ``requests``; requests with the same key are asked once."""
+        t0 = time.perf_counter()
+        try:
+            keys = [request_key(self.settings, r) for r in requests]
+            unique: dict[str, LLMRequest] = {}
+            for k, r in zip(keys, requests):
+                unique.setdefault(k, r)
+            results: dict[str, LLMResponse] = self.cache.get_many(unique) if unique else {}
+            self.stats.cache_hits += len(results)
+            todo = [(k, r) for k, r in unique.items() if k not in results]
+            label = f"llm[{self.settings.model}]"
+            if todo:
+                if self.settings.mode == "batch":
+                    results.update(await self._run_batch(todo, progress, len(results), label))
+                else:
+                    results.update(await self._run_online(todo, progress, len(results), label))
+            elif progress is not None:
+                progress(f"{label}: 0 calls needed, {len(results)} cache hits")
+            return [results[k] for k in keys]
+        finally:
+            self.stats.wall_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------ online
+    async def _run_online(self, todo: list[tuple[str, LLMRequest]], progress, n_hits: int,
+                          label: str) -> dict[str, LLMResponse]:
+        from rlhn_assets.lib.llm.cache import CacheRow
+
+        st = self._loop_state()
+        s = self.settings
+        out: dict[str, LLMResponse] = {}
+        writer = _CacheWriter(self.cache, self.flush_every, self.flush_interval_s)
+        prog = _Progress(label, len(todo), n_hits, progress)
+        pending = iter(todo)
+
+        async def worker() -> None:
+            for key, req in pending:  # shared iterator: each request is taken by exactly one worker
+                body = build_body(s, req)
+                resp = await self._call(st, key, body, req.top_logprobs is not None)
+                out[key] = resp
+                if resp.error is None:
+                    writer.add(CacheRow(resp, s.model, req.prompt_version, body))
+                prog.tick(resp)
+
+        writer.start()
+        workers = [asyncio.create_task(worker()) for _ in range(min(len(todo), s.concurrency))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            writer.close()
+        return out
+
+    async def _call(self, st: _LoopState, key: str, body: dict, want_logprobs: bool) -> LLMResponse:
+        s = self.settings
+        self.stats.calls_made += 1
+        attempt = 0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                async with st.sem:
+                    t0 = time.perf_counter()
+                    # the SDK's request path (auth headers, error mapping, timeouts) without its per-call
+                    # param transform / pydantic parse, which cost ~1 ms of CPU per call (see the benchmark)
+                    raw = await st.oai.post("/chat/completions", body=body, cast_to=bytes)
+                latency = time.perf_counter() - t0
+            except openai.APIError as exc:
+                retryable, retry_after = _classify(exc)
+                if not retryable or attempt >= s.max_retries:
+                    self.stats.errors += 1
+                    log.warning("LLM request %s failed: %s", key[:12], _describe(exc, attempt + 1))
+                    return _error_response(key, _describe(exc, attempt + 1), time.perf_counter() - t0)
+                cap = min(s.backoff_max_s, s.backoff_base_s * (2 ** attempt))
+                delay = min(retry_after, s.backoff_max_s) if retry_after is not None else random.uniform(0, cap)
+                attempt += 1
+                self.stats.retries += 1
+                log.debug("LLM request %s: %s; retry %d in %.2f s", key[:12], type(exc).__name__, attempt, delay)
+                await asyncio.sleep(delay)
+                continue
+            try:
+                resp = parse_completion(key, json.loads(raw), latency, want_logprobs)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self.stats.errors += 1
+                return _error_response(key, f"unparsable response: {type(exc).__name__}: {exc}", latency)
+            self.stats.tokens_in += resp.tokens_in
+            self.stats.tokens_out += resp.tokens_out
+            return resp
+
+    async def _retrying(self, what: str, factory: Callable[[], Awaitable[Any]]) -> Any:
+        """Batch-API housekeeping calls with the same retry policy; raises when it gives up."""
+        s = self.settings
+        attempt = 0
+        while True:
+            try:
+                return await factory()
+            except openai.APIError as exc:
+                retryable, retry_after = _classify(exc)
+                if not retryable or attempt >= s.max_retries:
+                    raise
+                cap = min(s.backoff_max_s, s.backoff_base_s * (2 ** attempt))
+                delay = min(retry_after, s.backoff_max_s) if retry_after is not None else random.uniform(0, cap)
+                attempt += 1
+                self.stats.retries += 1
+                log.info("%s: %s; retry %d in %.2f s", what, type(exc).__name__, attempt, delay)
+                await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------------------------ batch
+    async def _run_batch(self, todo: list[tuple[str, LLMRequest]], progress, n_hits: int,
+                         label: str) -> dict[str, LLMResponse]:
+        """Batch API path. Misses that belong to a non-terminal job recorded in ``llm_batches`` are polled,
+        not resubmitted; the rest is submitted in chunks; every successful output line is cached at once."""
+        st = self._loop_state()
+        s = self.settings
+        wanted = dict(todo)
+        bodies = {k: build_body(s, r) for k, r in todo}
+
+        def say(msg: str) -> None:
+            if progress is not None:
+                progress(f"{label} batch: {msg}")
+
+        # resume: jobs submitted by an earlier (interrupted) run that hold some of our keys
+        active: dict[str, tuple[str, ...]] = {}
+        in_flight: set[str] = set()
+        for rec in self.cache.batches(open_only=True):
+            if any(k in wanted for k in rec.keys):
+                active[rec.batch_id] = rec.keys
+                in_flight.update(rec.keys)
+        fresh = [k for k, _ in todo if k not in in_flight]
+        if active:
+            say(f"resuming {len(active)} pending job(s) holding {len(in_flight & wanted.keys())} request(s)")
+
+        for chunk in _chunks(fresh, s.batch_chunk_size):
+            lines = [_canonical_json({"custom_id": k, "method": "POST", "url": BATCH_ENDPOINT, "body": bodies[k]})
+                     for k in chunk]
+            payload = ("\n".join(lines) + "\n").encode("utf-8")
+            fobj = await self._retrying("upload batch input", lambda: st.oai.files.create(
+                file=("batch_input.jsonl", payload, "application/jsonl"), purpose="batch"))
+            batch = await self._retrying("create batch", lambda: st.oai.batches.create(
+                input_file_id=fobj.id, endpoint=BATCH_ENDPOINT, completion_window=s.batch_completion_window))
+            self.cache.record_batch(batch.id, fobj.id, batch.status or "validating", chunk)
+            active[batch.id] = tuple(chunk)
+            self.stats.batches_submitted += 1
+            self.stats.calls_made += len(chunk)
+            say(f"submitted job {batch.id} with {len(chunk)} request(s)")
+
+        out: dict[str, LLMResponse] = {}
+        errors: dict[str, str] = {}
+        last_status: dict[str, str] = {}
+        while active:
+            for batch_id in list(active):
+                batch = await self._retrying(f"poll batch {batch_id}",
+                                             lambda: st.oai.batches.retrieve(batch_id))
+                status = batch.status
+                if status in TERMINAL_BATCH_STATUSES:
+                    n = await self._collect_batch(st, batch, active[batch_id], wanted, out, errors)
+                    self.cache.update_batch(batch_id, status, output_file_id=batch.output_file_id,
+                                            error_file_id=batch.error_file_id)
+                    del active[batch_id]
+                    say(f"job {batch_id} {status}: {n} answer(s) saved")
+                elif last_status.get(batch_id) != status:
+                    self.cache.update_batch(batch_id, status)
+                    last_status[batch_id] = status
+            if active:
+                say(f"{len(active)} job(s) pending, {len(out)} answer(s) so far; next poll in {s.batch_poll_s:g} s")
+                await asyncio.sleep(s.batch_poll_s)
+
+        results: dict[str, LLMResponse] = {}
+        for k, _ in todo:
+            if k in out:
+                results[k] = out[k]
+            else:
+                self.stats.errors += 1
+                results[k] = _error_response(k, errors.get(k, "no result for this request in the batch output"))
+        return results
+
+    async def _collect_batch(self, st: _LoopState, batch: Any, batch_keys: Sequence[str],
+                             wanted: dict[str, LLMRequest], out: dict[str, LLMResponse],
+                             errors: dict[str, str]) -> int:
+        from rlhn_assets.lib.llm.cache import CacheRow
+
+        s = self.settings
+        saved = 0
+        for file_id, is_error_file in ((batch.output_file_id, False), (batch.error_file_id, True)):
+            if not file_id:
+                continue
+            content = await self._retrying(f"download {file_id}", lambda: st.oai.files.content(file_id))
+            rows = []
+            for line in content.text.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    log.warning("batch %s: unparsable output line skipped", batch.id)
+                    continue
+                key = obj.get("custom_id")
+                if not key:
+                    continue
+                response = obj.get("response") or {}
+                body = response.get("body")
+                if obj.get("error") is None and response.get("status_code") == 200 and isinstance(body, dict):
+                    req = wanted.get(key)
+                    try:
+                        resp = parse_completion(key, body, 0.0, req is None or req.top_logprobs is not None)
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                        errors[key] = f"unparsable batch answer: {exc}"
+                        continue
+                    self.stats.tokens_in += resp.tokens_in
+                    self.stats.tokens_out += resp.tokens_out
+                    if req is not None:
+                        out[key] = resp
+                        rows.append(CacheRow(resp, s.model, req.prompt_version, build_body(s, req)))
+                    else:  # belongs to an earlier run's request set: keep the answer, request unknown here
+                        rows.append(CacheRow(resp, s.model, None, None))
+                else:
+                    err = obj.get("error") or (body or {}).get("error") or {}
+                    msg = err.get("message") if isinstance(err, dict) else str(err)
+                    errors[key] = (f"batch {batch.id} ({'error file' if is_error_file else 'output'}): "
+                                   f"HTTP {response.get('status_code')}: {msg}")
+            saved += self.cache.put_many(rows)
+        if batch.status != "completed":
+            detail = ""
+            errs = getattr(batch, "errors", None)
+            if errs is not None and getattr(errs, "data", None):
+                detail = "; ".join(f"{e.code}: {e.message}" for e in errs.data if e is not None)
+            for key in batch_keys:
+                if key not in out:
+                    errors.setdefault(key, f"batch {batch.id} {batch.status} without an answer for this request"
+                                           + (f" ({detail})" if detail else ""))
+        return saved
