@@ -17,14 +17,31 @@ import dagster as dg
 from rlhn_assets import settings
 from rlhn_assets.definitions import defs
 from rlhn_assets.lib.db import connect
+from rlhn_assets.defs.resources import preset_name
+from rlhn_assets.lib.relabel import VARIANTS
 from rlhn_assets.partitions import DATASETS
 
 
-def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition: str | None) -> float:
+# Demo sizes (README "Demo sizes"): the first N instances of each dataset, at most 25 negatives each (the
+# paper's per-call maximum). `python -m rlhn_assets.demo --full` runs the whole bundled sample.
+DEMO_MAX_INSTANCES = int(os.environ.get("RLHN_DEMO_MAX_INSTANCES", "30"))
+DEMO_MAX_NEGATIVES = 25
+
+
+def run_config(full: bool) -> dict:
+    prune = {"max_negatives_per_instance": DEMO_MAX_NEGATIVES}
+    if not full:
+        prune["max_instances"] = DEMO_MAX_INSTANCES
+    return {"ops": {"pruned": {"config": prune}}}
+
+
+def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition, config: dict) -> float:
     selection = dg.AssetSelection.assets(*keys) | dg.AssetSelection.checks_for_assets(*keys)
+    ops = {k: v for k, v in config["ops"].items() if k in keys}
     t0 = time.perf_counter()
     result = dg.materialize(list(d.assets) + list(d.asset_checks), selection=selection, partition_key=partition,
-                            resources=d.resources, instance=instance, raise_on_error=False)
+                            resources=d.resources, instance=instance, raise_on_error=False,
+                            run_config={"ops": ops} if ops else None)
     seconds = time.perf_counter() - t0
     failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
     if not result.success or failed:
@@ -37,13 +54,19 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
 
 
 # (asset keys materialized together, partition keys) in graph order
-def stages() -> list[tuple[list[str], list[str | None]]]:
+def stages() -> list[tuple[list[str], list]]:
     return [
         (["hard_negative_mining", "raw_bge", "pruned"], list(DATASETS)),
+        (["tier1_judgments", "tier2_judgments"], list(DATASETS)),
+        (["relabeled"], [dg.MultiPartitionKey({"dataset": ds, "variant": v}) for ds in DATASETS for v in VARIANTS]),
     ]
 
 
 def main() -> None:
+    full = "--full" in sys.argv
+    config = run_config(full)
+    print(f"rlhn_assets demo: {'the whole bundled sample' if full else f'first {DEMO_MAX_INSTANCES} instances per dataset'}, "
+          f"<= {DEMO_MAX_NEGATIVES} negatives per instance; judge preset {preset_name()!r}")
     d = defs()
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -51,7 +74,7 @@ def main() -> None:
         for keys, partitions in stages():
             for p in partitions:
                 print(f"materializing {', '.join(keys)} [{p}] ...", flush=True)
-                timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + _run(d, instance, keys, p)
+                timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + _run(d, instance, keys, p, config)
     total = time.perf_counter() - t_all
     db = settings.duckdb_path()
     print("\nDone in %.0fs. Wall time per stage:" % total)
@@ -68,6 +91,15 @@ def main() -> None:
         print(f"  {'dataset':<18}{'raw':>8}{'passages':>10}{'quarantined':>13}{'pruned':>9}")
         for ds, n, p, q, k in rows:
             print(f"  {ds:<18}{n:>8}{p:>10}{q:>13}{k:>9}")
+        print("\n  judgments (tier, verdict -> negatives):")
+        for tier, verdict, n in conn.execute(
+                "SELECT tier, verdict, count(*) FROM judgments GROUP BY ALL ORDER BY 1, 2").fetchall():
+            print(f"    tier {tier}  {verdict:<13}{n:>7}")
+        print("\n  relabeled instances per variant (all datasets):")
+        for v, n, fn in conn.execute(
+                "SELECT variant, count(*), sum(false_negatives) FROM relabeled_instances GROUP BY 1 ORDER BY 1").fetchall():
+            print(f"    {v:<14}{n:>7} instances  {fn:>5} false negatives")
+        print(f"  exports (rlhn schema, Parquet + JSONL): {settings.data_dir() / 'exports'}")
     print("\nOpen the Dagster UI (asset graph, partitions, metadata, checks): make ui  ->  http://127.0.0.1:3000")
     print(f"Query the tables: {sys.executable} -c \"import duckdb; print(duckdb.connect('{db}', read_only=True)"
           ".sql('select * from raw_instances limit 5'))\"")

@@ -59,12 +59,14 @@ class PruneStats:
     duplicates_removed: int = 0
     overlap_negatives_removed: int = 0
     capped_negatives_removed: int = 0
+    sampled_away: int = 0
 
 
 def prune_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, decision: Decision,
-                  max_negatives: int | None) -> PruneStats:
+                  max_negatives: int | None, max_instances: int | None = None) -> PruneStats:
     """Replace ``pruned_instances`` for the dataset: exact-duplicate instances removed (first kept),
-    negatives that are also positives of the same instance removed, optional cap on negatives."""
+    negatives that are also positives of the same instance removed, optional cap on negatives, optional
+    sample of the first ``max_instances`` instances (by instance id)."""
     ensure_schema(conn)
     stats = PruneStats()
     stats.raw_instances = conn.execute("SELECT count(*) FROM raw_instances WHERE dataset = ?",
@@ -93,11 +95,15 @@ def prune_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, decision: Decis
             if cap is not None:
                 stats.capped_negatives_removed = conn.execute(
                     "SELECT coalesce(sum(greatest(len(negs) - ?, 0)), 0) FROM _dedup", [cap]).fetchall()[0][0]
+            limit = f" LIMIT {int(max_instances)}" if max_instances else ""
             conn.execute(
                 f"""INSERT INTO pruned_instances (dataset, instance_id, query_id, positive_ids, negative_ids)
                     SELECT dataset, instance_id, query_id, positive_ids,
                            {"negs[1:" + str(cap) + "]" if cap is not None else "negs"}
-                    FROM _dedup ORDER BY instance_id""")
+                    FROM _dedup ORDER BY instance_id{limit}""")
+            if max_instances:
+                stats.sampled_away = max(kept - int(max_instances), 0)
+                stats.kept_instances = kept - stats.sampled_away
             conn.execute("DROP TABLE _dedup")
         conn.execute(
             """INSERT INTO pruned_decisions (dataset, kept, decided_by, reason, raw_instances, kept_instances,

@@ -9,6 +9,8 @@ from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB
 class PruneConfig(dg.Config):
     # The paper prompts at most 25 negatives per call; None keeps all (the judge then makes several calls).
     max_negatives_per_instance: int | None = None
+    # Keep only the first N instances (by instance id) of each dataset: a sample size for demos and trials.
+    max_instances: int | None = None
 
 
 @dg.asset(
@@ -37,7 +39,7 @@ def pruned(context: dg.AssetExecutionContext, config: PruneConfig, duckdb: RLHND
         ds = reg.get(key)
         decision = decide(ds, recommendation)
         with duckdb.get_connection() as conn:
-            stats = prune_dataset(conn, ds.name, decision, config.max_negatives_per_instance)
+            stats = prune_dataset(conn, ds.name, decision, config.max_negatives_per_instance, config.max_instances)
             metadata = instance_summary_metadata(conn, "pruned_instances", ds.name)
         context.log.info(f"{ds.name}: {'kept' if decision.kept else 'PRUNED'} ({decision.decided_by}: "
                          f"{decision.reason}); {stats.kept_instances:,}/{stats.raw_instances:,} instances")
@@ -50,6 +52,8 @@ def pruned(context: dg.AssetExecutionContext, config: PruneConfig, duckdb: RLHND
             "overlap_negatives_removed": dg.MetadataValue.int(stats.overlap_negatives_removed),
             "capped_negatives_removed": dg.MetadataValue.int(stats.capped_negatives_removed),
             "max_negatives_per_instance": dg.MetadataValue.text(str(config.max_negatives_per_instance)),
+            "max_instances": dg.MetadataValue.text(str(config.max_instances)),
+            "sampled_away": dg.MetadataValue.int(stats.sampled_away),
         })
         results[key] = metadata
     if len(results) == 1:
