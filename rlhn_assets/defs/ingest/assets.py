@@ -3,6 +3,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from rlhn_assets.conditions import PIPELINE
+
 from rlhn_assets.defs.mining.assets import hard_negative_mining
 from rlhn_assets.lib.ingest import DEFAULT_MAX_PASSAGE_CHARS, IngestError, ingest_dataset
 from rlhn_assets.lib.markdown import md_table
@@ -52,6 +54,7 @@ def instance_summary_metadata(conn, instances_table: str, dataset: str) -> dict:
     partitions_def=dataset_pd,
     group_name="ingest",
     code_version="1",
+    automation_condition=PIPELINE,
     deps=[hard_negative_mining],
     kinds={"duckdb"},
     description=(

@@ -2,6 +2,8 @@ import time
 
 import dagster as dg
 
+from rlhn_assets.conditions import PIPELINE
+
 from rlhn_assets.defs.prune.assets import pruned
 from rlhn_assets.lib.judging import prompts
 from rlhn_assets.lib.judging.judges import listwise_calls
@@ -105,6 +107,7 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
     partitions_def=dataset_pd,
     group_name="judge",
     code_version="1",
+    automation_condition=PIPELINE,
     deps=[pruned],
     kinds={"openai", "duckdb"},
     pool="llm_judge",
@@ -125,6 +128,7 @@ def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, d
     partitions_def=dataset_pd,
     group_name="judge",
     code_version="1",
+    automation_condition=PIPELINE,
     deps=[tier1_judgments],
     kinds={"openai", "duckdb"},
     pool="llm_judge",
@@ -148,6 +152,7 @@ def _chars_per_token() -> float:
     partitions_def=dataset_pd,
     group_name="judge",
     code_version="1",
+    automation_condition=PIPELINE,
     deps=[pruned],
     kinds={"duckdb"},
     description=(

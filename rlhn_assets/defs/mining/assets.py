@@ -4,6 +4,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from rlhn_assets.conditions import PIPELINE
+from rlhn_assets.defs.sources.assets import raw_dataset_files
+
 from rlhn_assets import settings
 from rlhn_assets.partitions import dataset_pd
 from rlhn_assets.resources import DatasetRegistryResource
@@ -13,6 +16,8 @@ from rlhn_assets.resources import DatasetRegistryResource
     partitions_def=dataset_pd,
     group_name="ingest",
     code_version="1",
+    automation_condition=PIPELINE,
+    deps=[raw_dataset_files],
     kinds={"python", "sentence_transformers"},
     description=(
         "Hard-negative mining for datasets whose registry entry has a `mine:` section (queries + positives + "

@@ -1,5 +1,7 @@
 import dagster as dg
 
+from rlhn_assets.conditions import PIPELINE
+
 from rlhn_assets.defs.ingest.assets import instance_summary_metadata, raw_bge
 from rlhn_assets.lib.pruning import RECOMMENDATION_FILE, decide, load_recommendation, prune_dataset
 from rlhn_assets.partitions import dataset_pd
@@ -17,6 +19,7 @@ class PruneConfig(dg.Config):
     partitions_def=dataset_pd,
     group_name="ingest",
     code_version="1",
+    automation_condition=PIPELINE,
     deps=[raw_bge],
     kinds={"duckdb"},
     backfill_policy=dg.BackfillPolicy.single_run(),

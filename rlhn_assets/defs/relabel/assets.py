@@ -1,5 +1,7 @@
 import dagster as dg
 
+from rlhn_assets.conditions import PIPELINE
+
 from rlhn_assets import settings
 from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
 from rlhn_assets.lib.markdown import md_table
@@ -32,6 +34,7 @@ def export_paths(variant: str, dataset: str, export_dir: str = ""):
     partitions_def=dataset_variant_pd,
     group_name="relabel",
     code_version="1",
+    automation_condition=PIPELINE,
     deps=[dg.AssetDep(tier1_judgments, partition_mapping=_BY_DATASET),
           dg.AssetDep(tier2_judgments, partition_mapping=_BY_DATASET)],
     kinds={"duckdb", "parquet"},

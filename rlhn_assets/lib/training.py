@@ -1,0 +1,333 @@
+"""Fine-tune a retriever (bi-encoder) and a reranker (cross-encoder) on one training-data variant.
+
+The recipe follows the RLHN paper (§4 of the digest) at CPU scale:
+
+* **Retriever**: the packaged all-MiniLM-L6-v2, contrastive InfoNCE with in-batch + hard negatives
+  (sentence-transformers' ``MultipleNegativesRankingLoss``, MNRL), 1 positive + ``hard_negatives`` (paper: 7)
+  hard negatives per query, lr 2e-5, linear warmup, ``BatchSamplers.NO_DUPLICATES`` so that no text appears
+  twice in a batch (a duplicate would be an in-batch "negative" identical to a positive).
+* **Reranker**: a ``CrossEncoder`` initialised from the same MiniLM weights (``num_labels=1``, new classifier
+  head), ``BinaryCrossEntropyLoss`` on (query, passage, label) pairs: 1 sampled positive + ``reranker_negatives``
+  hard negatives per query, ``pos_weight`` = negatives per positive so both classes weigh the same (the
+  sentence-transformers MS MARCO BCE recipe). The paper's reranker recipe is not public.
+
+Temperature vs scale: MNRL computes ``cross_entropy(scale * cos_sim)``; the paper's InfoNCE temperature 0.01
+is ``scale = 100``. The default here is ``scale = 20`` (sentence-transformers' default, and the value
+all-MiniLM-L6-v2 itself was trained with): the paper's 0.01 belongs to E5 models trained at that
+temperature; for MiniLM a short fine-tune at scale 100 moved the model further from its starting point and
+scored lower in our quick SciFact measurement (see ``TrainSettings.scale``). Set ``scale=100`` to follow
+the paper literally.
+
+How epochs work: the trainer runs ONE pass over pre-built rows that already hold every epoch. For each epoch
+``e`` one positive per query is drawn with ``random.Random(seed * 1000 + e)``; that is how the extra
+(relabeled) positives of the RLHN variant enter training — an instance with 3 positives trained for several
+epochs sees several of them.
+
+Determinism: everything is seeded (positive sampling, negative filling, batch order, classifier-head init,
+dropout). On this CPU stack, the same data + settings give bit-identical weights, so the saved folder's
+content hash (``data_version``) is reproducible; a change in the training data changes it.
+
+Heavy imports (torch, transformers, sentence-transformers, datasets) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rlhn_assets.lib.embeddings import base_model_path as _default_base_model_path
+from rlhn_assets.lib.embeddings import dir_hash
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1  # passed to transformers as warmup_steps=<float> (a float < 1 is a ratio)
+    hard_negatives: int = 7  # per query, as in the paper; fewer available -> see retriever_rows
+    # MNRL scale = 1 / temperature. Paper: temperature 0.01 = scale 100. Default 20 = sentence-transformers'
+    # default and all-MiniLM-L6-v2's own training value (see the module docstring for the measurement).
+    scale: float = 20.0
+    max_seq_length: int = 256
+    seed: int = 13
+    max_steps: int = -1  # cap for demos/tests (-1 = no cap)
+    reranker_negatives: int = 3  # hard negatives per query for the cross-encoder pairs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainingInstance:
+    query: str
+    positives: tuple[str, ...]  # passage texts (title folded in by the caller)
+    negatives: tuple[str, ...]  # in order (rank order of the mined / released negatives)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    data_version: str  # dir_hash of the saved model folder
+    train_rows: int
+    steps: int
+    final_loss: float | None  # the last logged training loss (None if nothing was logged)
+    seconds: float
+    settings: dict
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (global step, logged loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# rows
+
+
+def _usable(instances: Sequence[TrainingInstance]) -> list[TrainingInstance]:
+    """Instances that can form a training example at all: a query with at least one positive.
+    An instance without positives (possible only if a caller passes one) is skipped."""
+    return [inst for inst in instances if inst.positives]
+
+
+def _negative_lists(instances: Sequence[TrainingInstance], k: int, seed: int) -> list[tuple[str, ...]] | None:
+    """Exactly ``k`` hard negatives per instance, fixed across epochs.
+
+    * the first ``k`` of the instance's own negatives (a negative whose text equals one of the instance's
+      positives is ignored: it would teach the model to push the positive away);
+    * fewer than ``k`` -> cycle the instance's own negatives (n1, n2, n1, n2, ...);
+    * none -> draw ``k`` negatives (seeded, without replacement while possible) from the other instances'
+      negatives, skipping texts that are positives of this instance;
+    * no instance has any negative at all -> ``None`` (the caller skips every instance: nothing to learn
+      hard negatives from; use ``hard_negatives=0`` to train on in-batch negatives only).
+    """
+    if k <= 0:
+        return [() for _ in instances]
+    own = []
+    for inst in instances:
+        pos = set(inst.positives)
+        own.append(tuple(n for n in inst.negatives if n not in pos))
+    pool = list(dict.fromkeys(n for negs in own for n in negs))  # unique, first-seen order
+    if not pool:
+        return None
+    rng = random.Random(seed * 1000 + 999_999)
+    out: list[tuple[str, ...]] = []
+    for inst, negs in zip(instances, own):
+        if not negs:
+            pos = set(inst.positives)
+            candidates = [n for n in pool if n not in pos] or pool
+            if len(candidates) >= k:
+                negs = tuple(rng.sample(candidates, k))
+            else:
+                negs = tuple(rng.sample(candidates, len(candidates)))
+        out.append(tuple(negs[i % len(negs)] for i in range(k)))
+    return out
+
+
+def _epoch_positives(instances: Sequence[TrainingInstance], settings: TrainSettings) -> list[list[str]]:
+    """One sampled positive per instance for each epoch: ``[epoch][instance]``."""
+    per_epoch = []
+    for e in range(max(1, settings.epochs)):
+        rng = random.Random(settings.seed * 1000 + e)
+        per_epoch.append([rng.choice(inst.positives) for inst in instances])
+    return per_epoch
+
+
+def retriever_rows(instances: Sequence[TrainingInstance], settings: TrainSettings):
+    """The MNRL training table: columns ``anchor, positive, negative_1 .. negative_k`` (k = hard_negatives).
+
+    One row per (epoch, instance), epochs concatenated in order; see ``_negative_lists`` for how negatives
+    are filled and ``_epoch_positives`` for the positive sampling. Instances without positives are skipped;
+    if no instance has any negative (and k > 0) every instance is skipped and the table is empty."""
+    from datasets import Dataset
+
+    k = max(0, settings.hard_negatives)
+    cols = ["anchor", "positive"] + [f"negative_{i + 1}" for i in range(k)]
+    usable = _usable(instances)
+    negs = _negative_lists(usable, k, settings.seed) if usable else None
+    data: dict[str, list[str]] = {c: [] for c in cols}
+    if negs is not None:
+        for positives in _epoch_positives(usable, settings):
+            for inst, pos, ns in zip(usable, positives, negs):
+                data["anchor"].append(inst.query)
+                data["positive"].append(pos)
+                for i, n in enumerate(ns):
+                    data[f"negative_{i + 1}"].append(n)
+    return Dataset.from_dict(data)
+
+
+def reranker_pairs(instances: Sequence[TrainingInstance], settings: TrainSettings):
+    """The cross-encoder training table: columns ``query, passage, label`` (1.0 positive / 0.0 hard negative).
+
+    Per epoch and instance: the positive sampled exactly as in ``retriever_rows`` followed by
+    ``reranker_negatives`` hard negatives (same fill rules). Same skip rules as ``retriever_rows``."""
+    from datasets import Dataset
+
+    k = max(0, settings.reranker_negatives)
+    usable = _usable(instances)
+    negs = _negative_lists(usable, k, settings.seed) if usable else None
+    data: dict[str, list] = {"query": [], "passage": [], "label": []}
+    if negs is not None:
+        for positives in _epoch_positives(usable, settings):
+            for inst, pos, ns in zip(usable, positives, negs):
+                for text, label in [(pos, 1.0)] + [(n, 0.0) for n in ns]:
+                    data["query"].append(inst.query)
+                    data["passage"].append(text)
+                    data["label"].append(label)
+    return Dataset.from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def _log_callback(kind: str, log: Log | None, history: list[tuple[int, float]]):
+    from transformers import TrainerCallback
+
+    class _ProgressCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                history.append((int(state.global_step), loss))
+                if log:
+                    lr = logs.get("learning_rate")
+                    lr_s = f" lr {float(lr):.2e}" if lr is not None else ""
+                    log(f"{kind} step {state.global_step}/{state.max_steps} loss {loss:.4f}{lr_s}")
+
+    return _ProgressCallback()
+
+
+def _planned_steps(rows: int, settings: TrainSettings) -> int:
+    steps = math.ceil(rows / settings.batch_size)
+    return min(steps, settings.max_steps) if settings.max_steps > 0 else steps
+
+
+def _common_args(settings: TrainSettings, rows: int, tmp: str) -> dict:
+    planned = _planned_steps(rows, settings)
+    return dict(
+        output_dir=tmp,
+        num_train_epochs=1,  # the rows already hold all epochs
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_steps=float(settings.warmup_ratio) if settings.warmup_ratio < 1 else int(settings.warmup_ratio),
+        seed=settings.seed,
+        data_seed=settings.seed,
+        max_steps=settings.max_steps,
+        logging_steps=max(1, min(10, planned // 10)),
+        save_strategy="no",
+        report_to="none",
+        dataloader_pin_memory=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+
+
+def _save_atomically(model, output_dir: Path) -> None:
+    """Save into a sibling temp folder, then swap it in: stale files from an earlier run never leak into
+    the folder (and so into its content hash)."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save(str(staging))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish(kind: str, model, trainer_output, output_dir: Path, rows: int, started: float,
+            settings: dict, history: list[tuple[int, float]], log: Log | None) -> TrainResult:
+    _save_atomically(model, output_dir)
+    version = dir_hash(output_dir)
+    final = history[-1][1] if history else None
+    seconds = time.perf_counter() - started
+    steps = int(trainer_output.global_step)
+    if log:
+        loss_s = f"{final:.4f}" if final is not None else "n/a"
+        log(f"{kind}: {steps} steps in {seconds:.1f} s, final loss {loss_s}; saved {output_dir} (version {version[:12]})")
+    return TrainResult(model_dir=Path(output_dir), data_version=version, train_rows=rows, steps=steps,
+                       final_loss=final, seconds=seconds, settings=settings, loss_history=list(history))
+
+
+def train_retriever(instances: Sequence[TrainingInstance], settings: TrainSettings, output_dir: str | Path, *,
+                    base_model_path: str | Path | None = None, log: Log | None = None) -> TrainResult:
+    """Fine-tune the bi-encoder with MNRL (in-batch + hard negatives) and save it to ``output_dir``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.training_args import (
+        BatchSamplers,
+        SentenceTransformerTrainingArguments,
+    )
+    from transformers import set_seed
+
+    dataset = retriever_rows(instances, settings)
+    rows = len(dataset)
+    if rows == 0:
+        raise ValueError("no retriever training rows: no instance has a positive, or no instance has any "
+                         "negative (set hard_negatives=0 to train on in-batch negatives only)")
+    base = Path(base_model_path or _default_base_model_path())
+    if log:
+        log(f"retriever: {rows} rows ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs), "
+            f"batch {settings.batch_size}, {settings.hard_negatives} hard negatives, scale {settings.scale}, "
+            f"~{_planned_steps(rows, settings)} steps, base {base.name}")
+    set_seed(settings.seed)
+    model = SentenceTransformer(str(base), device="cpu")
+    model.max_seq_length = settings.max_seq_length
+    loss = MultipleNegativesRankingLoss(model, scale=settings.scale)
+    history: list[tuple[int, float]] = []
+    with tempfile.TemporaryDirectory(prefix="rlhn-train-") as tmp:
+        args = SentenceTransformerTrainingArguments(
+            **_common_args(settings, rows, tmp), batch_sampler=BatchSamplers.NO_DUPLICATES)
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                                             callbacks=[_log_callback("retriever", log, history)])
+        output = trainer.train()
+    info = {**settings.to_dict(), "kind": "retriever", "loss": "MultipleNegativesRankingLoss",
+            "base_model": str(base)}
+    return _finish("retriever", model, output, Path(output_dir), rows, started, info, history, log)
+
+
+def train_reranker(instances: Sequence[TrainingInstance], settings: TrainSettings, output_dir: str | Path, *,
+                   base_model_path: str | Path | None = None, log: Log | None = None) -> TrainResult:
+    """Fine-tune a cross-encoder (MiniLM weights + new 1-logit head) with BCE and save it to ``output_dir``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+    from transformers import set_seed
+
+    dataset = reranker_pairs(instances, settings)
+    rows = len(dataset)
+    if rows == 0:
+        raise ValueError("no reranker training pairs: no instance has a positive, or no instance has any negative")
+    base = Path(base_model_path or _default_base_model_path())
+    n_neg = max(0, settings.reranker_negatives)
+    if log:
+        log(f"reranker: {rows} pairs ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs x "
+            f"(1 + {n_neg})), batch {settings.batch_size}, ~{_planned_steps(rows, settings)} steps, base {base.name}")
+    set_seed(settings.seed)  # the classifier head is freshly initialised: seed it
+    model = CrossEncoder(str(base), num_labels=1, max_length=settings.max_seq_length, device="cpu")
+    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(max(1, n_neg))))
+    history: list[tuple[int, float]] = []
+    with tempfile.TemporaryDirectory(prefix="rlhn-train-") as tmp:
+        args = CrossEncoderTrainingArguments(**_common_args(settings, rows, tmp))
+        trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                                      callbacks=[_log_callback("reranker", log, history)])
+        output = trainer.train()
+    info = {**settings.to_dict(), "kind": "reranker", "loss": "BinaryCrossEntropyLoss",
+            "pos_weight": float(max(1, n_neg)), "base_model": str(base)}
+    return _finish("reranker", model, output, Path(output_dir), rows, started, info, history, log)
