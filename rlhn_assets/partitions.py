@@ -14,3 +14,13 @@ from rlhn_assets.lib.relabel import VARIANTS  # noqa: E402
 
 variant_pd = dg.StaticPartitionsDefinition(list(VARIANTS))
 dataset_variant_pd = dg.MultiPartitionsDefinition({"dataset": dataset_pd, "variant": variant_pd})
+
+# Evaluation: every BEIR-layout folder under data/eval/ is an eval set; models = the untrained base + each variant.
+from rlhn_assets import settings  # noqa: E402
+from rlhn_assets.lib.evaluation import list_eval_sets  # noqa: E402
+
+EVAL_SETS: tuple[str, ...] = tuple(list_eval_sets(settings.data_dir() / "eval"))
+MODELS: tuple[str, ...] = ("base",) + tuple(VARIANTS)
+eval_set_pd = dg.StaticPartitionsDefinition(list(EVAL_SETS))
+model_pd = dg.StaticPartitionsDefinition(list(MODELS))
+eval_pd = dg.MultiPartitionsDefinition({"eval_set": eval_set_pd, "model": model_pd})

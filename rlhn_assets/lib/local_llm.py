@@ -29,7 +29,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -333,11 +335,31 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def _pdeathsig_preexec(parent_pid: int):
+    """preexec_fn: ask Linux to SIGTERM the child when its parent dies (covers SIGKILL/segfault of Python,
+    where atexit never runs)."""
+
+    def _set() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except Exception:  # noqa: BLE001 - best effort
+            return
+        if os.getppid() != parent_pid:  # parent already gone before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return _set
+
+
 class LlamaServer:
     """A ``llama-server`` child process serving one GGUF on an OpenAI-compatible ``/v1`` API.
 
     The server runs in its own process group (so stop() also reaches any children), logs to a file in a temp
-    dir, and is stopped at interpreter exit if the caller forgets. ``ctx_size`` is per slot: llama-server
+    dir, and is stopped at interpreter exit if the caller forgets (atexit). On Linux, when started from the main
+    thread, it also gets PR_SET_PDEATHSIG=SIGTERM so it dies with a Python that is killed or crashes (the death
+    signal fires when the *thread* that started it exits, hence main thread only). ``ctx_size`` is per slot: llama-server
     splits ``--ctx-size`` across ``--parallel`` slots, so it is passed as ``ctx_size * parallel``.
     """
 
@@ -433,6 +455,9 @@ class LlamaServer:
         self._tmpdir = tempfile.mkdtemp(prefix="rlhn-llama-server-")
         self.log_path = Path(self._tmpdir) / "llama-server.log"
         self._log_fh = open(self.log_path, "wb")
+        preexec = None
+        if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+            preexec = _pdeathsig_preexec(os.getpid())
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             cmd,
@@ -440,6 +465,7 @@ class LlamaServer:
             stdout=self._log_fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: stop() signals the whole group
+            preexec_fn=preexec,
         )
         atexit.register(self.stop)
         deadline = t0 + timeout

@@ -188,6 +188,14 @@ def reranker_pairs(instances: Sequence[TrainingInstance], settings: TrainSetting
 # training
 
 
+def _quiet(trainer) -> None:
+    """With tqdm disabled, transformers adds a PrinterCallback that prints every log dict to stdout; our
+    callback reports progress through ``log`` instead."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
 def _log_callback(kind: str, log: Log | None, history: list[tuple[int, float]]):
     from transformers import TrainerCallback
 
@@ -236,7 +244,14 @@ def _save_atomically(model, output_dir: Path) -> None:
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    # The generated model card (README.md) states the wall-clock training time, which would make the folder
+    # hash differ between identical runs: drop that one field (private attribute of sentence-transformers'
+    # model card data; if it is ever renamed, the determinism test fails loudly).
+    card = getattr(model, "model_card_data", None)
+    if card is not None and hasattr(card, "_training_start_time"):
+        card._training_start_time = None
     try:
+        staging.chmod(0o755)
         model.save(str(staging))
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -294,6 +309,7 @@ def train_retriever(instances: Sequence[TrainingInstance], settings: TrainSettin
             **_common_args(settings, rows, tmp), batch_sampler=BatchSamplers.NO_DUPLICATES)
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                              callbacks=[_log_callback("retriever", log, history)])
+        _quiet(trainer)
         output = trainer.train()
     info = {**settings.to_dict(), "kind": "retriever", "loss": "MultipleNegativesRankingLoss",
             "base_model": str(base)}
@@ -327,6 +343,7 @@ def train_reranker(instances: Sequence[TrainingInstance], settings: TrainSetting
         args = CrossEncoderTrainingArguments(**_common_args(settings, rows, tmp))
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                       callbacks=[_log_callback("reranker", log, history)])
+        _quiet(trainer)
         output = trainer.train()
     info = {**settings.to_dict(), "kind": "reranker", "loss": "BinaryCrossEntropyLoss",
             "pos_weight": float(max(1, n_neg)), "base_model": str(base)}

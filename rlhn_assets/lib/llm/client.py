@@ -371,17 +371,6 @@ class _Progress:
                       f"{self.errors} errors), {self.cache_hits} cache hits, {self.done / dt:.1f} calls/s{extra}")
 
 
-def _run_fresh_loop(coro: Awaitable[Any]) -> Any:
-    """``asyncio.run`` in a fresh loop - uvloop's when installed (it comes with uvicorn[standard]); it cuts the
-    client's per-request CPU, which is what limits throughput at many requests in flight."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
 def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
@@ -465,9 +454,9 @@ class LLMClient:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return _run_fresh_loop(runner())
+            return asyncio.run(runner())
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-client") as ex:
-            return ex.submit(_run_fresh_loop, runner()).result()
+            return ex.submit(asyncio.run, runner()).result()
 
     async def acomplete_many(self, requests: Sequence[LLMRequest],
                              progress: Callable[[str], None] | None = None) -> list[LLMResponse]:
