@@ -19,7 +19,7 @@ from rlhn_assets.definitions import defs
 from rlhn_assets.lib.db import connect
 from rlhn_assets.defs.resources import preset_name
 from rlhn_assets.lib.relabel import VARIANTS
-from rlhn_assets.partitions import DATASETS
+from rlhn_assets.partitions import DATASETS, EVAL_SETS
 
 
 # Demo sizes (README "Demo sizes"): the first N instances of each dataset, at most 25 negatives each (the
@@ -28,11 +28,19 @@ DEMO_MAX_INSTANCES = int(os.environ.get("RLHN_DEMO_MAX_INSTANCES", "30"))
 DEMO_MAX_NEGATIVES = 25
 
 
+# Models trained and evaluated by the demo (all 7 with --full); training steps and eval sizes are capped.
+DEMO_VARIANTS = tuple(os.environ.get("RLHN_DEMO_VARIANTS", "default,s1_rlhn,s2_rlhn").split(","))
+DEMO_TRAIN = {"max_steps": int(os.environ.get("RLHN_DEMO_TRAIN_STEPS", "20")), "batch_size": 16, "max_seq_length": 128}
+DEMO_EVAL = {"max_seq_length": 128, "rerank_top_k": 20}
+
+
 def run_config(full: bool) -> dict:
     prune = {"max_negatives_per_instance": DEMO_MAX_NEGATIVES}
-    if not full:
-        prune["max_instances"] = DEMO_MAX_INSTANCES
-    return {"ops": {"pruned": {"config": prune}}}
+    if full:
+        return {"ops": {"pruned": {"config": prune}}}
+    prune["max_instances"] = DEMO_MAX_INSTANCES
+    return {"ops": {"pruned": {"config": prune}, "trained_retriever": {"config": DEMO_TRAIN},
+                    "trained_reranker": {"config": DEMO_TRAIN}, "eval_scores": {"config": DEMO_EVAL}}}
 
 
 def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition, config: dict) -> float:
@@ -54,11 +62,15 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
 
 
 # (asset keys materialized together, partition keys) in graph order
-def stages() -> list[tuple[list[str], list]]:
+def stages(variants=VARIANTS) -> list[tuple[list[str], list]]:
     return [
         (["hard_negative_mining", "raw_bge", "pruned"], list(DATASETS)),
         (["tier1_judgments", "tier2_judgments"], list(DATASETS)),
         (["relabeled"], [dg.MultiPartitionKey({"dataset": ds, "variant": v}) for ds in DATASETS for v in VARIANTS]),
+        (["trained_retriever", "trained_reranker"], list(variants)),
+        (["eval_scores"], [dg.MultiPartitionKey({"eval_set": e, "model": m}) for m in ("base",) + tuple(variants)
+                           for e in EVAL_SETS]),
+        (["comparison_report"], [None]),
     ]
 
 
@@ -66,12 +78,13 @@ def main() -> None:
     full = "--full" in sys.argv
     config = run_config(full)
     print(f"rlhn_assets demo: {'the whole bundled sample' if full else f'first {DEMO_MAX_INSTANCES} instances per dataset'}, "
-          f"<= {DEMO_MAX_NEGATIVES} negatives per instance; judge preset {preset_name()!r}")
+          f"<= {DEMO_MAX_NEGATIVES} negatives per instance; judge preset {preset_name()!r}; "
+          f"models: {'all variants' if full else ', '.join(DEMO_VARIANTS)}")
     d = defs()
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        for keys, partitions in stages():
+        for keys, partitions in stages(VARIANTS if full else DEMO_VARIANTS):
             for p in partitions:
                 print(f"materializing {', '.join(keys)} [{p}] ...", flush=True)
                 timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + _run(d, instance, keys, p, config)
@@ -100,6 +113,10 @@ def main() -> None:
                 "SELECT variant, count(*), sum(false_negatives) FROM relabeled_instances GROUP BY 1 ORDER BY 1").fetchall():
             print(f"    {v:<14}{n:>7} instances  {fn:>5} false negatives")
         print(f"  exports (rlhn schema, Parquet + JSONL): {settings.data_dir() / 'exports'}")
+    report_md = settings.data_dir() / "reports" / "comparison.md"
+    if report_md.exists():
+        print("\n" + report_md.read_text())
+        print(f"(report: {report_md}, .csv and .png beside it)")
     print("\nOpen the Dagster UI (asset graph, partitions, metadata, checks): make ui  ->  http://127.0.0.1:3000")
     print(f"Query the tables: {sys.executable} -c \"import duckdb; print(duckdb.connect('{db}', read_only=True)"
           ".sql('select * from raw_instances limit 5'))\"")

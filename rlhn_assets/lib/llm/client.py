@@ -13,6 +13,10 @@
   ``mode="batch"`` sends the misses through the OpenAI Batch API instead (chunks of ``batch_chunk_size``,
   jobs recorded in ``llm_batches`` so an interrupted run resumes by polling instead of resubmitting).
 
+Transport: openai's aiohttp transport when ``aiohttp`` is installed (``openai[aiohttp]``), else httpx2;
+``LLMClient(..., http_backend=...)`` forces one. A caller-supplied ``http_client`` (tests: ``httpx.AsyncClient``
+with ``httpx.MockTransport``) is used as is.
+
 Plain module: no Dagster imports.
 """
 
@@ -22,6 +26,7 @@ import asyncio
 import concurrent.futures
 import email.utils
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -39,6 +44,8 @@ try:  # openai >= 3 talks through httpx2; it also accepts legacy httpx clients (
     import httpx2 as _hx
 except ImportError:  # pragma: no cover - older openai
     _hx = httpx
+
+_HAVE_AIOHTTP = importlib.util.find_spec("aiohttp") is not None
 
 if TYPE_CHECKING:
     from rlhn_assets.lib.llm.cache import ResponseCache
@@ -389,11 +396,15 @@ class LLMClient:
     flush_interval_s: float = 0.5
 
     def __init__(self, settings: EndpointSettings, cache: "ResponseCache", *,
-                 http_client: httpx.AsyncClient | None = None, api_key: str | None = None):
+                 http_client: httpx.AsyncClient | None = None, api_key: str | None = None,
+                 http_backend: Literal["auto", "httpx", "aiohttp"] = "auto"):
         self.settings = settings
         self.cache = cache
         self.stats = ClientStats()
         self._http_client = http_client
+        if http_backend not in ("auto", "httpx", "aiohttp"):
+            raise ValueError(f"http_backend must be 'auto', 'httpx' or 'aiohttp', got {http_backend!r}")
+        self.http_backend = http_backend
         self._api_key = _Secret(api_key) if api_key else None
         self._state: _LoopState | None = None
 
@@ -423,16 +434,35 @@ class LLMClient:
         http = self._http_client
         owns = http is None
         if http is None:
-            http = _hx.AsyncClient(
-                timeout=_hx.Timeout(s.timeout_s, connect=min(10.0, s.timeout_s)),
-                limits=_hx.Limits(max_connections=max(100, 2 * s.concurrency),
-                                  max_keepalive_connections=max(20, s.concurrency)),
-                follow_redirects=True,
-            )
+            http = self._build_http_client()
         oai = openai.AsyncOpenAI(base_url=s.base_url, api_key=self._resolve_api_key(), max_retries=0,
                                  timeout=s.timeout_s, http_client=http)
         self._state = _LoopState(loop=loop, oai=oai, sem=asyncio.Semaphore(s.concurrency), owns_http=owns)
         return self._state
+
+    def _build_http_client(self) -> Any:
+        """openai's aiohttp transport when installed (``openai[aiohttp]``: ~35% less client CPU per call than
+        httpx2/anyio, which is what limits throughput at many requests in flight), else httpx2."""
+        s = self.settings
+        kwargs = dict(timeout=_hx.Timeout(s.timeout_s, connect=min(10.0, s.timeout_s)),
+                      limits=_hx.Limits(max_connections=max(100, 2 * s.concurrency),
+                                        max_keepalive_connections=max(20, s.concurrency)),
+                      follow_redirects=True)
+        backend = self.http_backend
+        if backend == "auto":
+            backend = "aiohttp" if _HAVE_AIOHTTP and _hx is not httpx else "httpx"
+        if backend == "aiohttp":
+            return openai.DefaultAioHttpClient(**kwargs)
+        return _hx.AsyncClient(**kwargs)
+
+    @property
+    def http_backend_in_use(self) -> str:
+        """What :meth:`_build_http_client` picks (``"custom"`` when an http_client was passed in)."""
+        if self._http_client is not None:
+            return "custom"
+        if self.http_backend == "auto":
+            return "aiohttp" if _HAVE_AIOHTTP and _hx is not httpx else "httpx"
+        return self.http_backend
 
     async def aclose(self) -> None:
         st, self._state = self._state, None
