@@ -75,6 +75,10 @@ class JudgeTierResource(dg.ConfigurableResource):
     price_in_per_m: float = 0.0
     price_out_per_m: float = 0.0
     cache_path: str = ""
+    # Tier 2 only: re-judge every negative of a forwarded instance ("instance", the paper) or only the negatives
+    # tier 1 flagged or failed on ("flagged_negatives": tier 2 confirms or rejects tier 1's flags; far fewer calls
+    # for a one-call-per-negative judge). Unflagged negatives then keep tier 1's not_relevant.
+    scope: str = "instance"
     # asset check: share of `error` verdicts above which the tier's partition fails
     max_error_rate: float = 0.05
 
@@ -86,6 +90,8 @@ class JudgeTierResource(dg.ConfigurableResource):
                   else (self.base_url or "api.openai.com"), "mode": self.mode, "prompt_family": self.prompt_family}
         if self.kind == "embedding_margin":
             d["margin"] = self.margin
+        if self.tier == 2:
+            d["scope"] = self.scope
         if self.kind == "pointwise":
             d |= {"threshold_relevant": self.threshold_relevant, "threshold_better": self.threshold_better}
         return d

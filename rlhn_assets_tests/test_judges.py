@@ -107,3 +107,12 @@ def test_embedding_margin_flags_near_duplicates_of_the_positive():
     out = judge.judge([inst])
     assert out[0].verdict in ("better", "worse") and out[1].verdict == "not_relevant"
     assert out[0].score > out[1].score
+
+
+def test_tier2_flagged_scope_judges_only_flagged_negatives_at_their_original_positions():
+    from rlhn_assets.defs.judge.assets import _only_flagged
+
+    a, b = _instance(0, n=4), _instance(1, n=3)
+    judged, positions = _only_flagged([a, b], {("i0", 2), ("i0", 4)})
+    assert [i.instance_id for i in judged] == ["i0"]  # i1 had nothing flagged
+    assert [n.docid for n in judged[0].negatives] == ["n0_1", "n0_3"] and positions == {"i0": [2, 4]}

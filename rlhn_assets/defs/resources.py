@@ -14,7 +14,8 @@ PRESETS: dict[str, dict[str, JudgeTierResource]] = {
         "tier1_judge": JudgeTierResource(tier=1, kind="embedding_margin", margin=0.05),
         "tier2_judge": JudgeTierResource(
             tier=2, kind="pointwise", model="qwen2.5-coder-0.5b-instruct", local_model="qwen2.5-coder-0.5b",
-            temperature=0.0, concurrency=1, threshold_relevant=0.5, threshold_better=0.9, max_error_rate=0.05),
+            temperature=0.0, concurrency=1, threshold_relevant=0.5, threshold_better=0.9, max_error_rate=0.05,
+            scope="flagged_negatives"),
     },
     "paper": {
         "tier1_judge": JudgeTierResource(

@@ -49,6 +49,13 @@ def forwarded_sql(forward_errors: bool) -> str:
                WHERE dataset = $1 AND tier = 1 AND verdict IN {verdicts}"""
 
 
+def flagged_negatives_sql(forward_errors: bool) -> str:
+    """(instance_id, neg_index) of dataset $1 that tier 1 flagged (or failed on, with forward_errors)."""
+    verdicts = "('better', 'worse', 'error')" if forward_errors else "('better', 'worse')"
+    return f"""SELECT instance_id, neg_index FROM judgments
+               WHERE dataset = $1 AND tier = 1 AND verdict IN {verdicts}"""
+
+
 def verdicts_sql(stage: int) -> str:
     """Per (instance_id, docid, neg_index) the stage's verdict for dataset $1."""
     if stage == 1:

@@ -9,7 +9,7 @@ from rlhn_assets.lib.judging import prompts
 from rlhn_assets.lib.judging.judges import listwise_calls
 from rlhn_assets.lib.judging.store import count_instances, iter_batches, write_judgments
 from rlhn_assets.lib.markdown import md_table
-from rlhn_assets.lib.relabel import ensure_tables, forwarded_sql
+from rlhn_assets.lib.relabel import ensure_tables, flagged_negatives_sql, forwarded_sql
 from rlhn_assets.partitions import dataset_pd
 from rlhn_assets.resources import DatasetRegistryResource, JudgeTierResource, RLHNDuckDB
 
@@ -35,6 +35,19 @@ def _skip_reason(registry: DatasetRegistryResource, duckdb: RLHNDuckDB, dataset:
     return None
 
 
+def _only_flagged(batch, flagged: set[tuple[str, int]]):
+    """Keep each instance's tier-1-flagged negatives; map judged positions back to the original ones."""
+    import dataclasses
+
+    out, positions = [], {}
+    for inst in batch:
+        keep = [k for k in range(1, len(inst.negatives) + 1) if (inst.instance_id, k) in flagged]
+        if keep:
+            out.append(dataclasses.replace(inst, negatives=tuple(inst.negatives[k - 1] for k in keep)))
+            positions[inst.instance_id] = keep
+    return out, positions
+
+
 def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, registry: DatasetRegistryResource,
               config: JudgeRunConfig, only_sql: str | None) -> dg.MaterializeResult:
     dataset = context.partition_key
@@ -56,8 +69,21 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
     t0 = time.perf_counter()
     done = 0
     with judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info) as judge:
+        flagged_only = tier == 2 and judge_res.scope == "flagged_negatives"
+        if judge_res.scope not in ("instance", "flagged_negatives"):
+            raise dg.Failure(f"tier {tier} scope must be 'instance' or 'flagged_negatives', not {judge_res.scope!r}")
         for batch in iter_batches(duckdb.get_connection, dataset, config.batch_size, only_sql):
-            rows = judge.judge(batch, progress=context.log.info)
+            if flagged_only:
+                import dataclasses
+
+                with duckdb.get_connection() as conn:
+                    flagged = {(i, k) for i, k in conn.execute(flagged_negatives_sql(config.forward_errors),
+                                                               [dataset]).fetchall()}
+                judged, positions = _only_flagged(batch, flagged)
+                rows = [dataclasses.replace(j, neg_index=positions[j.instance_id][j.neg_index - 1])
+                        for j in judge.judge(judged, progress=context.log.info)]
+            else:
+                rows = judge.judge(batch, progress=context.log.info)
             with duckdb.get_connection() as conn:
                 write_judgments(conn, dataset, tier, judge, rows)
             done += len(batch)
@@ -135,7 +161,8 @@ def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, d
     retry_policy=JUDGE_RETRY,
     description=(
         "Tier 2 of the cascade: re-judges only the instances in which tier 1 listed any negative as better or "
-        "worse (and, by default, those with a tier-1 error); its verdict is final (`local` preset: Qwen2.5-Coder "
+        "worse (and, by default, those with a tier-1 error) - all their negatives, or with `scope: flagged_negatives` "
+        "only the flagged ones; its verdict is final (`local` preset: Qwen2.5-Coder "
         "on a llama.cpp server the step starts itself; `paper` preset: gpt-4o listwise). Table `judgments` (tier = 2)."
     ),
 )

@@ -1,22 +1,24 @@
 import dagster as dg
 
 from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
-from rlhn_assets.lib.relabel import forwarded_sql
+from rlhn_assets.lib.relabel import flagged_negatives_sql, forwarded_sql
 from rlhn_assets.partitions import dataset_pd
 from rlhn_assets.resources import JudgeTierResource, RLHNDuckDB
 
 
-def _coverage(conn, dataset: str, tier: int, only: str | None) -> tuple[int, int, int]:
-    """(expected negatives, judged negatives with exactly one verdict, problems)."""
+def _coverage(conn, dataset: str, tier: int, only: str | None, flagged: str | None = None) -> tuple[int, int, int]:
+    """(expected negatives, judged negatives with exactly one verdict, problems). ``flagged`` restricts the
+    expected negatives to a subquery of (instance_id, neg_index) (tier 2 with scope flagged_negatives)."""
     where = f" AND instance_id IN ({only})" if only else ""
-    expected = conn.execute(
-        f"SELECT coalesce(sum(len(negative_ids)), 0) FROM pruned_instances WHERE dataset = $1{where}",
-        [dataset]).fetchall()[0][0]
+    restrict = f" WHERE (instance_id, neg_index) IN ({flagged})" if flagged else ""
+    exp_sql = f"""SELECT * FROM (SELECT instance_id, unnest(negative_ids) AS docid,
+                                        generate_subscripts(negative_ids, 1) AS neg_index
+                                 FROM pruned_instances WHERE dataset = $1{where}){restrict}"""
+    expected = conn.execute(f"SELECT count(*) FROM ({exp_sql})", [dataset]).fetchall()[0][0]
     # Each (instance, position) of the expected negatives must have exactly one verdict for this tier, with
     # the right docid; and no verdict may exist outside them.
     missing_or_dup = conn.execute(
-        f"""WITH exp AS (SELECT instance_id, unnest(negative_ids) AS docid, generate_subscripts(negative_ids, 1) AS neg_index
-                         FROM pruned_instances WHERE dataset = $1{where}),
+        f"""WITH exp AS ({exp_sql}),
                  got AS (SELECT instance_id, docid, neg_index, count(*) AS n FROM judgments
                          WHERE dataset = $1 AND tier = {tier} GROUP BY ALL)
             SELECT count(*) FROM exp FULL OUTER JOIN got USING (instance_id, docid, neg_index)
@@ -43,7 +45,8 @@ def tier1_every_negative_judged_once(context: dg.AssetCheckExecutionContext, duc
 
 @dg.asset_check(asset=tier2_judgments, partitions_def=dataset_pd, blocking=True,
                 description="Tier 2 covers exactly the instances tier 1 forwarded, every negative of them once.")
-def tier2_covers_exactly_the_forwarded(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
+def tier2_covers_exactly_the_forwarded(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB,
+                                       tier2_judge: JudgeTierResource) -> dg.AssetCheckResult:
     ds = context.partition_key
     with duckdb.get_connection() as conn:
         fwd_with_errors = conn.execute(f"SELECT count(*) FROM ({forwarded_sql(True)})", [ds]).fetchall()[0][0]
@@ -51,8 +54,10 @@ def tier2_covers_exactly_the_forwarded(context: dg.AssetCheckExecutionContext, d
                                     [ds]).fetchall()[0][0]
         fwd_strict = conn.execute(f"SELECT count(*) FROM ({forwarded_sql(False)})", [ds]).fetchall()[0][0]
         # tier 2 ran with forward_errors on or off: accept whichever forwarded set it matches exactly
-        rule = forwarded_sql(True) if t2_instances == fwd_with_errors else forwarded_sql(False)
-        expected, ok, problems = _coverage(conn, ds, 2, rule)
+        errors_forwarded = t2_instances == fwd_with_errors
+        rule = forwarded_sql(errors_forwarded)
+        flagged = flagged_negatives_sql(errors_forwarded) if tier2_judge.scope == "flagged_negatives" else None
+        expected, ok, problems = _coverage(conn, ds, 2, rule, flagged)
         outside = conn.execute(f"SELECT count(DISTINCT instance_id) FROM judgments WHERE dataset = $1 AND tier = 2 "
                                f"AND instance_id NOT IN ({rule})", [ds]).fetchall()[0][0]
     passed = problems == 0 and outside == 0 and t2_instances in (fwd_with_errors, fwd_strict)
