@@ -5,12 +5,14 @@ Input rows come in two formats (JSONL, JSONL.gz or Parquet):
 - FlagEmbedding / BGE: ``query, pos[str], neg[str]`` (+ optional ``pos_scores, neg_scores, prompt``);
   passages carry no ids, so they get content-hash ids (md5 of the text, as rlhn's docids are md5s).
 
-How it streams: Python reads each file in fixed-size byte chunks and splits them into lines with Arrow
-(no Python object per line; a line that is not valid UTF-8 is quarantined right there). Each bounded
-batch of raw lines goes to DuckDB, where one SQL statement parses, validates and normalizes it into a
-single row table (``_rows``). The cross-row checks (query_id and docid conflicts) and the final tables
-then run as DuckDB SQL over that table, which spills to disk under its memory limit: a dataset is never
-held whole in Python, and no intermediate copy of the whole dataset is built.
+How it streams: Python reads each file in fixed-size byte chunks and splits them into lines as Arrow
+arrays (no Python object per line; a line that is not valid UTF-8 is quarantined right there), which
+DuckDB pulls as one stream per file. All JSON parsing, validation, deduplication and normalization run
+as DuckDB SQL, in two passes over each file so that no copy of the passage texts is ever stored:
+pass 1 parses and checks every row and keeps only narrow per-row data (passage ids, md5s, reasons);
+the cross-row conflicts are found on that; pass 2 reads the file again and aggregates the passages of
+the accepted rows (checking that the file did not change in between). A dataset is never held whole in
+Python, and DuckDB spills to disk under its memory limit.
 
 Bad input never disappears: every rejected row lands in ``raw_quarantine`` with dataset, file, line
 number, reason, detail and the raw line.
@@ -136,134 +138,213 @@ def iter_jsonl_batches(path: Path, *, batch_lines: int = BATCH_LINES,
         yield nums, texts
 
 
-def _split_block_slow(body: bytes, first: int, on_bad_utf8: Callable[[int, bytes], None]):
-    """Per-line path of a block that is not valid UTF-8 as a whole (as in iter_jsonl_batches)."""
-    nums: list[int] = []
-    texts: list[str] = []
-    raws = body.split(b"\n")
-    for i, raw in enumerate(raws):
-        n = first + i + 1
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            on_bad_utf8(n, raw)
-            continue
-        if text.endswith("\r"):
-            text = text[:-1]
-        if not text.strip():
-            continue
-        nums.append(n)
-        texts.append(text)
-    return pa.array(nums, pa.int64()), pa.array(texts, pa.large_string()), len(raws)
+# ---------------------------------------------------------------------------------------------
+# Fast line reader: the same lines, numbers and rejections as iter_jsonl_batches, as Arrow arrays.
+#
+# Each chunk is copied once (newlines removed) and the lines become an Arrow string array over that
+# copy; Python only looks at the rare line that is blank, has a "\r" or does not start with "{".
 
 
-def _split_block(body: bytes, first: int, on_bad_utf8: Callable[[int, bytes], None]):
-    """Split a block of complete lines (without its final newline) numbered from ``first + 1``.
-
-    Returns (line numbers, lines, number of lines in the block): a trailing ``\\r`` is removed, blank
-    lines are skipped but counted, exactly as in iter_jsonl_batches."""
+def _single_line(raw: bytes, line_no: int, on_bad_utf8: Callable[[int, bytes], None], *, last: bool = False):
+    """One line through the per-line rules of iter_jsonl_batches; returns the text to keep or None."""
     try:
-        body.decode("utf-8")  # validation only; every line is valid iff the block is
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return _split_block_slow(body, first, on_bad_utf8)
-    whole = pa.LargeStringArray.from_buffers(
-        1, pa.py_buffer(np.array([0, len(body)], dtype=np.int64)), pa.py_buffer(body))
-    lines = pc.split_pattern(whole, "\n").flatten()
-    n = len(lines)
-    nums = pa.array(np.arange(first + 1, first + n + 1, dtype=np.int64))
-    cr = pc.ends_with(lines, "\r")
-    if pc.any(cr).as_py():
-        lines = pc.if_else(cr, pc.utf8_slice_codeunits(lines, 0, -1), lines)
-    # A line that starts with "{" is not blank; any other line is checked like str.strip() would.
-    maybe_blank = pc.indices_nonzero(pc.invert(pc.starts_with(lines, "{"))).to_pylist()
-    if maybe_blank:
+        on_bad_utf8(line_no, raw)
+        return None
+    if last:
+        text = text.rstrip("\r")
+    elif text.endswith("\r"):
+        text = text[:-1]
+    return text if text.strip() else None
+
+
+def _piece(nums: list[int], texts: list[str]) -> tuple[pa.Array, pa.Array]:
+    return pa.array(nums, pa.int64()), pa.array(texts, pa.large_string())
+
+
+def _chunk_lines(chunk: bytes, start: int, end: int, first_no: int,
+                 on_bad_utf8: Callable[[int, bytes], None]) -> tuple[pa.Array, pa.Array, int]:
+    """The complete lines chunk[start:end] ("\\n"-separated, end at a newline) numbered from first_no + 1.
+
+    Returns (line numbers, lines, number of lines); blank lines are skipped but counted."""
+    valid = chunk.isascii()
+    if not valid:
+        try:
+            chunk[start:end].decode("utf-8")
+            valid = True
+        except UnicodeDecodeError:
+            pass
+    if not valid:  # per-line path: reject the lines that are not UTF-8
+        nums: list[int] = []
+        texts: list[str] = []
+        raws = chunk[start:end].split(b"\n")
+        for i, raw in enumerate(raws):
+            text = _single_line(raw, first_no + i + 1, on_bad_utf8)
+            if text is not None:
+                nums.append(first_no + i + 1)
+                texts.append(text)
+        return *_piece(nums, texts), len(raws)
+
+    # Newline positions, and the lines Python must look at (not starting with "{" or ending in "\r").
+    ends: list[int] = []
+    odd: list[int] = []
+    find = chunk.find
+    s = start
+    while s <= end:
+        p = find(b"\n", s, end + 1)
+        if p < 0:
+            p = end + 1  # not reached: end is at a newline
+        if chunk[s] != 0x7B or chunk[p - 1] == 0x0D or p == s:
+            odd.append(len(ends))
+        ends.append(p)
+        s = p + 1
+    n = len(ends)
+    # The chunk without its newlines; a position x moves left by the newlines before it.
+    before = chunk.count(b"\n", 0, start)
+    data = chunk.replace(b"\n", b"")
+    offsets = np.empty(n + 1, dtype=np.int64)
+    offsets[0] = start - before
+    offsets[1:] = np.asarray(ends, dtype=np.int64) - before - np.arange(n, dtype=np.int64)
+    lines = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+    nums = pa.array(np.arange(first_no + 1, first_no + n + 1, dtype=np.int64))
+    if odd:
         keep = np.ones(n, dtype=bool)
-        for i in maybe_blank:
-            if not lines[i].as_py().strip():
+        cr = np.zeros(n, dtype=bool)
+        for i in odd:
+            raw = chunk[(ends[i - 1] + 1 if i else start):ends[i]]
+            if raw.endswith(b"\r"):
+                cr[i] = True
+                raw = raw[:-1]
+            if not raw.decode("utf-8").strip():
                 keep[i] = False
+        if cr.any():
+            lines = pc.if_else(pa.array(cr), pc.utf8_slice_codeunits(lines, 0, -1), lines)
         if not keep.all():
             mask = pa.array(keep)
             lines, nums = lines.filter(mask), nums.filter(mask)
     return nums, lines, n
 
 
-def iter_jsonl_arrow(path: Path, *, batch_bytes: int = BATCH_BYTES,
-                     on_bad_utf8: Callable[[int, bytes], None]) -> Iterator[tuple[pa.ChunkedArray, pa.ChunkedArray]]:
+class _LineCount:
+    lines = 0  # lines in the file (blank and rejected ones included), once read to the end
+
+
+def iter_jsonl_arrow(path: Path, *, on_bad_utf8: Callable[[int, bytes], None],
+                     count: _LineCount | None = None) -> Iterator[tuple[pa.Array, pa.Array]]:
     """The lines of iter_jsonl_batches (same numbers, same skipped and rejected lines) as Arrow arrays
-    (line numbers, lines), in batches of about ``batch_bytes`` with no Python object per line."""
+    (line numbers, lines), one piece per chunk read, with no Python object per line."""
     line_no = 0
     carry = b""
-    parts: list[tuple[pa.Array, pa.Array]] = []
-    size = 0
     try:
         with _open_binary(path) as f:
             while True:
                 chunk = f.read(CHUNK_BYTES)
                 if not chunk:
                     break
-                buf = carry + chunk if carry else chunk
-                cut = buf.rfind(b"\n")
-                if cut < 0:
-                    carry = buf
+                start = 0
+                if carry:  # the line that started in an earlier chunk
+                    p = chunk.find(b"\n")
+                    if p < 0:
+                        carry += chunk
+                        continue
+                    line_no += 1
+                    text = _single_line(carry + chunk[:p], line_no, on_bad_utf8)
+                    if text is not None:
+                        yield _piece([line_no], [text])
+                    carry = b""
+                    start = p + 1
+                q = chunk.rfind(b"\n")
+                if q < start:
+                    carry = chunk[start:]
                     continue
-                carry = buf[cut + 1:]
-                nums, lines, n = _split_block(buf[:cut], line_no, on_bad_utf8)
+                carry = chunk[q + 1:]
+                nums, lines, n = _chunk_lines(chunk, start, q, line_no, on_bad_utf8)
                 line_no += n
                 if len(nums):
-                    parts.append((nums, lines))
-                    size += cut
-                if size >= batch_bytes:
-                    yield pa.chunked_array([p[0] for p in parts]), pa.chunked_array([p[1] for p in parts])
-                    parts, size = [], 0
+                    yield nums, lines
             if carry:
                 line_no += 1
-                try:
-                    text = carry.decode("utf-8").rstrip("\r")
-                    if text.strip():
-                        parts.append((pa.array([line_no], pa.int64()), pa.array([text], pa.large_string())))
-                except UnicodeDecodeError:
-                    on_bad_utf8(line_no, carry)
+                text = _single_line(carry, line_no, on_bad_utf8, last=True)
+                if text is not None:
+                    yield _piece([line_no], [text])
     except FileNotFoundError as e:
         raise IngestError(f"{path}: file not found") from e
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise IngestError(f"{path}: not a readable gzip file ({e})") from e
     except OSError as e:
         raise IngestError(f"{path}: cannot be read ({e})") from e
-    if parts:
-        yield pa.chunked_array([p[0] for p in parts]), pa.chunked_array([p[1] for p in parts])
+    if count is not None:
+        count.lines = line_no
+
+
+_SRC_SCHEMA = pa.schema([("ord", pa.int64()), ("line_no", pa.int64()), ("line", pa.large_string())])
+
+
+class _Stream:
+    """A file's lines as one Arrow stream for one DuckDB statement. DuckDB pulls the batches from its own
+    threads, so an exception in the reader (e.g. IngestError) is kept and re-raised by ``execute``."""
+
+    def __init__(self, pieces: Iterator[tuple[pa.Array, pa.Array]], file_key: int, dup: int, dups: int):
+        self.error: BaseException | None = None
+        self._pieces, self._key, self._dup, self._dups = pieces, file_key, dup, dups
+
+    def _batches(self) -> Iterator[pa.RecordBatch]:
+        try:
+            for nums, lines in self._pieces:
+                ords = pc.add(pc.multiply(pc.add(nums, self._key), self._dups), self._dup)
+                yield pa.RecordBatch.from_arrays([ords, nums, lines], schema=_SRC_SCHEMA)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def execute(self, conn: duckdb.DuckDBPyConnection, sql: str, params: dict) -> None:
+        conn.register("_src", pa.RecordBatchReader.from_batches(_SRC_SCHEMA, self._batches()))
+        try:
+            conn.execute(sql, params)
+        except duckdb.Error:
+            if self.error is not None:
+                raise self.error from None
+            raise
+        finally:
+            conn.unregister("_src")
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-row parsing, validation and normalization: one SQL statement per batch of raw lines.
+# Pass 1: parse, validate and normalize every row, all in SQL. Only what later steps need is kept per
+# row: the passage ids and the md5 of each passage's (title, text) for the conflict checks, the raw line
+# of a rejected row, a hash of an accepted row's line. Passage texts are not stored (see pass 2).
 #
 # ``ord`` orders rows by (source_file, line_no), as "first occurrence" is defined; it is computed from
 # the file's rank among the labels and the line number (see _file_keys), so no sort is needed.
 
-_STRUCT = "STRUCT(docid VARCHAR, title VARCHAR, text VARCHAR)"
+_DROPPED = "STRUCT(reason VARCHAR, detail VARCHAR, raw VARCHAR)"
 
 
 def _rows_table(conn: duckdb.DuckDBPyConnection) -> None:
-    for t in ("_rows", "_q_lines"):
+    for t in _TEMP_TABLES:
         conn.execute(f"DROP TABLE IF EXISTS {t}")
-    # One row per staged line. Rejected rows keep only what the quarantine needs; accepted-so-far rows
-    # (reason IS NULL) also carry the normalized passages and their id lists.
     conn.execute(f"""CREATE TEMP TABLE _rows (
-        ord BIGINT, source_file VARCHAR, line_no BIGINT, fmt VARCHAR, line VARCHAR,
-        reason VARCHAR, detail VARCHAR, query_id VARCHAR, query VARCHAR, prompt VARCHAR,
-        pos {_STRUCT}[], neg {_STRUCT}[], content_hash VARCHAR,
-        pos_ids VARCHAR[], neg_ids VARCHAR[], neg_kept_ids VARCHAR[])""")
+        ord BIGINT, file_idx INTEGER, source_file VARCHAR, line_no BIGINT, fmt VARCHAR, reason VARCHAR, detail VARCHAR,
+        line VARCHAR, line_hash UBIGINT, query_id VARCHAR, query VARCHAR, prompt VARCHAR,
+        content_hash VARCHAR, pos_ids VARCHAR[], neg_ids VARCHAR[], neg_drop BIGINT[],
+        dropped {_DROPPED}[], ref_hashes UHUGEINT[])""")
     conn.execute(
         "CREATE TEMP TABLE _q_lines (source_file VARCHAR, line_no BIGINT, reason VARCHAR, detail VARCHAR, raw_line VARCHAR)"
     )
 
 
-# {src} yields (ord, source_file, line_no, fmt, line). Each JSON document is parsed once by json_valid,
-# json_type and json_transform; json_exists/json_type on a path only run where they can matter.
-# First matching reason wins; NULL = the row is fine so far.
+# The normalized positives/negatives of a row (format already known).
+_POS = """CASE {fmt} WHEN 'tevatron' THEN j.positive_passages
+           WHEN 'bge' THEN list_transform(j.pos, lambda t: {{'docid': md5(t), 'title': '', 'text': t}}) END"""
+_NEG = """CASE {fmt} WHEN 'tevatron' THEN coalesce(j.negative_passages, [])
+           WHEN 'bge' THEN coalesce(list_transform(j.neg, lambda t: {{'docid': md5(t), 'title': '', 'text': t}}), []) END"""
+
+# {src} yields (ord, source_file, line_no, fmt, line). First matching reason wins; NULL = the row is fine.
 _ROWS_SQL = f"""
 INSERT INTO _rows
 WITH v AS (
-  SELECT ord, source_file, line_no, fmt AS declared_fmt, line,
+  SELECT ord, file_idx, source_file, line_no, fmt AS declared_fmt, line,
          json_valid(line) AS ok_json
   FROM {{src}}
 ), t AS (
@@ -281,17 +362,15 @@ WITH v AS (
     END AS fmt
   FROM t
 ), parsed AS (
-  SELECT ord, source_file, line_no, line, ok_json, jtype, fmt,
+  SELECT ord, file_idx, source_file, line_no, line, ok_json, jtype, fmt,
     CASE fmt WHEN 'tevatron' THEN nullif(trim(j.query_id), '')
              WHEN 'bge' THEN md5(j.query) END AS query_id,
     j.query AS query,
     j.prompt AS prompt,
-    CASE fmt WHEN 'tevatron' THEN j.positive_passages
-             WHEN 'bge' THEN list_transform(j.pos, lambda t: {{'docid': md5(t), 'title': '', 'text': t}}) END AS pos,
-    CASE fmt WHEN 'tevatron' THEN coalesce(j.negative_passages, [])
-             WHEN 'bge' THEN coalesce(list_transform(j.neg, lambda t: {{'docid': md5(t), 'title': '', 'text': t}}), []) END AS neg,
-    -- "present, not null, but not a list of the expected type"; the path lookups only run when the
-    -- transformed field is NULL (same truth value as checking all three conditions everywhere)
+    {_POS.format(fmt="fmt")} AS pos,
+    {_NEG.format(fmt="fmt")} AS neg,
+    -- "present, not null, but not a list of the expected type"; the path lookups only run where the
+    -- transformed field is NULL (the same truth value as evaluating all three conditions)
     CASE fmt WHEN 'tevatron' THEN CASE WHEN j.negative_passages IS NOT NULL THEN false
                                        ELSE json_exists(line, '$.negative_passages')
                                             AND json_type(line, '$.negative_passages') <> 'NULL' END
@@ -334,35 +413,71 @@ WITH v AS (
     CASE WHEN reason IS NULL THEN list_transform(neg, lambda x: x.docid) END AS neg_ids
   FROM checked
 ), hashes AS (
-  -- md5 of each passage text; a BGE passage's docid already is md5(text)
+  -- md5 of each passage text (a BGE passage's docid already is md5(text))
   SELECT *,
     CASE WHEN reason IS NULL THEN CASE WHEN fmt = 'bge' THEN pos_ids
                                        ELSE list_transform(pos, lambda x: md5(x.text)) END END AS pos_text_hashes,
     CASE WHEN reason IS NULL THEN CASE WHEN fmt = 'bge' THEN neg_ids
                                        ELSE list_transform(neg, lambda x: md5(x.text)) END END AS neg_text_hashes
   FROM ids
+), dropped AS (
+  -- A negative equal to a positive (same docid or same text) or repeated within the row is dropped
+  -- from the negatives and recorded in the quarantine; order is otherwise kept. NULL: none dropped.
+  SELECT *,
+    CASE WHEN reason IS NULL THEN nullif(list_filter(range(1, len(neg_ids) + 1), lambda i:
+        list_contains(pos_ids, neg_ids[i]) OR list_contains(pos_text_hashes, neg_text_hashes[i])
+        OR list_position(neg_ids, neg_ids[i]) <> i), []) END AS neg_drop
+  FROM hashes
 )
-SELECT ord, source_file, line_no, fmt, line, reason, detail,
+SELECT ord, file_idx, source_file, line_no, fmt, reason, detail,
+  CASE WHEN reason IS NOT NULL THEN line END,
+  CASE WHEN reason IS NULL THEN hash(line) END,
   CASE WHEN reason IS NULL THEN query_id END,
   CASE WHEN reason IS NULL THEN query END,
   CASE WHEN reason IS NULL THEN prompt END,
-  CASE WHEN reason IS NULL THEN pos END,
-  CASE WHEN reason IS NULL THEN neg END,
   CASE WHEN reason IS NULL THEN md5(query || chr(1) || array_to_string(pos_ids, chr(2))
                                    || chr(1) || array_to_string(neg_ids, chr(2))) END,
   pos_ids,
   neg_ids,
-  -- A negative equal to a positive (same docid or same text) or repeated within the row is dropped
-  -- from the negatives (and recorded in the quarantine); order is otherwise kept.
-  CASE WHEN reason IS NULL THEN list_filter(neg_ids, lambda d, i:
-      NOT list_contains(pos_ids, d)
-      AND NOT list_contains(pos_text_hashes, neg_text_hashes[i])
-      AND list_position(neg_ids, d) = i) END
-FROM hashes
+  neg_drop,
+  CASE WHEN neg_drop IS NOT NULL THEN list_transform(neg_drop, lambda i: {{
+      'reason': CASE WHEN list_contains(pos_ids, neg_ids[i]) OR list_contains(pos_text_hashes, neg_text_hashes[i])
+                     THEN 'negative_equals_positive' ELSE 'duplicate_negative' END,
+      'detail': 'negative #' || i || ' docid ' || neg_ids[i] || ' dropped',
+      'raw': to_json(neg[i])::VARCHAR}}) END,
+  CASE WHEN reason IS NULL
+       THEN list_transform(pos || neg, lambda x: md5_number(coalesce(x.title, '') || chr(1) || x.text)) END
+FROM dropped
 """
 
-_BATCH_SRC = "(SELECT ord, $label::VARCHAR AS source_file, line_no, $fmt::VARCHAR AS fmt, line FROM _batch)"
-_PARQUET_SRC = """(SELECT ($file_key + r.file_row_number + 1) * $dups + $dup AS ord, $label::VARCHAR AS source_file,
+# Pass 2: the passages of the accepted rows, per docid its first title and text, as partial aggregates
+# per file (combined in _PASSAGES_SQL). Only accepted rows are parsed again; a row whose line differs
+# from the first read fails the ingest.
+_PASS2_SQL = f"""
+INSERT INTO _pass_part
+SELECT docid, min(ord), arg_min(text, ord), min(ord) FILTER (WHERE title IS NOT NULL), arg_min(title, ord)
+FROM (
+  SELECT ord, unnest(pos || neg_kept, recursive := true) FROM (
+    SELECT ord, pos,
+      CASE WHEN neg_drop IS NULL THEN neg
+           ELSE list_filter(neg, lambda x, i: NOT list_contains(neg_drop, i)) END AS neg_kept
+    FROM (
+      SELECT ord, neg_drop, {_POS.format(fmt="fmt")} AS pos, {_NEG.format(fmt="fmt")} AS neg
+      FROM (
+        SELECT s.ord, a.fmt, a.neg_drop, json_transform(s.line, '{_ROW_SCHEMA}') AS j
+        FROM {{src}} s JOIN _accepted a USING (ord)
+        WHERE CASE WHEN hash(s.line) <> a.line_hash
+                   THEN error('line ' || s.line_no || ' changed while being ingested') ELSE true END
+      )
+    )
+  )
+) GROUP BY docid
+"""
+
+_BATCH_SRC = """(SELECT ord, $file_idx::INTEGER AS file_idx, $label::VARCHAR AS source_file, line_no,
+                        $fmt::VARCHAR AS fmt, line FROM _src)"""
+_PARQUET_SRC = """(SELECT ($file_key + r.file_row_number + 1) * $dups + $dup AS ord, $file_idx::INTEGER AS file_idx,
+                          $label::VARCHAR AS source_file,
                           r.file_row_number + 1 AS line_no, $fmt::VARCHAR AS fmt, to_json(r)::VARCHAR AS line
                    FROM read_parquet($path, file_row_number = true) r)"""
 _LINE_BITS = 40  # line numbers below 2**40 per file
@@ -384,45 +499,115 @@ def _file_keys(conn: duckdb.DuckDBPyConnection, labels: list[str]) -> tuple[list
     return keys, max(seen.values(), default=1)
 
 
-def stage_file(conn: duckdb.DuckDBPyConnection, path: Path, label: str, fmt: str, *, max_chars: int,
-               file_key: int = 0, dup: int = 0, dups: int = 1,
+@dataclass
+class _File:
+    idx: int
+    path: Path
+    label: str
+    fmt: str
+    file_key: int
+    dup: int
+    dups: int
+    parquet: bool = False
+    lines: int = 0  # lines read in pass 1 (JSONL), to check the second read
+
+    def params(self, **extra) -> dict:
+        p = {"file_idx": self.idx, "label": self.label, "fmt": self.fmt, **extra}
+        if self.parquet:
+            p.update(path=str(self.path), file_key=self.file_key, dup=self.dup, dups=self.dups)
+        return p
+
+    def stream(self, on_bad_utf8, count: _LineCount | None = None, progress=None) -> _Stream:
+        pieces = iter_jsonl_arrow(self.path, on_bad_utf8=on_bad_utf8, count=count)
+        if progress:
+            pieces = _with_progress(pieces, self.label, progress)
+        return _Stream(pieces, self.file_key, self.dup, self.dups)
+
+
+def _with_progress(pieces, label: str, progress: Callable[[str], None]):
+    size = 0
+    for nums, lines in pieces:
+        yield nums, lines
+        size += lines.nbytes
+        if size >= BATCH_BYTES:
+            progress(f"{label}: staged {nums[-1].as_py():,} lines")
+            size = 0
+
+
+def stage_file(conn: duckdb.DuckDBPyConnection, f: _File, *, max_chars: int,
                progress: Callable[[str], None] | None = None) -> int:
-    """Parse and check one file's rows into ``_rows``; returns the number of lines read (incl. rejected)."""
-    if not path.exists():
-        raise IngestError(f"{path}: file not found")
+    """Pass 1 over one file into ``_rows``; returns the number of lines read (incl. rejected)."""
+    if not f.path.exists():
+        raise IngestError(f"{f.path}: file not found")
     rows_sql = _ROWS_SQL.replace("$max_chars", str(int(max_chars)))
-    name = path.name.lower()
+    name = f.path.name.lower()
     if name.endswith(".parquet"):
+        f.parquet = True
         try:
-            conn.execute(rows_sql.replace("{src}", _PARQUET_SRC),
-                         {"label": label, "fmt": fmt, "path": str(path), "file_key": file_key,
-                          "dup": dup, "dups": dups})
+            conn.execute(rows_sql.replace("{src}", _PARQUET_SRC), f.params())
         except duckdb.Error as e:
-            raise IngestError(f"{path}: not a readable Parquet file ({e})") from e
-        return conn.execute("SELECT count(*) FROM _rows WHERE source_file = ?", [label]).fetchall()[0][0]
+            raise IngestError(f"{f.path}: not a readable Parquet file ({e})") from e
+        return conn.execute("SELECT count(*) FROM _rows WHERE source_file = ?", [f.label]).fetchall()[0][0]
     if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz") or name.endswith(".json")
             or name.endswith(".json.gz")):
-        raise IngestError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+        raise IngestError(f"{f.path}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
 
     bad: list[tuple[int, bytes]] = []
-    batch_sql = rows_sql.replace("{src}", _BATCH_SRC)
-    for nums, lines in iter_jsonl_arrow(path, on_bad_utf8=lambda n, raw: bad.append((n, raw))):
-        ords = pc.add(pc.multiply(pc.add(nums, file_key), dups), dup)
-        conn.register("_batch", pa.table({"ord": ords, "line_no": nums, "line": lines}))
-        try:
-            conn.execute(batch_sql, {"label": label, "fmt": fmt})
-        finally:
-            conn.unregister("_batch")
-        if progress:
-            progress(f"{label}: staged {nums[-1].as_py():,} lines")
+    count = _LineCount()
+    f.stream(lambda n, raw: bad.append((n, raw)), count, progress).execute(
+        conn, rows_sql.replace("{src}", _BATCH_SRC), f.params())
+    f.lines = count.lines
     for n, raw in bad:
         conn.execute(
             "INSERT INTO _q_lines VALUES (?, ?, 'invalid_utf8', ?, ?)",
-            [label, n, "line is not valid UTF-8", raw.decode("utf-8", errors="backslashreplace")],
+            [f.label, n, "line is not valid UTF-8", raw.decode("utf-8", errors="backslashreplace")],
         )
     n_bad = len(bad)
-    n_good = conn.execute("SELECT count(*) FROM _rows WHERE source_file = ?", [label]).fetchall()[0][0]
+    n_good = conn.execute("SELECT count(*) FROM _rows WHERE source_file = ?", [f.label]).fetchall()[0][0]
     return n_good + n_bad
+
+
+def collect_passages(conn: duckdb.DuckDBPyConnection, f: _File) -> None:
+    """Pass 2 over one file: the passages of its accepted rows into ``_pass_part``, and the raw lines of
+    its rows rejected by a conflict into ``_conflict_lines``."""
+    ords = [o for (o,) in conn.execute(
+        "SELECT ord FROM _rejected JOIN _rows USING (ord) WHERE file_idx = ?", [f.idx]).fetchall()]
+    n_accepted = conn.execute("SELECT count(*) FROM _accepted WHERE file_idx = ?", [f.idx]).fetchall()[0][0]
+    if not ords and not n_accepted:
+        return
+    if f.parquet:
+        src = _PARQUET_SRC
+        if ords:
+            conn.execute(f"INSERT INTO _conflict_lines SELECT s.ord, s.line FROM {src} s JOIN _rejected USING (ord)",
+                         f.params())
+        if n_accepted:
+            conn.execute(_PASS2_SQL.replace("{src}", src), f.params())
+        return
+    wanted = pa.array(sorted(ords), pa.int64())
+    found: list[tuple[pa.Array, pa.Array]] = []
+
+    def pieces():
+        for nums, lines in iter_jsonl_arrow(f.path, on_bad_utf8=lambda n, raw: None, count=count):
+            if len(wanted):
+                ords_ = pc.add(pc.multiply(pc.add(nums, f.file_key), f.dups), f.dup)
+                hit = pc.is_in(ords_, value_set=wanted)
+                if pc.any(hit).as_py():
+                    found.append((ords_.filter(hit), lines.filter(hit)))
+            yield nums, lines
+
+    count = _LineCount()
+    try:
+        _Stream(pieces(), f.file_key, f.dup, f.dups).execute(conn, _PASS2_SQL.replace("{src}", _BATCH_SRC), f.params())
+    except duckdb.Error as e:
+        if "changed while being ingested" in str(e):
+            raise IngestError(f"{f.path}: {str(e).splitlines()[0].split(': ', 1)[-1]}") from e
+        raise
+    if count.lines != f.lines:
+        raise IngestError(f"{f.path}: changed while being ingested ({f.lines} lines, then {count.lines})")
+    for o, lines in found:
+        conn.register("_found", pa.table({"ord": o, "line": lines}))
+        conn.execute("INSERT INTO _conflict_lines SELECT ord, line FROM _found")
+        conn.unregister("_found")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,27 +627,26 @@ JOIN (SELECT query_id, arg_min(content_hash, ord) AS first_hash, arg_min(source_
 WHERE g.content_hash <> f.first_hash
 """
 
-# A docid can only have a text conflict if its occurrences differ in title or text: find those docids
-# first (usually none), then apply the md5 comparison with the first occurrence to their references only.
-_DOC_CANDIDATES_SQL = """
+# (ord, docid, md5 of coalesce(title, '') || chr(1) || text) of every passage of the good rows.
+_REFS = "(SELECT ord, unnest(pos_ids || neg_ids) AS docid, unnest(ref_hashes) AS h FROM _rows WHERE reason IS NULL)"
+
+# A docid can only have a text conflict if its passages do not all have the same hash: find those
+# docids first (usually none), then compare with the first occurrence for their passages only.
+_DOC_CANDIDATES_SQL = f"""
 CREATE OR REPLACE TEMP TABLE _doc_candidates AS
-SELECT docid FROM (SELECT unnest(pos || neg, recursive := true) FROM _rows WHERE reason IS NULL)
-GROUP BY docid
-HAVING min(coalesce(title, '')) <> max(coalesce(title, '')) OR min(text) <> max(text)
+SELECT docid FROM {_REFS} GROUP BY docid HAVING min(h) <> max(h)
 """
 
-_DOC_CONFLICT_SQL = """
+_DOC_CONFLICT_SQL = f"""
 CREATE OR REPLACE TEMP TABLE _doc_conflict AS
 WITH r AS MATERIALIZED (
-  SELECT * FROM (SELECT ord, unnest(pos || neg, recursive := true) FROM _rows WHERE reason IS NULL)
-  WHERE docid IN (SELECT docid FROM _doc_candidates)
+  SELECT * FROM {_REFS} WHERE docid IN (SELECT docid FROM _doc_candidates)
 )
 SELECT r.ord, 'docid_text_conflict' AS reason,
        'docid ' || any_value(r.docid) || ' has different text than its first occurrence' AS detail
 FROM r
-JOIN (SELECT docid, arg_min(md5(coalesce(title, '') || chr(1) || text), ord) AS first_hash FROM r GROUP BY docid) f
-  USING (docid)
-WHERE md5(coalesce(r.title, '') || chr(1) || r.text) <> f.first_hash
+JOIN (SELECT docid, arg_min(h, ord) AS first_hash FROM r GROUP BY docid) f USING (docid)
+WHERE r.h <> f.first_hash
 GROUP BY r.ord
 """
 
@@ -474,8 +658,19 @@ SELECT ord, arg_min(reason, prio) AS reason, arg_min(detail, prio) AS detail FRO
 ) GROUP BY ord
 """
 
-# Accepted rows: passed the per-row checks and not rejected by a conflict.
-_ACCEPTED = "(SELECT * FROM _rows g WHERE g.reason IS NULL AND NOT EXISTS (SELECT 1 FROM _rejected r WHERE r.ord = g.ord))"
+# Accepted rows: passed the per-row checks and not rejected by a conflict (what pass 2 needs of them).
+_ACCEPTED_SQL = """
+CREATE OR REPLACE TEMP TABLE _accepted AS
+SELECT ord, file_idx, fmt, neg_drop, line_hash FROM _rows g
+WHERE g.reason IS NULL AND NOT EXISTS (SELECT 1 FROM _rejected r WHERE r.ord = g.ord)
+"""
+
+_ACCEPTED_ROWS = "(SELECT * FROM _rows g WHERE g.reason IS NULL AND g.ord IN (SELECT ord FROM _accepted))"
+
+_PASSAGES_SQL = """
+INSERT INTO raw_passages (dataset, docid, title, text)
+SELECT ?, docid, arg_min(title, title_ord), arg_min(text, text_ord) FROM _pass_part GROUP BY docid
+"""
 
 
 def _q_insert(conn, dataset: str) -> None:
@@ -491,29 +686,21 @@ def _q_insert(conn, dataset: str) -> None:
     )
     conn.execute(
         """INSERT INTO raw_quarantine (dataset, source_file, line_no, reason, detail, raw_line)
-           SELECT ?, g.source_file, g.line_no, r.reason, r.detail, g.line
-           FROM _rows g JOIN _rejected r USING (ord)""",
+           SELECT ?, g.source_file, g.line_no, r.reason, r.detail, l.line
+           FROM _rows g JOIN _rejected r USING (ord) JOIN _conflict_lines l USING (ord)""",
         [dataset],
     )
-    # Passage-level: negatives dropped from accepted rows (the row itself is kept). Only rows that
-    # dropped a negative are unnested.
+    # Passage-level: negatives dropped from accepted rows (the row itself is kept).
     conn.execute(
         f"""INSERT INTO raw_quarantine (dataset, source_file, line_no, reason, detail, raw_line)
-           SELECT ?, source_file, line_no,
-                  CASE WHEN list_contains(pos_ids, n.docid) OR list_contains(pos_text_hashes, md5(n.text))
-                       THEN 'negative_equals_positive' ELSE 'duplicate_negative' END,
-                  'negative #' || i || ' docid ' || n.docid || ' dropped',
-                  to_json(n)::VARCHAR
-           FROM (SELECT source_file, line_no, pos_ids, list_transform(pos, lambda x: md5(x.text)) AS pos_text_hashes,
-                        neg_ids AS neg_ids_all, unnest(neg) AS n, generate_subscripts(neg, 1) AS i
-                 FROM {_ACCEPTED} WHERE len(neg_kept_ids) < len(neg_ids))
-           WHERE list_contains(pos_ids, n.docid) OR list_contains(pos_text_hashes, md5(n.text))
-              OR list_position(neg_ids_all, n.docid) <> i""",
+           SELECT ?, source_file, line_no, d.reason, d.detail, d.raw
+           FROM (SELECT source_file, line_no, unnest(dropped) AS d FROM {_ACCEPTED_ROWS} WHERE dropped IS NOT NULL)""",
         [dataset],
     )
 
 
-_TEMP_TABLES = ("_rows", "_q_lines", "_qid_conflict", "_doc_candidates", "_doc_conflict", "_rejected")
+_TEMP_TABLES = ("_rows", "_q_lines", "_qid_conflict", "_doc_candidates", "_doc_conflict", "_rejected",
+                "_accepted", "_pass_part", "_conflict_lines")
 
 
 def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tuple[Path, str, str]], *,
@@ -527,9 +714,10 @@ def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tu
     try:
         _rows_table(conn)
         keys, dups = _file_keys(conn, [label for _, label, _ in files])
-        for (path, label, fmt), (file_key, dup) in zip(files, keys):
-            stats.lines_read += stage_file(conn, path, label, fmt, max_chars=max_passage_chars,
-                                           file_key=file_key, dup=dup, dups=dups, progress=progress)
+        plan = [_File(i, Path(path), label, fmt, key, dup, dups)
+                for i, ((path, label, fmt), (key, dup)) in enumerate(zip(files, keys))]
+        for f in plan:
+            stats.lines_read += stage_file(conn, f, max_chars=max_passage_chars, progress=progress)
 
         if progress:
             progress(f"{dataset}: validating and normalizing {stats.lines_read:,} rows in DuckDB")
@@ -540,6 +728,18 @@ def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tu
         else:
             conn.execute("CREATE OR REPLACE TEMP TABLE _doc_conflict (ord BIGINT, reason VARCHAR, detail VARCHAR)")
         conn.execute(_REJECTED_SQL)
+        conn.execute(_ACCEPTED_SQL)
+
+        conn.execute("""CREATE OR REPLACE TEMP TABLE _pass_part (
+            docid VARCHAR, text_ord BIGINT, text VARCHAR, title_ord BIGINT, title VARCHAR)""")
+        conn.execute("CREATE OR REPLACE TEMP TABLE _conflict_lines (ord BIGINT, line VARCHAR)")
+        for f in plan:
+            collect_passages(conn, f)
+        changed = conn.execute(
+            """SELECT count(*) FROM _rejected r JOIN _rows g USING (ord) LEFT JOIN _conflict_lines l USING (ord)
+               WHERE l.line IS NULL OR hash(l.line) <> g.line_hash""").fetchall()[0][0]
+        if changed:
+            raise IngestError(f"{dataset}: {changed} rejected rows changed while being ingested")
 
         conn.execute("BEGIN TRANSACTION")
         try:
@@ -548,32 +748,19 @@ def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tu
             conn.execute(
                 f"""INSERT INTO raw_instances (dataset, instance_id, query_id, positive_ids, negative_ids,
                                               source_file, line_no, source_format, prompt)
-                   SELECT ?, source_file || ':' || line_no, query_id, pos_ids, neg_kept_ids,
+                   SELECT ?, source_file || ':' || line_no, query_id, pos_ids,
+                          CASE WHEN neg_drop IS NULL THEN neg_ids
+                               ELSE list_filter(neg_ids, lambda d, i: NOT list_contains(neg_drop, i)) END,
                           source_file, line_no, fmt, prompt
-                   FROM {_ACCEPTED}""",
+                   FROM {_ACCEPTED_ROWS}""",
                 [dataset],
             )
             conn.execute(
                 f"""INSERT INTO raw_queries (dataset, query_id, query)
-                   SELECT ?, query_id, arg_min(query, ord) FROM {_ACCEPTED} GROUP BY query_id""",
+                   SELECT ?, query_id, arg_min(query, ord) FROM {_ACCEPTED_ROWS} GROUP BY query_id""",
                 [dataset],
             )
-            # The kept negatives: all of them unless the row dropped one (then the same filter as
-            # neg_kept_ids, on the passages).
-            conn.execute(
-                f"""INSERT INTO raw_passages (dataset, docid, title, text)
-                   SELECT ?, docid, arg_min(title, ord), arg_min(text, ord) FROM (
-                     SELECT ord, unnest(pos || neg_kept, recursive := true) FROM (
-                       SELECT ord, pos,
-                         CASE WHEN len(neg_kept_ids) = len(neg_ids) THEN neg
-                              ELSE list_filter(neg, lambda x, i:
-                                     NOT list_contains(pos_ids, x.docid)
-                                     AND NOT list_contains(list_transform(pos, lambda y: md5(y.text)), md5(x.text))
-                                     AND list_position(neg_ids, x.docid) = i) END AS neg_kept
-                       FROM {_ACCEPTED})
-                   ) GROUP BY docid""",
-                [dataset],
-            )
+            conn.execute(_PASSAGES_SQL, [dataset])
             conn.execute("COMMIT")
         except Exception:
             conn.execute("ROLLBACK")

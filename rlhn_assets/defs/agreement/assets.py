@@ -1,0 +1,145 @@
+import dataclasses
+import time
+
+import dagster as dg
+
+from rlhn_assets import settings
+from rlhn_assets.lib.markdown import md_table
+from rlhn_assets.resources import JudgeTierResource
+
+
+class AgreementConfig(dg.Config):
+    # Any human-labeled file in the judge-eval format (Tevatron rows whose negatives carry a `qrel` grade).
+    path: str = "judge_eval/dl19/judge_eval.tasb_top30.jsonl.gz"  # relative to the data directory
+    fn_min_grade: int = 2  # human grade >= this = a false negative (TREC: 2 highly, 3 perfectly relevant)
+    # Which final verdicts count as a detected false negative (tier 1 always counts better + worse as a flag).
+    fn_lists: str = "better+worse"
+    forward_errors: bool = True
+    tier2_standalone: bool = False  # also run tier 2 on every negative (costly), to measure it alone
+    max_instances: int | None = None
+
+
+def _scores_row(name, scores, stats, forwarded_share, seconds, cost):
+    return [name, round(scores.kappa, 3), round(scores.precision, 3), round(scores.recall, 3), round(scores.f1, 3),
+            scores.predicted, scores.positives, scores.n, forwarded_share, stats.calls, stats.tokens_in,
+            stats.tokens_out, round(cost, 4), round(seconds, 1)]
+
+
+HEADERS = ["judge", "kappa", "P", "R", "F1", "flagged", "human FN", "negatives", "tier-2 share", "calls", "tokens in",
+           "tokens out", "USD", "seconds"]
+
+
+@dg.asset(
+    group_name="judge",
+    code_version="1",
+    kinds={"openai", "markdown"},
+    description=(
+        "How well the configured judges agree with human assessors on a labeled file (default: TREC DL19, 43 "
+        "queries x 30 dense-retriever negatives with NIST grades; grade >= 2 = false negative): precision, recall, "
+        "F1 and Cohen's kappa of tier 1, of the cascade exactly as the pipeline runs it (and optionally tier 2 "
+        "alone), the share of negatives forwarded to tier 2, and the cost. Paper: kappa vs humans GPT-4o-mini "
+        "0.320, GPT-4o 0.390. Written to data/reports/judge_agreement.{md,csv,png}."
+    ),
+)
+def judge_agreement(context: dg.AssetExecutionContext, config: AgreementConfig, tier1_judge: JudgeTierResource,
+                    tier2_judge: JudgeTierResource) -> dg.MaterializeResult:
+    from rlhn_assets.lib.agreement import binary_scores, load_judge_eval
+
+    path = settings.data_dir() / config.path
+    try:
+        data = load_judge_eval(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise dg.Failure(f"{path}: {e}") from e
+    instances = data.instances[: config.max_instances] if config.max_instances else data.instances
+    keys = [(i.instance_id, n.docid) for i in instances for n in i.negatives]
+    gold = [int(data.grades[k] >= config.fn_min_grade) for k in keys]
+    context.log.info(f"{len(instances)} queries, {len(keys)} judged negatives ({sum(gold)} human false negatives); "
+                     f"{data.unjudged_excluded} unjudged negatives excluded")
+    fn_set = {"better"} if config.fn_lists == "better" else {"better", "worse"}
+    flag_set = {"better", "worse"} | ({"error"} if config.forward_errors else set())
+    rows = []
+
+    t0 = time.perf_counter()
+    with tier1_judge.open_judge(log=context.log.info) as j1:
+        v1 = {(r.instance_id, r.docid): r.verdict for r in j1.judge(instances, progress=context.log.info)}
+        s1 = j1.stats
+    t1_secs = time.perf_counter() - t0
+    rows.append(_scores_row(f"tier 1 ({tier1_judge.kind})", binary_scores(gold, [int(v1[k] in ("better", "worse")) for k in keys]),
+                            s1, "-", t1_secs, tier1_judge.cost_usd(s1.tokens_in, s1.tokens_out)))
+
+    forwarded = {iid for (iid, _), v in v1.items() if v in flag_set}
+    if tier2_judge.scope == "flagged_negatives":
+        to_judge = [dataclasses.replace(i, negatives=tuple(n for n in i.negatives if v1[(i.instance_id, n.docid)] in flag_set))
+                    for i in instances if i.instance_id in forwarded]
+    else:
+        to_judge = [i for i in instances if i.instance_id in forwarded]
+    n_forwarded = sum(len(i.negatives) for i in to_judge)
+    t0 = time.perf_counter()
+    with tier2_judge.open_judge(log=context.log.info) as j2:
+        v2 = {(r.instance_id, r.docid): r.verdict for r in j2.judge(to_judge, progress=context.log.info)} if to_judge else {}
+        s2 = j2.stats
+        final = [v2.get(k, v1[k]) for k in keys]
+        share = round(n_forwarded / len(keys), 3)
+        rows.append(_scores_row(f"cascade (tier 2: {tier2_judge.kind})", binary_scores(gold, [int(v in fn_set) for v in final]),
+                                s2, share, t1_secs + time.perf_counter() - t0,
+                                tier1_judge.cost_usd(s1.tokens_in, s1.tokens_out) + tier2_judge.cost_usd(s2.tokens_in, s2.tokens_out)))
+        if config.tier2_standalone:
+            before = dataclasses.replace(j2.stats)
+            t0 = time.perf_counter()
+            va = {(r.instance_id, r.docid): r.verdict for r in j2.judge(instances, progress=context.log.info)}
+            sa = j2.stats
+            delta = dataclasses.replace(sa, calls=sa.calls - before.calls, tokens_in=sa.tokens_in - before.tokens_in,
+                                        tokens_out=sa.tokens_out - before.tokens_out)
+            rows.append(_scores_row(f"tier 2 alone ({tier2_judge.kind})", binary_scores(gold, [int(va[k] in fn_set) for k in keys]),
+                                    delta, 1.0, time.perf_counter() - t0, tier2_judge.cost_usd(delta.tokens_in, delta.tokens_out)))
+
+    table = md_table(HEADERS, rows)
+    out = settings.data_dir() / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "judge_agreement.md").write_text(
+        f"Judge agreement with human labels ({config.path}; FN = grade >= {config.fn_min_grade}; "
+        f"final verdicts counted: {config.fn_lists})\n\n{table}\n\nPaper (RLHN §7, 670 pairs): kappa GPT-4o-mini 0.320, GPT-4o 0.390.\n")
+    import csv
+
+    with open(out / "judge_agreement.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HEADERS)
+        w.writerows(rows)
+    png = _chart(rows)
+    (out / "judge_agreement.png").write_bytes(png)
+    from rlhn_assets.lib.report import png_markdown
+
+    context.log.info("\n" + table)
+    return dg.MaterializeResult(metadata={
+        "agreement": dg.MetadataValue.md(table),
+        "chart": dg.MetadataValue.md(png_markdown(png)),
+        "negatives": len(keys), "human_false_negatives": sum(gold), "unjudged_excluded": data.unjudged_excluded,
+        "tier1": dg.MetadataValue.json(tier1_judge.describe()), "tier2": dg.MetadataValue.json(tier2_judge.describe()),
+        "report_csv": dg.MetadataValue.path(str(out / "judge_agreement.csv")),
+        **{f"kappa_{r[0].split(' ')[0]}": r[1] for r in rows},
+    })
+
+
+def _chart(rows) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["kappa", "P", "R", "F1"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        ax.bar([x + i * width for x in range(4)], r[1:5], width, label=r[0])
+    ax.axhline(0.320, ls=":", c="gray")
+    ax.axhline(0.390, ls="--", c="gray")
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(4)], metrics)
+    ax.set_title("agreement with human labels (dotted/dashed: paper kappa 4o-mini / 4o)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
