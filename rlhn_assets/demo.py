@@ -24,7 +24,7 @@ from rlhn_assets.partitions import DATASETS, EVAL_SETS
 
 # Demo sizes (README "Demo sizes"): the first N instances of each dataset, at most 25 negatives each (the
 # paper's per-call maximum). `python -m rlhn_assets.demo --full` runs the whole bundled sample.
-DEMO_MAX_INSTANCES = int(os.environ.get("RLHN_DEMO_MAX_INSTANCES", "30"))
+DEMO_MAX_INSTANCES = int(os.environ.get("RLHN_DEMO_MAX_INSTANCES", "12"))
 DEMO_MAX_NEGATIVES = 25
 
 
