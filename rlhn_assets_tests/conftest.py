@@ -22,10 +22,19 @@ def db_path(tmp_path) -> Path:
     return tmp_path / "test.duckdb"
 
 
+def make_resources(db_path, registry: DatasetRegistryResource | None = None) -> dict:
+    """Every resource of the code location (the `local` judge preset: no server starts unless a judge is
+    opened), with DuckDB on ``db_path`` and the given (or bundled) registry."""
+    from rlhn_assets.defs.resources import PRESETS
+
+    return {**PRESETS["local"], "duckdb": RLHNDuckDB(database=str(db_path)),
+            "registry": registry or DatasetRegistryResource()}
+
+
 @pytest.fixture
 def resources(db_path):
     """The real resources, on a temporary DuckDB file and the bundled registry."""
-    return {"duckdb": RLHNDuckDB(database=str(db_path)), "registry": DatasetRegistryResource()}
+    return make_resources(db_path)
 
 
 @pytest.fixture

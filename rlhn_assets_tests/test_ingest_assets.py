@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from rlhn_assets.definitions import defs
-from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB
+from rlhn_assets.resources import DatasetRegistryResource
+from rlhn_assets_tests.conftest import make_resources
 
 INGEST_KEYS = ("hard_negative_mining", "raw_bge", "pruned")
 INGEST = dg.AssetSelection.assets(*INGEST_KEYS) | dg.AssetSelection.checks_for_assets(*INGEST_KEYS)
@@ -82,7 +83,7 @@ def test_checks_fail_on_planted_bad_data(definitions, instance, db_path, tmp_dat
     good = '{"query": "q%d", "pos": ["p%d"], "neg": ["n%d"]}'
     bad.write_text("\n".join([good % (i, i, i) for i in range(3)] + ["{broken"] * 5) + "\n")
     registry = _edited_registry(tmp_data, lambda d: d["nq"].update(files=[{"path": "raw/nq/bad.jsonl"}]))
-    result = _materialize(definitions, "nq", {"duckdb": RLHNDuckDB(database=str(db_path)), "registry": registry},
+    result = _materialize(definitions, "nq", make_resources(db_path, registry),
                           instance)
     assert not result.success
     checks = _checks(result)
@@ -113,7 +114,7 @@ def test_pruned_away_dataset_is_an_empty_partition_that_says_why(definitions, in
         "rule": "prune when leaving it out raises the average",
         "datasets": {"nq": {"keep": False, "reason": "w/o nq: avg +0.6"}, "fiqa": {"keep": False}}}))
     registry = _edited_registry(tmp_data, lambda d: d["fiqa"].update(keep=True))
-    res = {"duckdb": RLHNDuckDB(database=str(db_path)), "registry": registry}
+    res = make_resources(db_path, registry)
     nq = _materialize(definitions, "nq", res, instance)
     fiqa = _materialize(definitions, "fiqa", res, instance)
     assert nq.success and fiqa.success
@@ -136,7 +137,7 @@ def test_pruning_cleans_duplicates_overlaps_and_caps(definitions, instance, db_p
         list(definitions.assets) + list(definitions.asset_checks),
         selection=INGEST,
         partition_key="nq", instance=instance, raise_on_error=False,
-        resources={"duckdb": RLHNDuckDB(database=str(db_path)), "registry": registry},
+        resources=make_resources(db_path, registry),
         run_config={"ops": {"pruned": {"config": {"max_negatives_per_instance": 3}}}})
     assert result.success
     md = result.asset_materializations_for_node("pruned")[0].metadata
