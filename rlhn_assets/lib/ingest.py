@@ -10,9 +10,9 @@ arrays (no Python object per line; a line that is not valid UTF-8 is quarantined
 DuckDB pulls as one stream per file. All JSON parsing, validation, deduplication and normalization run
 as DuckDB SQL, in two passes over each file so that no copy of the passage texts is ever stored:
 pass 1 parses and checks every row and keeps only narrow per-row data (passage ids, md5s, reasons);
-the cross-row conflicts are found on that; pass 2 reads the file again and aggregates the passages of
-the accepted rows (checking that the file did not change in between). A dataset is never held whole in
-Python, and DuckDB spills to disk under its memory limit.
+the cross-row conflicts and the first occurrence of every passage are found on that; pass 2 reads the
+file again and takes the texts of those first occurrences (failing if the file changed in between).
+A dataset is never held whole in Python, and DuckDB spills to disk under its memory limit.
 
 Bad input never disappears: every rejected row lands in ``raw_quarantine`` with dataset, file, line
 number, reason, detail and the raw line.
@@ -35,7 +35,7 @@ from rlhn_assets.lib.db import ensure_schema, replace_partition
 
 CHUNK_BYTES = 8 << 20  # bytes read per chunk
 BATCH_LINES = 20_000  # lines per batch of iter_jsonl_batches
-BATCH_BYTES = 64 << 20  # raw bytes per DuckDB insert (bounds Python memory)
+BATCH_BYTES = 64 << 20  # bytes read between two progress messages
 DEFAULT_MAX_PASSAGE_CHARS = 50_000  # a MS MARCO passage is ~350 chars, a FiQA answer ~1,000
 
 _PASSAGE = '{"docid":"VARCHAR","title":"VARCHAR","text":"VARCHAR"}'
@@ -82,7 +82,8 @@ def iter_jsonl_batches(path: Path, *, batch_lines: int = BATCH_LINES,
                        on_bad_utf8: Callable[[int, bytes], None]) -> Iterator[tuple[list[int], list[str]]]:
     """Yield (line numbers, decoded lines) in batches; blank lines are skipped but counted.
 
-    A line that is not valid UTF-8 is reported through ``on_bad_utf8`` and not yielded."""
+    A line that is not valid UTF-8 is reported through ``on_bad_utf8`` and not yielded. This is the
+    reference for the line rules; ingest reads with iter_jsonl_arrow, which follows them exactly."""
     line_no = 0
     nums: list[int] = []
     texts: list[str] = []
@@ -216,7 +217,7 @@ def _chunk_lines(chunk: bytes, start: int, end: int, first_no: int,
             if raw.endswith(b"\r"):
                 cr[i] = True
                 raw = raw[:-1]
-            if not raw.decode("utf-8").strip():
+            if raw[:1] != b"{" and not raw.decode("utf-8").strip():
                 keep[i] = False
         if cr.any():
             lines = pc.if_else(pa.array(cr), pc.utf8_slice_codeunits(lines, 0, -1), lines)
@@ -328,7 +329,7 @@ def _rows_table(conn: duckdb.DuckDBPyConnection) -> None:
         ord BIGINT, file_idx INTEGER, source_file VARCHAR, line_no BIGINT, fmt VARCHAR, reason VARCHAR, detail VARCHAR,
         line VARCHAR, line_hash UBIGINT, query_id VARCHAR, query VARCHAR, prompt VARCHAR,
         content_hash VARCHAR, pos_ids VARCHAR[], neg_ids VARCHAR[], neg_drop BIGINT[],
-        dropped {_DROPPED}[], ref_hashes UHUGEINT[])""")
+        dropped {_DROPPED}[], ref_hashes UHUGEINT[], null_titles BIGINT[])""")
     conn.execute(
         "CREATE TEMP TABLE _q_lines (source_file VARCHAR, line_no BIGINT, reason VARCHAR, detail VARCHAR, raw_line VARCHAR)"
     )
@@ -446,32 +447,36 @@ SELECT ord, file_idx, source_file, line_no, fmt, reason, detail,
       'detail': 'negative #' || i || ' docid ' || neg_ids[i] || ' dropped',
       'raw': to_json(neg[i])::VARCHAR}}) END,
   CASE WHEN reason IS NULL
-       THEN list_transform(pos || neg, lambda x: md5_number(coalesce(x.title, '') || chr(1) || x.text)) END
+       THEN list_transform(pos || neg, lambda x: md5_number(coalesce(x.title, '') || chr(1) || x.text)) END,
+  -- positions in pos || neg of passages without a title (a BGE passage's title is '')
+  CASE WHEN reason IS NULL AND fmt = 'tevatron'
+       THEN nullif(list_filter(list_transform(pos || neg, lambda x, i: CASE WHEN x.title IS NULL THEN i END),
+                               lambda i: i IS NOT NULL), []) END
 FROM dropped
 """
 
-# Pass 2: the passages of the accepted rows, per docid its first title and text, as partial aggregates
-# per file (combined in _PASSAGES_SQL). Only accepted rows are parsed again; a row whose line differs
-# from the first read fails the ingest.
+# Pass 2: the texts of the passages. raw_passages holds, per docid, the title and the text of its first
+# occurrence among the accepted rows (the first non-NULL title). Which reference that is, is known from
+# pass 1 (_need_rows: row, position in pos || neg, docid); pass 2 parses only the rows holding one and
+# takes just those elements. A row whose line differs from the first read fails the ingest.
 _PASS2_SQL = f"""
 INSERT INTO _pass_part
-SELECT docid, min(ord), arg_min(text, ord), min(ord) FILTER (WHERE title IS NOT NULL), arg_min(title, ord)
+SELECT docid,
+  CASE WHEN fmt = 'bge' THEN '' ELSE e.title END,
+  CASE WHEN fmt = 'bge' THEN t ELSE e.text END,
+  for_text, for_title
 FROM (
-  SELECT ord, unnest(pos || neg_kept, recursive := true) FROM (
-    SELECT ord, pos,
-      CASE WHEN neg_drop IS NULL THEN neg
-           ELSE list_filter(neg, lambda x, i: NOT list_contains(neg_drop, i)) END AS neg_kept
-    FROM (
-      SELECT ord, neg_drop, {_POS.format(fmt="fmt")} AS pos, {_NEG.format(fmt="fmt")} AS neg
-      FROM (
-        SELECT s.ord, a.fmt, a.neg_drop, json_transform(s.line, '{_ROW_SCHEMA}') AS j
-        FROM {{src}} s JOIN _accepted a USING (ord)
-        WHERE CASE WHEN hash(s.line) <> a.line_hash
-                   THEN error('line ' || s.line_no || ' changed while being ingested') ELSE true END
-      )
-    )
+  SELECT fmt, n.docid AS docid, n.for_text AS for_text, n.for_title AS for_title,
+    CASE WHEN fmt = 'tevatron' THEN CASE WHEN n.k <= len(j.positive_passages) THEN j.positive_passages[n.k]
+                                         ELSE j.negative_passages[n.k - len(j.positive_passages)] END END AS e,
+    CASE WHEN fmt = 'bge' THEN CASE WHEN n.k <= len(j.pos) THEN j.pos[n.k] ELSE j.neg[n.k - len(j.pos)] END END AS t
+  FROM (
+    SELECT a.fmt, unnest(a.needs) AS n, json_transform(s.line, '{_ROW_SCHEMA}') AS j
+    FROM {{src}} s JOIN _need_rows a USING (ord)
+    WHERE CASE WHEN hash(s.line) <> a.line_hash
+               THEN error('line ' || s.line_no || ' changed while being ingested') ELSE true END
   )
-) GROUP BY docid
+)
 """
 
 _BATCH_SRC = """(SELECT ord, $file_idx::INTEGER AS file_idx, $label::VARCHAR AS source_file, line_no,
@@ -568,19 +573,19 @@ def stage_file(conn: duckdb.DuckDBPyConnection, f: _File, *, max_chars: int,
 
 
 def collect_passages(conn: duckdb.DuckDBPyConnection, f: _File) -> None:
-    """Pass 2 over one file: the passages of its accepted rows into ``_pass_part``, and the raw lines of
+    """Pass 2 over one file: the passage texts its rows provide into ``_pass_part``, and the raw lines of
     its rows rejected by a conflict into ``_conflict_lines``."""
     ords = [o for (o,) in conn.execute(
         "SELECT ord FROM _rejected JOIN _rows USING (ord) WHERE file_idx = ?", [f.idx]).fetchall()]
-    n_accepted = conn.execute("SELECT count(*) FROM _accepted WHERE file_idx = ?", [f.idx]).fetchall()[0][0]
-    if not ords and not n_accepted:
+    n_needed = conn.execute("SELECT count(*) FROM _need_rows WHERE file_idx = ?", [f.idx]).fetchall()[0][0]
+    if not ords and not n_needed:
         return
     if f.parquet:
         src = _PARQUET_SRC
         if ords:
             conn.execute(f"INSERT INTO _conflict_lines SELECT s.ord, s.line FROM {src} s JOIN _rejected USING (ord)",
                          f.params())
-        if n_accepted:
+        if n_needed:
             conn.execute(_PASS2_SQL.replace("{src}", src), f.params())
         return
     wanted = pa.array(sorted(ords), pa.int64())
@@ -658,18 +663,45 @@ SELECT ord, arg_min(reason, prio) AS reason, arg_min(detail, prio) AS detail FRO
 ) GROUP BY ord
 """
 
-# Accepted rows: passed the per-row checks and not rejected by a conflict (what pass 2 needs of them).
+# Accepted rows: passed the per-row checks and not rejected by a conflict.
 _ACCEPTED_SQL = """
 CREATE OR REPLACE TEMP TABLE _accepted AS
-SELECT ord, file_idx, fmt, neg_drop, line_hash FROM _rows g
+SELECT ord, file_idx, fmt, line_hash FROM _rows g
 WHERE g.reason IS NULL AND NOT EXISTS (SELECT 1 FROM _rejected r WHERE r.ord = g.ord)
 """
 
 _ACCEPTED_ROWS = "(SELECT * FROM _rows g WHERE g.reason IS NULL AND g.ord IN (SELECT ord FROM _accepted))"
 
+# The passages of the accepted rows are pos || (negatives not dropped). Per docid, the first of them
+# (lowest ord, then position) gives the text, the first with a non-NULL title gives the title: as
+# arg_min(text, ord) and arg_min(title, ord) (which skips NULL titles) over all of them would.
+_NEED_SQL = f"""
+CREATE OR REPLACE TEMP TABLE _need_rows AS
+WITH refs AS (
+  SELECT ord, k, docid, null_titles FROM (
+    SELECT ord, unnest(pos_ids || neg_ids) AS docid, generate_subscripts(pos_ids || neg_ids, 1) AS k,
+           len(pos_ids) AS n_pos, neg_drop, null_titles
+    FROM {_ACCEPTED_ROWS})
+  WHERE neg_drop IS NULL OR k <= n_pos OR NOT list_contains(neg_drop, k - n_pos)
+), firsts AS (
+  SELECT docid, min({{'o': ord, 'k': k}}) AS tf,
+         min({{'o': ord, 'k': k}}) FILTER (WHERE null_titles IS NULL OR NOT list_contains(null_titles, k)) AS hf
+  FROM refs GROUP BY docid
+), picks AS (
+  SELECT tf.o AS ord, tf.k AS k, docid, true AS for_text, coalesce(hf = tf, false) AS for_title FROM firsts
+  UNION ALL
+  SELECT hf.o, hf.k, docid, false, true FROM firsts WHERE hf <> tf
+)
+SELECT ord, any_value(a.file_idx) AS file_idx, any_value(a.fmt) AS fmt, any_value(a.line_hash) AS line_hash,
+       list({{'k': k, 'docid': docid, 'for_text': for_text, 'for_title': for_title}}) AS needs
+FROM picks JOIN _accepted a USING (ord)
+GROUP BY ord
+"""
+
 _PASSAGES_SQL = """
 INSERT INTO raw_passages (dataset, docid, title, text)
-SELECT ?, docid, arg_min(title, title_ord), arg_min(text, text_ord) FROM _pass_part GROUP BY docid
+SELECT ?, docid, any_value(title) FILTER (WHERE for_title), any_value(text) FILTER (WHERE for_text)
+FROM _pass_part GROUP BY docid
 """
 
 
@@ -700,7 +732,7 @@ def _q_insert(conn, dataset: str) -> None:
 
 
 _TEMP_TABLES = ("_rows", "_q_lines", "_qid_conflict", "_doc_candidates", "_doc_conflict", "_rejected",
-                "_accepted", "_pass_part", "_conflict_lines")
+                "_accepted", "_need_rows", "_pass_part", "_conflict_lines")
 
 
 def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tuple[Path, str, str]], *,
@@ -729,9 +761,10 @@ def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tu
             conn.execute("CREATE OR REPLACE TEMP TABLE _doc_conflict (ord BIGINT, reason VARCHAR, detail VARCHAR)")
         conn.execute(_REJECTED_SQL)
         conn.execute(_ACCEPTED_SQL)
+        conn.execute(_NEED_SQL)
 
         conn.execute("""CREATE OR REPLACE TEMP TABLE _pass_part (
-            docid VARCHAR, text_ord BIGINT, text VARCHAR, title_ord BIGINT, title VARCHAR)""")
+            docid VARCHAR, title VARCHAR, text VARCHAR, for_text BOOLEAN, for_title BOOLEAN)""")
         conn.execute("CREATE OR REPLACE TEMP TABLE _conflict_lines (ord BIGINT, line VARCHAR)")
         for f in plan:
             collect_passages(conn, f)
