@@ -30,7 +30,8 @@ DEMO_MAX_NEGATIVES = 25
 
 # Models trained and evaluated by the demo (all 7 with --full); training steps and eval sizes are capped.
 DEMO_VARIANTS = tuple(os.environ.get("RLHN_DEMO_VARIANTS", "default,s1_rlhn,s2_rlhn").split(","))
-DEMO_TRAIN = {"max_steps": int(os.environ.get("RLHN_DEMO_TRAIN_STEPS", "20")), "batch_size": 16, "max_seq_length": 128}
+DEMO_TRAIN = {"max_steps": int(os.environ.get("RLHN_DEMO_TRAIN_STEPS", "8")), "batch_size": 16, "max_seq_length": 96,
+              "hard_negatives": 3}
 DEMO_EVAL = {"max_seq_length": 128, "rerank_top_k": 20}
 
 
