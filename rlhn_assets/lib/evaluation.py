@@ -235,6 +235,7 @@ def rerank(cross_encoder, ds: BeirDataset, results: dict[str, dict[str, float]],
     if progress:
         progress(f"re-ranking {len(pairs):,} (query, passage) pairs")
     scores = cross_encoder.predict(pairs, batch_size=batch_size, show_progress_bar=False)
+    # one score per pair; a multi-label head gives (n, labels): use the last label (the "relevant" class)
     for (qid, did), s in zip(owners, np.asarray(scores, dtype=np.float64).reshape(len(pairs), -1)[:, -1]):
         out[qid][did] = float(s)
     return out

@@ -343,19 +343,20 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def _pdeathsig_preexec(parent_pid: int):
-    """preexec_fn: ask Linux to SIGTERM the child when its parent dies (covers SIGKILL/segfault of Python,
-    where atexit never runs)."""
+    """preexec_fn: ask Linux to SIGKILL the child when its parent dies (covers SIGKILL/segfault of Python,
+    where atexit never runs). SIGKILL, not SIGTERM: llama-server handles SIGTERM by finishing the request in
+    flight first, which for an orphan under CPU contention took minutes."""
 
     def _set() -> None:
         try:
             import ctypes
 
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
         except Exception:  # noqa: BLE001 - best effort
             return
         if os.getppid() != parent_pid:  # parent already gone before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     return _set
 
@@ -365,7 +366,7 @@ class LlamaServer:
 
     The server runs in its own process group (so stop() also reaches any children), logs to a file in a temp
     dir, and is stopped at interpreter exit if the caller forgets (atexit). On Linux, when started from the main
-    thread, it also gets PR_SET_PDEATHSIG=SIGTERM so it dies with a Python that is killed or crashes (the death
+    thread, it also gets PR_SET_PDEATHSIG=SIGKILL so it dies with a Python that is killed or crashes (the death
     signal fires when the *thread* that started it exits, hence main thread only).
 
     ``ctx_size`` is per slot: with an explicit ``--parallel N`` this llama-server build uses a non-unified KV
