@@ -63,6 +63,9 @@ class SourceDataset:
     mine: MiningSpec | None = None
     description: str = ""
     licence: str = ""
+    # Eval sets (folders under data/eval/) this dataset is the in-domain training set for; the leave-one-out
+    # pruning rule never prunes a dataset whose removal hurts them. Absent: the eval set of the same name.
+    in_domain_eval: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ def _parse_entry(path: Path, name: str, raw: dict) -> SourceDataset:
         raise RegistryError(f"{where}: the name may not be empty or contain any of {sorted(_FORBIDDEN)}")
     if not isinstance(raw, dict):
         raise RegistryError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    unknown = set(raw) - {"files", "keep", "judge", "prompt", "max_quarantine_rate", "mine", "description", "licence"}
+    unknown = set(raw) - {"files", "keep", "judge", "prompt", "max_quarantine_rate", "mine", "description", "licence",
+                           "in_domain_eval"}
     if unknown:
         raise RegistryError(f"{where}: unknown keys {sorted(unknown)}")
     files = []
@@ -119,6 +123,11 @@ def _parse_entry(path: Path, name: str, raw: dict) -> SourceDataset:
             raise RegistryError(f"{where}: mine.range_min must be >= 0 and < range_max")
         if mine.method not in ("dense", "bm25") or mine.sampling not in ("top", "random"):
             raise RegistryError(f"{where}: mine.method must be dense|bm25 and sampling top|random")
+    in_domain = raw.get("in_domain_eval") or []
+    if isinstance(in_domain, str):
+        in_domain = [in_domain]
+    if not isinstance(in_domain, list) or not all(isinstance(x, str) and x for x in in_domain):
+        raise RegistryError(f"{where}: in_domain_eval must be an eval set name or a list of them")
     prompt = raw.get("prompt", "default")
     if prompt not in ("default", "scidocsrr"):
         raise RegistryError(f"{where}: prompt must be 'default' or 'scidocsrr'")
@@ -132,6 +141,7 @@ def _parse_entry(path: Path, name: str, raw: dict) -> SourceDataset:
         mine=mine,
         description=str(raw.get("description", "")),
         licence=str(raw.get("licence", "")),
+        in_domain_eval=tuple(in_domain),
     )
 
 

@@ -26,10 +26,22 @@ def file_sha256(path: Path) -> str:
 
 
 def dataset_fingerprint(registry: Registry, name: str) -> str:
-    """sha256 over the registry entry and the bytes of every input file (source files, mining inputs).
-    A missing file contributes a marker, so it shows as a change rather than an error."""
+    """sha256 over the registry entry, the bytes of every input file (source files, mining inputs) and, when
+    no manual ``keep:`` is set, this dataset's entry in the leave-one-out recommendation (so a changed
+    recommendation re-runs only the datasets whose decision changed). A missing file contributes a marker,
+    so it shows as a change rather than an error."""
+    from rlhn_assets.lib.pruning import RECOMMENDATION_FILE, load_recommendation
+
     ds = registry.get(name)
     h = hashlib.sha256(json.dumps(asdict(ds), sort_keys=True, default=str).encode())
+    if ds.keep is None:
+        try:
+            rec = load_recommendation(registry.data_dir / RECOMMENDATION_FILE).get("datasets", {}).get(name)
+        except ValueError:
+            rec = "<unreadable>"  # the pruned stage reports the error itself
+        if rec is not None:
+            keep = rec.get("keep") if isinstance(rec, dict) else rec
+            h.update(f"recommendation:{keep}".encode())
     paths = [f.path for f in ds.files]
     if ds.mine:
         paths += [ds.mine.corpus, ds.mine.queries, ds.mine.qrels]

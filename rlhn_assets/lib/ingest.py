@@ -34,7 +34,6 @@ import pyarrow.compute as pc
 from rlhn_assets.lib.db import ensure_schema, replace_partition
 
 CHUNK_BYTES = 8 << 20  # bytes read per chunk
-BATCH_LINES = 20_000  # lines per batch of iter_jsonl_batches
 BATCH_BYTES = 64 << 20  # bytes read between two progress messages
 DEFAULT_MAX_PASSAGE_CHARS = 50_000  # a MS MARCO passage is ~350 chars, a FiQA answer ~1,000
 
@@ -78,76 +77,17 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
-def iter_jsonl_batches(path: Path, *, batch_lines: int = BATCH_LINES,
-                       on_bad_utf8: Callable[[int, bytes], None]) -> Iterator[tuple[list[int], list[str]]]:
-    """Yield (line numbers, decoded lines) in batches; blank lines are skipped but counted.
-
-    A line that is not valid UTF-8 is reported through ``on_bad_utf8`` and not yielded. This is the
-    reference for the line rules; ingest reads with iter_jsonl_arrow, which follows them exactly."""
-    line_no = 0
-    nums: list[int] = []
-    texts: list[str] = []
-    carry = b""
-    try:
-        with _open_binary(path) as f:
-            while True:
-                chunk = f.read(CHUNK_BYTES)
-                if not chunk:
-                    break
-                lines = (carry + chunk).split(b"\n")
-                carry = lines.pop()
-                try:
-                    # Fast path: decode the whole block at once, then split (same line count).
-                    decoded = b"\n".join(lines).decode("utf-8").split("\n") if lines else []
-                except UnicodeDecodeError:
-                    decoded = None
-                for i, raw in enumerate(lines):
-                    line_no += 1
-                    if decoded is not None:
-                        text = decoded[i]
-                    else:
-                        try:
-                            text = raw.decode("utf-8")
-                        except UnicodeDecodeError:
-                            on_bad_utf8(line_no, raw)
-                            continue
-                    if text.endswith("\r"):
-                        text = text[:-1]
-                    if not text.strip():
-                        continue
-                    nums.append(line_no)
-                    texts.append(text)
-                    if len(nums) >= batch_lines:
-                        yield nums, texts
-                        nums, texts = [], []
-            if carry:
-                line_no += 1
-                try:
-                    text = carry.decode("utf-8").rstrip("\r")
-                    if text.strip():
-                        nums.append(line_no)
-                        texts.append(text)
-                except UnicodeDecodeError:
-                    on_bad_utf8(line_no, carry)
-    except FileNotFoundError as e:
-        raise IngestError(f"{path}: file not found") from e
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise IngestError(f"{path}: not a readable gzip file ({e})") from e
-    except OSError as e:
-        raise IngestError(f"{path}: cannot be read ({e})") from e
-    if nums:
-        yield nums, texts
-
-
 # ---------------------------------------------------------------------------------------------
-# Fast line reader: the same lines, numbers and rejections as iter_jsonl_batches, as Arrow arrays.
+# The line reader. Line rules: lines are numbered from 1 over the whole file (blank and rejected lines
+# included); a line that is not valid UTF-8 goes to ``on_bad_utf8`` and is skipped; one trailing "\r" is
+# dropped; blank lines are skipped; the last line may lack its "\n". ``_single_line`` states them in code.
 #
 # Each chunk is copied once (newlines removed) and the lines become an Arrow string array over that
 # copy; Python only looks at the rare line that is blank, has a "\r" or does not start with "{".
 
 
 def _single_line(raw: bytes, line_no: int, on_bad_utf8: Callable[[int, bytes], None], *, last: bool = False):
-    """One line through the per-line rules of iter_jsonl_batches; returns the text to keep or None."""
+    """One line through the line rules (above); returns the text to keep or None."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -233,8 +173,8 @@ class _LineCount:
 
 def iter_jsonl_arrow(path: Path, *, on_bad_utf8: Callable[[int, bytes], None],
                      count: _LineCount | None = None) -> Iterator[tuple[pa.Array, pa.Array]]:
-    """The lines of iter_jsonl_batches (same numbers, same skipped and rejected lines) as Arrow arrays
-    (line numbers, lines), one piece per chunk read, with no Python object per line."""
+    """The kept lines of ``path`` under the line rules (above) as Arrow arrays (line numbers, lines), one
+    piece per chunk read, with no Python object per line."""
     line_no = 0
     carry = b""
     try:

@@ -77,24 +77,24 @@ def write_csv(table: dict, path: Path) -> None:
                         w.writerow([stage, s, m, f"{d[m]:.4f}", "" if ref is None else f"{(d[m] - ref) * 100:.2f}"])
 
 
-def chart_png(table: dict) -> bytes:
+def grouped_bar_png(panels: list[tuple[str, list[str], dict[str, list[float]]]], *, ylabel: str = "",
+                    hlines: tuple[tuple[float, str], ...] = (), panel_width: float = 7.0) -> bytes:
+    """Grouped bars, one panel per (title, group labels, {series label: one value per group})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in ("retriever", "reranker") if s in table]
-    fig, axes = plt.subplots(1, len(stages), figsize=(7 * len(stages), 4), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        by_set = table[stage]
-        sets = sorted(k for k in by_set if k != "Avg") + ["Avg"]
-        models = [m for m in MODEL_ORDER if any(m in by_set[s] for s in sets)]
-        width = 0.8 / max(len(models), 1)
-        for i, m in enumerate(models):
-            ax.bar([x + i * width for x in range(len(sets))], [by_set[s].get(m, 0) for s in sets], width, label=m)
-        ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(sets))], sets)
-        ax.set_ylabel("nDCG@10")
-        ax.set_title(stage)
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4), squeeze=False)
+    for ax, (title, groups, series) in zip(axes[0], panels):
+        width = 0.8 / max(len(series), 1)
+        for i, (label, values) in enumerate(series.items()):
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=label)
+        for y, style in hlines:
+            ax.axhline(y, ls=style, c="gray")
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(groups))], groups)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -103,5 +103,16 @@ def chart_png(table: dict) -> bytes:
     return buf.getvalue()
 
 
-def png_markdown(png: bytes) -> str:
-    return f"![nDCG@10 by eval set and model](data:image/png;base64,{base64.b64encode(png).decode()})"
+def chart_png(table: dict) -> bytes:
+    panels = []
+    for stage in (s for s in ("retriever", "reranker") if s in table):
+        by_set = table[stage]
+        sets = sorted(k for k in by_set if k != "Avg") + ["Avg"]
+        models = [m for m in MODEL_ORDER if any(m in by_set[s] for s in sets)]
+        panels.append((stage, sets, {m: [by_set[s].get(m, 0) for s in sets] for m in models}))
+    return grouped_bar_png(panels, ylabel="nDCG@10")
+
+
+def png_markdown(png: bytes, alt: str = "nDCG@10 by eval set and model") -> str:
+    """A PNG inlined as a data URI: Dagster renders it in markdown metadata."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

@@ -105,9 +105,13 @@ def judge_agreement(context: dg.AssetExecutionContext, config: AgreementConfig, 
         w = csv.writer(f)
         w.writerow(HEADERS)
         w.writerows(rows)
-    png = _chart(rows)
+    from rlhn_assets.lib.report import grouped_bar_png, png_markdown
+
+    # dotted / dashed: the paper's kappa of GPT-4o-mini / GPT-4o against humans
+    png = grouped_bar_png([("agreement with human labels (dotted/dashed: paper kappa 4o-mini / 4o)",
+                            ["kappa", "P", "R", "F1"], {r[0]: list(r[1:5]) for r in rows})],
+                          hlines=((0.320, ":"), (0.390, "--")))
     (out / "judge_agreement.png").write_bytes(png)
-    from rlhn_assets.lib.report import png_markdown
 
     context.log.info("\n" + table)
     return dg.MaterializeResult(metadata={
@@ -118,28 +122,3 @@ def judge_agreement(context: dg.AssetExecutionContext, config: AgreementConfig, 
         "report_csv": dg.MetadataValue.path(str(out / "judge_agreement.csv")),
         **{f"kappa_{r[0].split(' ')[0]}": r[1] for r in rows},
     })
-
-
-def _chart(rows) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = ["kappa", "P", "R", "F1"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        ax.bar([x + i * width for x in range(4)], r[1:5], width, label=r[0])
-    ax.axhline(0.320, ls=":", c="gray")
-    ax.axhline(0.390, ls="--", c="gray")
-    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(4)], metrics)
-    ax.set_title("agreement with human labels (dotted/dashed: paper kappa 4o-mini / 4o)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()

@@ -1,0 +1,164 @@
+"""`dataset_pruning`: the leave-one-dataset-out study (paper Fig. 4 / Table 12) that recommends which source
+datasets the `pruned` stage keeps. Training/eval code is the same as the trained_* and eval_scores stages'."""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from rlhn_assets import settings
+from rlhn_assets.defs.ingest.assets import raw_bge
+from rlhn_assets.defs.train.assets import TrainConfig, _settings
+from rlhn_assets.lib.pruning import RECOMMENDATION_FILE
+from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB
+
+
+class LeaveOneOutConfig(dg.Config):
+    train: TrainConfig = TrainConfig()
+    eval_sets: list[str] = []  # empty = every eval set under data/eval/
+    eval_max_seq_length: int = 256
+    max_instances_per_dataset: int | None = None  # a sample for quick studies (the first N by instance id)
+    avg_tolerance: float = 0.002  # nDCG@10; see lib/leave_one_out.py for the rule
+    in_domain_tolerance: float = 0.010
+    # Write data/pruning/recommendation.json (the `pruned` stage follows it unless the registry says keep:).
+    # False = report only (the demo: 8 training steps are too few to decide anything).
+    apply: bool = True
+
+
+def _fingerprint(instances, train_settings) -> str:
+    h = hashlib.sha256(json.dumps(train_settings.to_dict(), sort_keys=True).encode())
+    for inst in instances:
+        h.update(json.dumps([inst.query, inst.positives, inst.negatives]).encode())
+    return h.hexdigest()[:16]
+
+
+def _train_cached(root: Path, instances, train_settings, log) -> tuple[str, str]:
+    """(model path, data version): training inputs + settings are the cache key, so a re-run with unchanged raw
+    data trains nothing (training is deterministic per thread count, lib/training.py)."""
+    from rlhn_assets.lib.training import train_retriever
+
+    folder = root / _fingerprint(instances, train_settings)
+    done = folder / "trained.json"
+    if done.exists():
+        info = json.loads(done.read_text())
+        log(f"  reusing {folder.name} (same training inputs and settings)")
+        return str(folder / "model"), info["data_version"]
+    staging = root / "_staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    result = train_retriever(instances, train_settings, staging / "model", log=log)
+    (staging / "trained.json").write_text(json.dumps({"data_version": result.data_version, "steps": result.steps,
+                                                      "queries": len(instances)}))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    return str(folder / "model"), result.data_version
+
+
+def _scores(model_path: str, version: str, datasets: dict, max_seq_length: int, log) -> dict[str, float]:
+    from rlhn_assets.lib.embeddings import load_model
+    from rlhn_assets.lib.evaluation import dense_search, evaluate
+
+    model = load_model(model_path)
+    model.max_seq_length = max_seq_length
+    out = {}
+    for name, ds in datasets.items():
+        # the same cache key as eval_scores, so the ALL / base models share embeddings with it when identical
+        results, _ = dense_search(model, f"{version[:16]}:len{max_seq_length}", ds,
+                                  cache_dir=settings.cache_dir() / "embeddings", progress=None)
+        out[name] = evaluate(ds.qrels, results)["ndcg@10"]
+    log("  nDCG@10 " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return out
+
+
+@dg.asset(
+    group_name="ingest",
+    code_version="1",
+    deps=[raw_bge],
+    kinds={"pytorch", "beir"},
+    pool="training",
+    description=(
+        "Leave-one-dataset-out study (the paper's Fig. 4 / Table 12): a retriever trained on ALL source datasets' "
+        "raw instances and one trained without each dataset, scored on every eval set. Rule: prune a dataset when "
+        "leaving it out changes the average nDCG@10 by >= -0.2 points and lowers none of its in-domain eval sets "
+        "(registry `in_domain_eval`, default the eval set of the same name) by more than 1 point. Writes "
+        "data/pruning/recommendation.json (read by `pruned`; a manual `keep:` wins) and leave_one_out.{md,csv}. "
+        "No automation: it trains N+1 models, so it runs when you ask for it."
+    ),
+)
+def dataset_pruning(context: dg.AssetExecutionContext, config: LeaveOneOutConfig, duckdb: RLHNDuckDB,
+                    registry: DatasetRegistryResource) -> dg.MaterializeResult:
+    from rlhn_assets.lib import leave_one_out as loo
+    from rlhn_assets.lib.embeddings import base_model_path, dir_hash
+    from rlhn_assets.lib.evaluation import list_eval_sets, load_beir_eval
+    from rlhn_assets.lib.report import png_markdown
+    from rlhn_assets.lib.training_data import load_training_instances
+
+    reg = registry.load()
+    eval_root = settings.data_dir() / "eval"
+    eval_sets = list(config.eval_sets) or list_eval_sets(eval_root)
+    unknown = [e for e in eval_sets if not (eval_root / e).is_dir()]
+    if unknown or not eval_sets:
+        raise dg.Failure(f"eval sets {unknown or '(none)'} not found under {eval_root}")
+    evals = {e: load_beir_eval(eval_root / e, "test") for e in eval_sets}
+    rule = loo.PruningRule(config.avg_tolerance, config.in_domain_tolerance)
+    train_settings = _settings(config.train)
+    max_neg = max(config.train.hard_negatives, 25)
+    t0 = time.perf_counter()
+
+    with duckdb.get_connection() as conn:
+        all_instances, sizes = load_training_instances(conn, None, max_negatives=max_neg,
+                                                       max_per_dataset=config.max_instances_per_dataset)
+    datasets = [d for d in reg.names if sizes.get(d)]
+    if len(datasets) < 2:
+        raise dg.Failure(f"leave-one-out needs at least 2 ingested datasets, found {datasets}: materialize raw_bge")
+    models_root = settings.data_dir() / "models" / "leave_one_out"
+    steps = len(datasets) + 2
+    context.log.info(f"[1/{steps}] base model")
+    base_path = base_model_path()
+    base = _scores(str(base_path), dir_hash(base_path), evals, config.eval_max_seq_length, context.log.info)
+    context.log.info(f"[2/{steps}] ALL: {len(all_instances):,} queries from {sizes}")
+    path, version = _train_cached(models_root, all_instances, train_settings, context.log.info)
+    all_scores = _scores(path, version, evals, config.eval_max_seq_length, context.log.info)
+    without, queries = {}, {}
+    for i, ds in enumerate(datasets, 3):
+        with duckdb.get_connection() as conn:
+            inst, _ = load_training_instances(conn, None, max_negatives=max_neg, exclude_datasets=(ds,),
+                                              max_per_dataset=config.max_instances_per_dataset)
+        context.log.info(f"[{i}/{steps}] without {ds}: {len(inst):,} queries")
+        path, version = _train_cached(models_root, inst, train_settings, context.log.info)
+        without[ds], queries[ds] = _scores(path, version, evals, config.eval_max_seq_length, context.log.info), len(inst)
+
+    in_domain = {d: loo.in_domain_sets(d, reg.get(d).in_domain_eval, eval_sets) for d in datasets}
+    rows = loo.recommend(all_scores, without, eval_sets, in_domain, queries, rule)
+    md = loo.to_markdown(eval_sets, base, all_scores, len(all_instances), rows, rule)
+    out = (reg.data_dir / RECOMMENDATION_FILE).parent  # where `pruned` reads the recommendation
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leave_one_out.md").write_text(md + "\n")
+    loo.write_csv(rows, all_scores, eval_sets, out / "leave_one_out.csv")
+    png = loo.delta_chart_png(rows)
+    (out / "leave_one_out.png").write_bytes(png)
+    provenance = {"train": train_settings.to_dict(), "eval_sets": eval_sets, "training_set_sizes": sizes,
+                  "max_instances_per_dataset": config.max_instances_per_dataset}
+    if config.apply:
+        tmp = out / (Path(RECOMMENDATION_FILE).name + ".tmp")
+        tmp.write_text(json.dumps(loo.recommendation_doc(rows, rule, provenance), indent=2) + "\n")
+        os.replace(tmp, reg.data_dir / RECOMMENDATION_FILE)
+        context.log.info(f"wrote {reg.data_dir / RECOMMENDATION_FILE}: the `pruned` stage follows it for "
+                         "datasets without a manual keep:")
+    manual = {d: reg.get(d).keep for d in datasets if reg.get(d).keep is not None}
+    context.log.info("\n" + md)
+    return dg.MaterializeResult(metadata={
+        "leave_one_out": dg.MetadataValue.md(md),
+        "chart": dg.MetadataValue.md(png_markdown(png, "change of average nDCG@10 when a dataset is left out")),
+        "rule": rule.describe(),
+        "recommended_prune": dg.MetadataValue.json(sorted(r.dataset for r in rows if not r.keep)),
+        "manual_overrides": dg.MetadataValue.json(manual),
+        "applied": config.apply,
+        "avg_ndcg@10_all": round(loo.average(all_scores, eval_sets), 4),
+        "models_trained": len(datasets) + 1,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "report": dg.MetadataValue.path(str(out / "leave_one_out.md")),
+    })
