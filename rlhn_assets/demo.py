@@ -6,6 +6,7 @@ assets, and a failing blocking check stops the demo with the check's message."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -33,6 +34,10 @@ DEMO_VARIANTS = tuple(os.environ.get("RLHN_DEMO_VARIANTS", "default,s1_rlhn,s2_r
 DEMO_TRAIN = {"max_steps": int(os.environ.get("RLHN_DEMO_TRAIN_STEPS", "8")), "batch_size": 16, "max_seq_length": 96,
               "hard_negatives": 3}
 DEMO_EVAL = {"max_seq_length": 128, "rerank_top_k": 20}
+# Leave-one-out pruning at demo sizes (5 models): report only, since 4 training steps decide nothing; one small
+# eval set at 64 tokens keeps it to a few minutes.
+DEMO_PRUNING = {"train": {**DEMO_TRAIN, "max_steps": 4}, "eval_sets": ["cisi"], "eval_max_seq_length": 64,
+                "max_instances_per_dataset": 48, "apply": False}
 
 
 def run_config(full: bool) -> dict:
@@ -40,7 +45,8 @@ def run_config(full: bool) -> dict:
     if full:
         return {"ops": {"pruned": {"config": prune}}}
     prune["max_instances"] = DEMO_MAX_INSTANCES
-    return {"ops": {"pruned": {"config": prune}, "trained_retriever": {"config": DEMO_TRAIN},
+    return {"ops": {"pruned": {"config": prune}, "dataset_pruning": {"config": DEMO_PRUNING},
+                    "trained_retriever": {"config": DEMO_TRAIN},
                     "trained_reranker": {"config": DEMO_TRAIN}, "eval_scores": {"config": DEMO_EVAL}}}
 
 
@@ -66,6 +72,7 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
 def stages(variants=VARIANTS) -> list[tuple[list[str], list]]:
     return [
         (["hard_negative_mining", "raw_bge", "pruned"], list(DATASETS)),
+        (["dataset_pruning"], [None]),
         (["tier1_judgments", "tier2_judgments"], list(DATASETS)),
         (["relabeled"], [dg.MultiPartitionKey({"dataset": ds, "variant": v}) for ds in DATASETS for v in VARIANTS]),
         (["trained_retriever", "trained_reranker"], list(variants)),
@@ -94,6 +101,12 @@ def main() -> None:
     print("\nDone in %.0fs. Wall time per stage:" % total)
     for k, s in timings.items():
         print(f"  {s:7.1f}s  {k}")
+    reports = settings.data_dir() / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "demo_timings.json").write_text(json.dumps({
+        "full": full, "total_s": round(total, 1), "stages_s": {k: round(v, 1) for k, v in timings.items()},
+        "max_instances": None if full else DEMO_MAX_INSTANCES, "variants": list(VARIANTS if full else DEMO_VARIANTS),
+        "load_avg_1m_end": round(os.getloadavg()[0], 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
     with connect(db, read_only=True) as conn:
         print(f"\nResults are in the DuckDB file {db}")
         rows = conn.execute("""
@@ -114,6 +127,9 @@ def main() -> None:
                 "SELECT variant, count(*), sum(false_negatives) FROM relabeled_instances GROUP BY 1 ORDER BY 1").fetchall():
             print(f"    {v:<14}{n:>7} instances  {fn:>5} false negatives")
         print(f"  exports (rlhn schema, Parquet + JSONL): {settings.data_dir() / 'exports'}")
+    loo_md = settings.data_dir() / "pruning" / "leave_one_out.md"
+    if loo_md.exists():
+        print("\nLeave-one-out dataset pruning (report only at demo sizes):\n" + loo_md.read_text())
     report_md = settings.data_dir() / "reports" / "comparison.md"
     if report_md.exists():
         print("\n" + report_md.read_text())

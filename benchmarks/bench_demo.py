@@ -1,0 +1,76 @@
+"""`make demo` wall time per stage, cold, as a new user gets it (a report, not a test).
+
+    .venv/bin/python benchmarks/bench_demo.py [--keep]
+
+Runs ``python -m rlhn_assets.demo`` in a child process against a private copy of the bundled data directory
+(no DuckDB files, no embedding / LLM caches, no trained models) with its own DAGSTER_HOME, so nothing of the
+developer's state is used or touched; the installed local LLM stack (llama.cpp server, GGUF files) is reused,
+as it is after `make demo`'s install step. Reads the demo's own per-stage timings
+(``reports/demo_timings.json``), prints them with the share of the total and the target (total <= 20 min on
+the 2-core machine), and writes data/reports/bench_demo.json. The load average before/after is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT_PATH = ROOT / "data" / "reports" / "bench_demo.json"
+TARGET_S = 20 * 60
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--report", type=Path, default=REPORT_PATH)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="rlhn-bench-demo-"))
+    data = tmp / "data"
+    shutil.copytree(ROOT / "data", data, ignore=shutil.ignore_patterns(
+        "*.duckdb*", "cache", "models", "reports", "exports", "pruning"))
+    home = tmp / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "RLHN_DATA_DIR": str(data), "RLHN_CACHE_DIR": str(tmp / "cache"),
+           "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("RLHN_DUCKDB", None)
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(tmp / "demo.log", "w") as log:
+        rc = subprocess.call([sys.executable, "-m", "rlhn_assets.demo"], cwd=ROOT, env=env, stdout=log,
+                             stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    timings_file = data / "reports" / "demo_timings.json"
+    if rc != 0 or not timings_file.exists():
+        print((tmp / "demo.log").read_text()[-4000:])
+        sys.exit(f"the demo failed (exit {rc}); log: {tmp / 'demo.log'}")
+    t = json.loads(timings_file.read_text())
+    total = t["total_s"]
+    print(f"make demo (cold, {t['max_instances']} instances per dataset, models {', '.join(t['variants'])}): "
+          f"{total:.0f} s in stages, {wall:.0f} s with start-up; load avg {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"  {'seconds':>8}  {'share':>6}  stage")
+    for stage, s in t["stages_s"].items():
+        print(f"  {s:8.1f}  {s / total:6.1%}  {stage}")
+    met = wall <= TARGET_S
+    print(f"target: <= {TARGET_S / 60:.0f} min -> {'MET' if met else 'MISSED'} ({wall / 60:.1f} min)")
+    summary = [{"metric": "make demo wall time (cold, s)", "value": round(wall, 1), "target": f"<= {TARGET_S}",
+                "met": met}] + [{"metric": f"stage: {k} (s)", "value": v, "target": "", "met": None}
+                                for k, v in t["stages_s"].items()]
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps({"summary": summary, "wall_s": round(wall, 1), "demo": t,
+                                       "load_avg_before": round(load_before, 2),
+                                       "load_avg_after": round(os.getloadavg()[0], 2)}, indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
