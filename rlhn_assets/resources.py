@@ -17,11 +17,14 @@ from rlhn_assets.registry import Registry, load_registry
 
 class RLHNDuckDB(DuckDBResource):
     """dagster-duckdb's resource, with a connection that is always closed (upstream leaks it on an
-    exception) and a longer lock back-off, so a run waiting on another run's short write never fails."""
+    exception) and a longer lock wait (``lib.db.open_with_lock_retry``: capped back-off up to
+    ``RLHN_DUCKDB_LOCK_TIMEOUT_S``, default 600 s, logged to the run), so a run waiting on another run's short
+    write never fails."""
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with connect(self.database, config={"custom_user_agent": "dagster", **self.connection_config}) as conn:
+        with connect(self.database, config={"custom_user_agent": "dagster", **self.connection_config},
+                     log=dg.get_dagster_logger()) as conn:
             ensure_schema(conn)
             yield conn
 

@@ -3,12 +3,17 @@ its columns (DuckDB inserts are positional otherwise; dagster-notes pitfall 1)."
 
 from __future__ import annotations
 
+import logging
+import os
+import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import duckdb
+
+_log = logging.getLogger(__name__)
 
 # Stage tables. Every row carries its dataset (the partition key) so a partition is replaced by
 # `DELETE ... WHERE dataset = ?` + insert inside one transaction.
@@ -40,25 +45,69 @@ def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute(stmt)
 
 
-@contextmanager
-def connect(database: str | Path, *, read_only: bool = False, config: dict | None = None,
-            retries: int = 12, first_delay: float = 0.1) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open a DuckDB connection and always close it.
+class DuckDBLockTimeout(duckdb.IOException):
+    """Another process held the DuckDB file's write lock for longer than the lock timeout."""
 
-    DuckDB allows one writer process per file; a second process gets an IOException while another holds
-    the lock. Keep connections short and retry with doubling back-off (0.1 s .. ~7 min total), like
-    dagster-duckdb does, but close the connection on any exception (dagster-duckdb leaks it)."""
-    Path(database).parent.mkdir(parents=True, exist_ok=True)
-    delay = first_delay
-    for attempt in range(retries + 1):
+
+def lock_timeout_s() -> float:
+    """How long a connection waits for another process's lock: ``RLHN_DUCKDB_LOCK_TIMEOUT_S`` (default 600 s)."""
+    return float(os.environ.get("RLHN_DUCKDB_LOCK_TIMEOUT_S", "600"))
+
+
+def _is_lock_error(exc: duckdb.IOException) -> bool:
+    # DuckDB 1.x/2.x: 'IO Error: Could not set lock on file "...": Conflicting lock is held in ... (PID n)'
+    return "lock" in str(exc).lower()
+
+
+def open_with_lock_retry(database: str | Path, *, read_only: bool = False, config: dict | None = None,
+                         timeout_s: float | None = None, first_delay: float = 0.05, max_delay: float = 2.0,
+                         log: logging.Logger | None = None) -> duckdb.DuckDBPyConnection:
+    """``duckdb.connect`` that waits for another process's file lock.
+
+    DuckDB allows one writer process per file (readers too are blocked by a writer); a second process gets
+    ``IOException: Could not set lock on file``. Retry with doubling, jittered back-off capped at ``max_delay``
+    (short, so a lock held for a few seconds costs a few seconds) until ``timeout_s``, then raise
+    ``DuckDBLockTimeout`` naming the file and the wait. Other IO errors are raised at once. Waits are logged."""
+    log = log or _log
+    timeout_s = lock_timeout_s() if timeout_s is None else timeout_s
+    t0 = time.monotonic()
+    delay, attempt = first_delay, 0
+    while True:
         try:
             conn = duckdb.connect(str(database), read_only=read_only, config=config or {})
-            break
-        except duckdb.IOException:
-            if attempt == retries:
+        except duckdb.IOException as exc:
+            if not _is_lock_error(exc):
                 raise
-            time.sleep(delay)
-            delay = min(delay * 2, 60)
+            waited = time.monotonic() - t0
+            if waited >= timeout_s:
+                log.error(f"DuckDB {database}: still locked by another process after {waited:.1f} s; giving up")
+                raise DuckDBLockTimeout(
+                    f"DuckDB file {database} stayed locked by another process for {waited:.1f} s "
+                    f"({attempt + 1} attempts; RLHN_DUCKDB_LOCK_TIMEOUT_S={timeout_s:g}). DuckDB allows one writer "
+                    f"process per file: close other connections (a DuckDB CLI, a notebook) or run fewer runs at "
+                    f"once. Last error: {exc}") from exc
+            attempt += 1
+            sleep = min(delay * random.uniform(0.5, 1.5), max_delay, timeout_s - waited)
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning(f"DuckDB {database} is locked by another process; waiting (attempt {attempt}, "
+                            f"{waited:.1f} s so far, timeout {timeout_s:g} s)")
+            time.sleep(max(sleep, 0.0))
+            delay = min(delay * 2, max_delay)
+            continue
+        if attempt:
+            log.info(f"DuckDB {database}: lock acquired after {time.monotonic() - t0:.1f} s ({attempt} retries)")
+        return conn
+
+
+@contextmanager
+def connect(database: str | Path, *, read_only: bool = False, config: dict | None = None,
+            timeout_s: float | None = None, log: logging.Logger | None = None
+            ) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open a DuckDB connection, waiting for another process's lock (``open_with_lock_retry``), and always
+    close it. Keep connections short: read, close, compute, then open again to write."""
+    if str(database) != ":memory:" and not str(database).startswith("md:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    conn = open_with_lock_retry(database, read_only=read_only, config=config, timeout_s=timeout_s, log=log)
     try:
         yield conn
     finally:

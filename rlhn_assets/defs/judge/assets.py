@@ -137,6 +137,7 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
     deps=[pruned],
     kinds={"openai", "duckdb"},
     pool="llm_judge",
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per dataset
     retry_policy=JUDGE_RETRY,
     description=(
         "Tier 1 of the judge cascade: every negative of every `pruned` instance gets a verdict (better / worse / "
@@ -158,6 +159,7 @@ def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, d
     deps=[tier1_judgments],
     kinds={"openai", "duckdb"},
     pool="llm_judge",
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per dataset
     retry_policy=JUDGE_RETRY,
     description=(
         "Tier 2 of the cascade: re-judges only the instances in which tier 1 listed any negative as better or "

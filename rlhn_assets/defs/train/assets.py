@@ -82,6 +82,7 @@ def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.Ma
     deps=[dg.AssetDep(relabeled, partition_mapping=_BY_VARIANT)],
     kinds={"pytorch", "sentence_transformers"},
     pool="training",
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per variant
     description=(
         "A retriever fine-tuned per variant: the packaged all-MiniLM-L6-v2 (loaded by path) trained with "
         "sentence-transformers' SentenceTransformerTrainer and MultipleNegativesRankingLoss (InfoNCE, in-batch + "
@@ -102,6 +103,7 @@ def trained_retriever(context: dg.AssetExecutionContext, config: TrainConfig, du
     deps=[dg.AssetDep(relabeled, partition_mapping=_BY_VARIANT)],
     kinds={"pytorch", "sentence_transformers"},
     pool="training",
+    backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per variant
     description=(
         "A reranker per variant: a sentence-transformers CrossEncoder initialized from the same MiniLM weights "
         "(new 1-logit head), trained with BinaryCrossEntropyLoss on the variant's (query, positive) = 1 / "
