@@ -144,3 +144,22 @@ def test_pruning_cleans_duplicates_overlaps_and_caps(definitions, instance, db_p
     assert md["duplicates_removed"].value == 1 and md["capped_negatives_removed"].value == 2
     with duckdb.connect(str(db_path), read_only=True) as c:
         assert c.execute("SELECT negative_ids FROM pruned_instances").fetchall() == [(["n0", "n1", "n2"],)]
+
+
+def test_single_run_backfill_of_pruned_over_a_range_runs_its_checks_for_every_dataset(
+        definitions, resources, instance, db_path):
+    # `pruned` has a single-run backfill policy: one run covers a partition range (here fiqa..nq in registry
+    # order), and its per-partition checks must evaluate every dataset of the range, not just one.
+    for p in ("fiqa", "nq"):
+        assert _materialize(definitions, p, resources, instance, selection=["raw_bge"]).success
+    sel = dg.AssetSelection.assets("pruned") | dg.AssetSelection.checks_for_assets("pruned")
+    result = dg.materialize(list(definitions.assets) + list(definitions.asset_checks), selection=sel,
+                            resources=resources, instance=instance,
+                            tags={"dagster/asset_partition_range_start": "fiqa",
+                                  "dagster/asset_partition_range_end": "nq"})
+    assert result.success
+    evals = result.get_asset_check_evaluations()
+    assert evals and all(e.passed for e in evals)
+    decision = next(e for e in evals if e.check_name == "pruned_decision_applied")
+    assert "fiqa" in decision.description and "nq" in decision.description
+    assert instance.get_materialized_partitions(dg.AssetKey("pruned")) == {"fiqa", "nq"}
