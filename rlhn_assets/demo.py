@@ -50,7 +50,13 @@ def run_config(full: bool) -> dict:
                     "trained_reranker": {"config": DEMO_TRAIN}, "eval_scores": {"config": DEMO_EVAL}}}
 
 
-def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition, config: dict) -> float:
+class StageFailed(RuntimeError):
+    """A step or an asset check of the graph failed; the message says which (details went to stderr)."""
+
+
+def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition, config: dict
+         ) -> tuple[float, int]:
+    """Materialize ``keys`` (+ their checks) for one partition; (seconds, checks evaluated)."""
     selection = dg.AssetSelection.assets(*keys) | dg.AssetSelection.checks_for_assets(*keys)
     ops = {k: v for k, v in config["ops"].items() if k in keys}
     t0 = time.perf_counter()
@@ -64,8 +70,8 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
             print(f"  check {e.check_name}[{partition}] FAILED: {e.description}", file=sys.stderr)
         for ev in result.get_step_failure_events():
             print(f"  step {ev.step_key} FAILED: {ev.event_specific_data.error.message.strip()[:2000]}", file=sys.stderr)
-        raise SystemExit(f"demo stopped: {', '.join(keys)} [{partition}] failed")
-    return seconds
+        raise StageFailed(f"{', '.join(keys)} [{partition}] failed")
+    return seconds, len(result.get_asset_check_evaluations())
 
 
 # (asset keys materialized together, partition keys) in graph order
@@ -73,13 +79,28 @@ def stages(variants=VARIANTS) -> list[tuple[list[str], list]]:
     return [
         (["hard_negative_mining", "raw_bge", "pruned"], list(DATASETS)),
         (["dataset_pruning"], [None]),
-        (["tier1_judgments", "tier2_judgments"], list(DATASETS)),
+        (["tier1_judgments", "judging_cost_estimate", "tier2_judgments"], list(DATASETS)),
         (["relabeled"], [dg.MultiPartitionKey({"dataset": ds, "variant": v}) for ds in DATASETS for v in VARIANTS]),
         (["trained_retriever", "trained_reranker"], list(variants)),
         (["eval_scores"], [dg.MultiPartitionKey({"eval_set": e, "model": m}) for m in ("base",) + tuple(variants)
                            for e in EVAL_SETS]),
         (["comparison_report"], [None]),
     ]
+
+
+def materialize_graph(d: dg.Definitions, instance: dg.DagsterInstance, config: dict, variants,
+                      log=print) -> tuple[dict[str, float], int]:
+    """Every stage of ``stages(variants)`` in graph order, checks included; (seconds per stage, checks passed).
+    Raises StageFailed at the first failed step or check."""
+    timings: dict[str, float] = {}
+    checks = 0
+    for keys, partitions in stages(variants):
+        for p in partitions:
+            log(f"materializing {', '.join(keys)} [{p}] ...")
+            seconds, n = _run(d, instance, keys, p, config)
+            timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + seconds
+            checks += n
+    return timings, checks
 
 
 def main() -> None:
@@ -89,22 +110,22 @@ def main() -> None:
           f"<= {DEMO_MAX_NEGATIVES} negatives per instance; judge preset {preset_name()!r}; "
           f"models: {'all variants' if full else ', '.join(DEMO_VARIANTS)}")
     d = defs()
-    timings: dict[str, float] = {}
     t_all = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        for keys, partitions in stages(VARIANTS if full else DEMO_VARIANTS):
-            for p in partitions:
-                print(f"materializing {', '.join(keys)} [{p}] ...", flush=True)
-                timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + _run(d, instance, keys, p, config)
+        try:
+            timings, checks = materialize_graph(d, instance, config, VARIANTS if full else DEMO_VARIANTS,
+                                                log=lambda m: print(m, flush=True))
+        except StageFailed as e:
+            raise SystemExit(f"demo stopped: {e}") from e
     total = time.perf_counter() - t_all
     db = settings.duckdb_path()
-    print("\nDone in %.0fs. Wall time per stage:" % total)
+    print("\nDone in %.0fs (%d asset checks passed). Wall time per stage:" % (total, checks))
     for k, s in timings.items():
         print(f"  {s:7.1f}s  {k}")
     reports = settings.data_dir() / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "demo_timings.json").write_text(json.dumps({
-        "full": full, "total_s": round(total, 1), "stages_s": {k: round(v, 1) for k, v in timings.items()},
+        "full": full, "total_s": round(total, 1), "checks_passed": checks, "stages_s": {k: round(v, 1) for k, v in timings.items()},
         "max_instances": None if full else DEMO_MAX_INSTANCES, "variants": list(VARIANTS if full else DEMO_VARIANTS),
         "load_avg_1m_end": round(os.getloadavg()[0], 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
     with connect(db, read_only=True) as conn:

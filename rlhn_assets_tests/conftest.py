@@ -51,3 +51,34 @@ def tmp_data(tmp_path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(DATA, dst, ignore=shutil.ignore_patterns("*.duckdb*", "cache", "models", "reports", "exports"))
     return dst
+
+
+def tiny_beir_copy(src: Path, dst: Path, *, queries: int = 12, extra_docs: int = 60, split: str = "test") -> None:
+    """A small BEIR folder cut from ``src``: the first ``queries`` judged queries, their relevant passages and
+    the first ``extra_docs`` other passages (distractors), so an eval set costs seconds instead of minutes."""
+    import gzip
+    import json
+
+    corpus_src = next(p for p in (src / "corpus.jsonl", src / "corpus.jsonl.gz") if p.exists())
+    lines = (src / "qrels" / f"{split}.tsv").read_text().splitlines()
+    by_q: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        q, d, g = line.split("\t")
+        if int(g) > 0:
+            by_q.setdefault(q, []).append(line)
+    keep_q = list(by_q)[:queries]
+    wanted = {line.split("\t")[1] for q in keep_q for line in by_q[q]}
+    dst.mkdir(parents=True)
+    (dst / "qrels").mkdir()
+    opener = gzip.open if corpus_src.suffix == ".gz" else open
+    extra = 0
+    with opener(corpus_src, "rt") as f, open(dst / "corpus.jsonl", "w") as out:
+        for line in f:
+            doc_id = json.loads(line)["_id"]
+            if doc_id in wanted or extra < extra_docs:
+                extra += doc_id not in wanted
+                out.write(line)
+    with open(src / "queries.jsonl") as f, open(dst / "queries.jsonl", "w") as out:
+        out.writelines(line for line in f if json.loads(line)["_id"] in set(keep_q))
+    (dst / "qrels" / f"{split}.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(line + "\n" for q in keep_q for line in by_q[q]))

@@ -1,9 +1,7 @@
 """Leave-one-dataset-out pruning: the rule on the paper's Table 12, the recommendation feeding `pruned` (a manual
 keep: wins), the data version of only the affected partition changing, and the asset end to end."""
 
-import gzip
 import json
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -13,7 +11,7 @@ from rlhn_assets.lib import leave_one_out as loo
 from rlhn_assets.lib.db import connect
 from rlhn_assets.lib.fingerprint import dataset_fingerprint
 from rlhn_assets.registry import load_registry
-from rlhn_assets_tests.conftest import make_resources
+from rlhn_assets_tests.conftest import make_resources, tiny_beir_copy
 
 # The paper's Table 12 (E5-base, 14 BEIR sets): Avg14 of ALL and of each "w/o X", the in-domain cell(s) of
 # the datasets that have a BEIR counterpart (ALL value, w/o value), and the paper's keep decision.
@@ -111,37 +109,6 @@ def test_recommendation_feeds_pruned_and_a_manual_keep_wins(tmp_data, db_path, i
     assert (kept, by) == (True, "manual") and n == 25
 
 
-def _tiny_eval_set(src: Path, dst: Path, docs: int = 150) -> None:
-    """A BEIR folder cut from Cranfield: the first queries whose relevant docs are all among ``docs`` passages."""
-    dst.mkdir(parents=True)
-    (dst / "qrels").mkdir()
-    corpus = []
-    with gzip.open(src / "corpus.jsonl.gz", "rt") as f:
-        for line in f:
-            corpus.append(json.loads(line))
-            if len(corpus) == docs:
-                break
-    ids = {d["_id"] for d in corpus}
-    qrels = [l.rstrip("\n").split("\t") for l in (src / "qrels" / "test.tsv").read_text().splitlines()[1:]]
-    by_q: dict[str, list] = {}
-    for q, d, g in qrels:
-        by_q.setdefault(q, []).append((d, g))
-    keep = {q for q, rel in by_q.items() if all(d in ids for d, _ in rel)}
-    with open(dst / "corpus.jsonl", "w") as f:
-        for d in corpus:
-            f.write(json.dumps(d) + "\n")
-    with open(dst / "queries.jsonl", "w") as f:
-        for line in (src / "queries.jsonl").read_text().splitlines():
-            if json.loads(line)["_id"] in keep:
-                f.write(line + "\n")
-    with open(dst / "qrels" / "test.tsv", "w") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for q in sorted(keep):
-            for d, g in by_q[q]:
-                f.write(f"{q}\t{d}\t{g}\n")
-    assert keep, "the cut kept no query"
-
-
 @pytest.mark.slow
 def test_dataset_pruning_asset_trains_leave_one_out_models_and_writes_the_recommendation(
         tmp_data, db_path, instance, monkeypatch, tmp_path):
@@ -149,7 +116,7 @@ def test_dataset_pruning_asset_trains_leave_one_out_models_and_writes_the_recomm
 
     monkeypatch.setenv("RLHN_DATA_DIR", str(tmp_data))
     monkeypatch.setenv("RLHN_CACHE_DIR", str(tmp_path / "cache"))
-    _tiny_eval_set(tmp_data / "eval" / "cranfield", tmp_data / "eval" / "tiny")
+    tiny_beir_copy(tmp_data / "eval" / "cranfield", tmp_data / "eval" / "tiny")
     resources = make_resources(db_path, DatasetRegistryResource(path=str(tmp_data / "datasets.yaml")))
     for ds in ("msmarco_passage", "fiqa", "nq"):
         _materialize(["raw_bge"], ds, resources, instance)
