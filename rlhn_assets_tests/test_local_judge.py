@@ -20,7 +20,7 @@ def _stack_or_skip():
 
     try:
         local_llm.find_llama_server()
-        local_llm.assemble_gguf("qwen2.5-coder-0.5b")
+        local_llm.assemble_gguf(PRESETS["local"]["tier2_judge"].local_model)
     except Exception as e:  # not installed here
         if os.environ.get("CI"):
             pytest.fail(f"local LLM stack missing under CI: {e}")
@@ -37,8 +37,8 @@ def _instances(n=2, negs=3):
     return out
 
 
-# Listwise generation with a 0.5B model takes ~10-40 s per call on 2 cores: CI runs the pointwise kind (the local
-# preset's tier 2); the listwise path is covered by the replay tests in test_cascade_assets.py.
+# Listwise generation with the local models takes ~10-40 s per call on 2 cores: CI runs the pointwise kind (the
+# local preset's tier 2); the listwise path is covered by the replay tests in test_cascade_assets.py.
 @pytest.mark.parametrize("kind", ["pointwise"])
 def test_local_judge_through_a_real_llama_server(tmp_path, kind):
     _stack_or_skip()

