@@ -70,11 +70,14 @@ def main() -> None:
 
     lines = ["# Benchmarks", "", f"Run {time.strftime('%Y-%m-%d %H:%M')} on this machine ({os.cpu_count()} cores, "
              f"load avg now {os.getloadavg()[0]:.1f}); ratios are measured within one run of each script.", "",
-             "| benchmark | metric | value | target | met |", "|---|---|---:|---|---|"]
+             "| benchmark | measured | metric | value | target | met |", "|---|---|---|---:|---|---|"]
     for name, res in results.items():
+        # a script not run this time (--only) keeps its last result: the date says which run it comes from
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime((REPORTS / f"{name}.json").stat().st_mtime))
         for row in summarize(name, res):
             met = {True: "MET", False: "MISSED", None: ""}[row["met"]]
-            lines.append(f"| {name.removeprefix('bench_')} | {row['metric']} | {row['value']} | {row['target']} | {met} |")
+            lines.append(f"| {name.removeprefix('bench_')} | {when} | {row['metric']} | {row['value']} | "
+                         f"{row['target']} | {met} |")
     lines += ["", "Scripts this run: " + ", ".join(f"{k} ({v['wall_s']} s, exit {v['returncode']})"
                                                     for k, v in summary.items()), ""]
     for name, res in results.items():
