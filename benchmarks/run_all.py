@@ -73,7 +73,8 @@ def main() -> None:
              "| benchmark | measured | metric | value | target | met |", "|---|---|---|---:|---|---|"]
     for name, res in results.items():
         # a script not run this time (--only) keeps its last result: the date says which run it comes from
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime((REPORTS / f"{name}.json").stat().st_mtime))
+        when = (res.get("generated_at") or res.get("created") or time.strftime(
+            "%Y-%m-%dT%H:%M", time.localtime((REPORTS / f"{name}.json").stat().st_mtime)))[:16].replace("T", " ")
         for row in summarize(name, res):
             met = {True: "MET", False: "MISSED", None: ""}[row["met"]]
             lines.append(f"| {name.removeprefix('bench_')} | {when} | {row['metric']} | {row['value']} | "
