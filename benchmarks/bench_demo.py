@@ -38,7 +38,10 @@ def main() -> None:
         "*.duckdb*", "cache", "models", "reports", "exports", "pruning"))
     home = tmp / "dagster_home"
     home.mkdir()
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    # the repo's dagster.yaml with its relative storage paths made private to this run (relative paths resolve
+    # against the working directory, i.e. the repo's own .dagster/)
+    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text().replace(
+        "base_dir: .dagster/", f"base_dir: {home}/"))
     env = {**os.environ, "RLHN_DATA_DIR": str(data), "RLHN_CACHE_DIR": str(tmp / "cache"),
            "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("RLHN_DUCKDB", None)

@@ -54,6 +54,39 @@ def run_config(full: bool) -> dict:
                     "trained_reranker": {"config": DEMO_TRAIN}, "eval_scores": {"config": DEMO_EVAL}}}
 
 
+DEMO_PID_TAG = "rlhn/demo_pid"
+
+
+def release_dead_demo_runs(instance: dg.DagsterInstance, log=print) -> int:
+    """Mark runs of an earlier demo process that died (killed, Ctrl-C) as failed and free their pool slots.
+
+    The demo executes in process, without the daemon that would free the slot of a crashed run; a killed demo
+    would otherwise keep an `llm_judge` / `training` slot (dagster.yaml: limit 1) and the next demo would wait
+    on it forever ("Step blocked by limit for pool ...")."""
+    freed = 0
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
+                                                                   dg.DagsterRunStatus.STARTING])):
+        pid = run.tags.get(DEMO_PID_TAG)
+        if pid is None or _alive(int(pid)):
+            continue
+        instance.report_run_failed(run)
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        freed += 1
+    if freed:
+        log(f"released {freed} run(s) of an earlier demo process that died, and their pool slots")
+    return freed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class StageFailed(RuntimeError):
     """A step or an asset check of the graph failed; the message says which (details went to stderr)."""
 
@@ -66,7 +99,7 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
     t0 = time.perf_counter()
     result = dg.materialize(list(d.assets) + list(d.asset_checks), selection=selection, partition_key=partition,
                             resources=d.resources, instance=instance, raise_on_error=False,
-                            run_config={"ops": ops} if ops else None)
+                            run_config={"ops": ops} if ops else None, tags={DEMO_PID_TAG: str(os.getpid())})
     seconds = time.perf_counter() - t0
     failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
     if not result.success or failed:
@@ -116,6 +149,7 @@ def main() -> None:
     d = defs()
     t_all = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
+        release_dead_demo_runs(instance, log=lambda m: print(m, flush=True))
         try:
             timings, checks = materialize_graph(d, instance, config, VARIANTS if full else DEMO_VARIANTS,
                                                 log=lambda m: print(m, flush=True))
