@@ -133,12 +133,12 @@ def write_csv(rows: list[LeaveOneOutRow], all_scores: dict[str, float], eval_set
 
 def delta_chart_png(rows: list[LeaveOneOutRow]) -> bytes:
     """Fig. 4-like bars: change of the average nDCG@10 (points) when each dataset is left out."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from rlhn_assets.lib.report import figure_png
 
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.2))
     names = [f"w/o {r.dataset}" for r in rows]
@@ -147,8 +147,4 @@ def delta_chart_png(rows: list[LeaveOneOutRow]) -> bytes:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("Δ average nDCG@10 vs ALL (points); green = recommended prune")
     ax.invert_yaxis()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -96,6 +96,13 @@ def grouped_bar_png(panels: list[tuple[str, list[str], dict[str, list[float]]]],
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend(fontsize=7, ncol=2)
+    return figure_png(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout, 100 dpi); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
