@@ -72,7 +72,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--server", action="append", default=[], help="PATH or PATH=LABEL (repeatable)")
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "reports" /
+                    "bench_llama_builds.json")
     a = ap.parse_args()
     servers = [(Path(s.split("=", 1)[0]), s.split("=", 1)[1] if "=" in s else s) for s in a.server] or \
         [(find_llama_server(), "cached build")]
@@ -91,8 +92,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['build']} | {r['settings']} | " + (" | ".join(str(r.get(k, '')) for k in
               ("load_s", "s_per_judgment", "prompt_tok_s", "gen_tok_s")) if "error" not in r else f"crashed: {r['error']} | | |") + " |")
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=2))
+    summary = [{"metric": f"{r['build']} {r['settings']}: s/judgment ({a.model})", "value": r.get("s_per_judgment",
+                "crashed"), "target": "", "met": None} for r in rows]
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"summary": summary, "rows": rows, "model": a.model,
+                                  "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

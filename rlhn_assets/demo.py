@@ -186,8 +186,8 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
     if ticker:
         ticker.__enter__()
     try:
-        result = dg.materialize(list(d.assets) + list(d.asset_checks), selection=selection, partition_key=partition,
-                                resources=d.resources, instance=instance, raise_on_error=False,
+        result = dg.materialize(list(d.assets or []) + list(d.asset_checks or []), selection=selection,
+                                partition_key=partition, resources=d.resources or {}, instance=instance, raise_on_error=False,
                                 run_config=run_config or None,
                                 tags={DEMO_PID_TAG: str(os.getpid()), RUN_TOKEN_TAG: token})
     finally:
@@ -267,12 +267,18 @@ class Console:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+        # Python-level writers too (a replaced sys.stderr, e.g. under a test runner, would bypass the fds)
+        self._saved_sys = (sys.stdout, sys.stderr)
+        self._log_text = open(self.log_path, "a", buffering=1, errors="replace")
+        sys.stdout = sys.stderr = self._log_text
         return self
 
     def __exit__(self, *exc) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         self._clear_status()
+        sys.stdout, sys.stderr = self._saved_sys
+        self._log_text.close()
         if self._saved:
             os.dup2(self._saved[0], 1)
             os.dup2(self._saved[1], 2)

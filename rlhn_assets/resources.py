@@ -145,7 +145,11 @@ class JudgeTierResource(dg.ConfigurableResource):
                 server.start()
                 base_url = server.base_url
                 if log:
-                    log(f"llama.cpp server healthy at {base_url}")
+                    if len(server.attempts) > 1:
+                        log(f"llama.cpp server crashed on start ({server.attempts[0]['ended']}); running with "
+                            f"{' '.join(server.settings_args)} instead (recorded for the next start)")
+                    log(f"llama.cpp server healthy at {base_url} ({server.binary()}"
+                        f"{' ' + ' '.join(server.settings_args) if server.settings_args else ''})")
             with ResponseCache(cache_path) as cache:
                 client = self.make_client(cache, base_url)
                 if self.kind == "listwise":

@@ -21,7 +21,7 @@ FAKE = Path(__file__).parent / "fake_llama_server.py"
 
 # /proc/cpuinfo of a VM like the one where the native build crashed (AVX-512 + AMX), and of an old CPU
 AMX_CPUINFO = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu sse2 ssse3 sse4_1 "
-               "sse4_2 avx avx2 fma f16c bmi2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_tile amx_int8 "
+               "sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512bw avx512dq avx512vl avx512vbmi avx512_vnni avx512_bf16 amx_tile amx_int8 "
                "amx_bf16\n")
 OLD_CPUINFO = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) E5520\nflags\t\t: fpu sse2 ssse3 sse4_1 sse4_2 popcnt\n"
 
@@ -60,8 +60,9 @@ def gguf(tmp_path) -> Path:
     return p
 
 
-V3 = llama_build.X86_PROFILES[0]
-V2 = llama_build.X86_PROFILES[1]
+V4 = llama_build.profile_by_name("x86-64-v4-vnni")
+V3 = llama_build.profile_by_name("x86-64-v3")
+V2 = llama_build.profile_by_name("x86-64-v2")
 
 
 def _argv_log(tmp_path) -> Path:
@@ -145,6 +146,7 @@ def test_smoke_test_falls_back_and_records(tmp_path, gguf):
     r = llama_build.smoke_test(b.server, gguf, sha, log=lambda m: None)
     assert r["ok"] and r["args"] == ["--no-repack"]
     assert r["tried"][0]["ok"] is False and "SIGILL" in r["tried"][0]["error"]
+    assert r["tried"][1]["ok"] is True
     assert llama_build.recorded_args(b.server, sha) == ("--no-repack",)
 
 
@@ -157,14 +159,14 @@ def test_install_rebuilds_portable_when_no_setting_works(tmp_path, gguf, monkeyp
 
     def fake_build(profile, root=None, jobs=None, log=print):
         built.append(profile.name)
-        env = {"FAKE_LLAMA_CRASH": "SIGILL", "FAKE_LLAMA_CRASH_ALWAYS": "1"} if profile is V3 else {}
+        env = {"FAKE_LLAMA_CRASH": "SIGILL", "FAKE_LLAMA_CRASH_ALWAYS": "1"} if profile is V4 else {}
         return make_fake_build(profile, env)
 
     monkeypatch.setattr(llama_build, "build", fake_build)
     monkeypatch.setattr(local_llm, "assemble_gguf", lambda name, cache_dir=None: gguf)
     b = llama_build.install(["fake"], log=lambda m: None)
-    assert built == ["x86-64-v3", "x86-64-v2"]
-    assert b.info["profile"] == "x86-64-v2"
+    assert built == ["x86-64-v4-vnni", "x86-64-v4"]
+    assert b.info["profile"] == "x86-64-v4"
     # later runs use the build that works, and the installer does not rebuild or re-test it
     assert llama_build.find_build().path == b.path
     assert llama_build.install(["fake"], log=lambda m: None).path == b.path and len(built) == 2
@@ -185,12 +187,16 @@ def test_install_fails_clearly_when_nothing_works(tmp_path, gguf, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_amx_cpu_gets_the_portable_avx2_profile_without_avx512_or_amx():
+def test_amx_cpu_gets_an_avx512_profile_without_amx():
     p = llama_build.choose_profile(llama_build.cpu_flags(AMX_CPUINFO), machine="x86_64")
-    assert p.name == "x86-64-v3"
+    assert p.name == "x86-64-v4-vnni"
     args = set(p.cmake_args)
-    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF",
-            "-DGGML_AMX_INT8=OFF"} <= args
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF"} <= args
+    # every profile after it is a fallback this CPU can also run, AVX2 without AVX-512 among them
+    names = [q.name for q in llama_build.profiles_for(llama_build.cpu_flags(AMX_CPUINFO), machine="x86_64")]
+    assert names == ["x86-64-v4-vnni", "x86-64-v4", "x86-64-v3", "x86-64-v2", "x86-64"]
+    assert "-DGGML_AVX512=OFF" in llama_build.profile_by_name("x86-64-v3").cmake_args
 
 
 def test_old_cpu_gets_sse42_profile():
@@ -199,11 +205,11 @@ def test_old_cpu_gets_sse42_profile():
 
 def test_cached_build_is_never_used_on_a_cpu_lacking_its_flags(monkeypatch):
     monkeypatch.setattr(llama_build.platform, "machine", lambda: "x86_64")
-    b = make_fake_build(V3)
+    b = make_fake_build(V4)
     amx, old = llama_build.cpu_flags(AMX_CPUINFO), llama_build.cpu_flags(OLD_CPUINFO)
     assert llama_build.find_build(flags=amx, machine="x86_64").path == b.path
     assert not llama_build.compatible(b, old, machine="x86_64")
-    assert llama_build.find_build(flags=old, machine="x86_64") is None  # v3 build, SSE4.2-only CPU
+    assert llama_build.find_build(flags=old, machine="x86_64") is None  # AVX-512 build, SSE4.2-only CPU
     assert llama_build.build_key(V3) != llama_build.build_key(V2)
 
 

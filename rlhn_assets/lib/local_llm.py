@@ -111,9 +111,13 @@ class LocalLLMError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """``$RLHN_MODEL_CACHE`` or ``~/.cache/rlhn_assets/models``."""
+    """``$RLHN_MODEL_CACHE`` or ``$RLHN_CACHE/models`` (default ``~/.cache/rlhn_assets/models``)."""
     env = os.environ.get("RLHN_MODEL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rlhn_assets" / "models"
+    if env:
+        return Path(env).expanduser()
+    from rlhn_assets.lib.llama_build import cache_root
+
+    return cache_root() / "models"
 
 
 def get_model(name: str) -> LocalModel:
