@@ -43,11 +43,16 @@ class DatasetRegistryResource(dg.ConfigurableResource):
         return self.load().data_dir
 
 
+# judge kinds that make one call per negative and read one answer token's logprobs
+ONE_TOKEN_KINDS = ("pointwise", "graded")
+
+
 class JudgeTierResource(dg.ConfigurableResource):
     """One tier of the judge cascade: which kind of judge, and the OpenAI-compatible endpoint it calls.
 
-    ``kind``: ``listwise`` (the paper's prompt), ``pointwise`` (yes/no logprobs) or ``embedding_margin``
-    (no LLM). LLM kinds go through the one ``openai`` client path (``rlhn_assets.lib.llm.client``); the API
+    ``kind``: ``listwise`` (the paper's prompt), ``pointwise`` (yes/no logprobs), ``graded`` (0-3 grade, score =
+    expected grade from the logprobs) or ``embedding_margin`` (no LLM). ``pointwise_prompt`` picks the prompt
+    family of the one-negative-per-call kinds (empty = the kind's default: ``pointwise-v1`` / ``graded-ref-v1``). LLM kinds go through the one ``openai`` client path (``rlhn_assets.lib.llm.client``); the API
     key is read from the environment variable named by ``api_key_env`` and never logged or stored.
     ``local_model`` (e.g. ``qwen2.5-coder-0.5b``) makes the step start a llama.cpp server on 127.0.0.1
     with that packaged model, health-check it, and stop it afterwards; ``base_url`` is then ignored."""
@@ -55,6 +60,7 @@ class JudgeTierResource(dg.ConfigurableResource):
     tier: int = 1
     kind: str = "listwise"
     prompt_family: str = "tier1"  # listwise prompt: tier1 | tier2 (datasets with prompt: scidocsrr use theirs)
+    pointwise_prompt: str = ""  # pointwise: pointwise-v1 | plain-v1; graded: graded-ref-v1 | graded-v1
     # endpoint
     model: str = "gpt-4o-mini"
     base_url: str = ""
@@ -95,9 +101,21 @@ class JudgeTierResource(dg.ConfigurableResource):
             d["margin"] = self.margin
         if self.tier == 2:
             d["scope"] = self.scope
-        if self.kind == "pointwise":
-            d |= {"threshold_relevant": self.threshold_relevant, "threshold_better": self.threshold_better}
+        if self.kind in ONE_TOKEN_KINDS:
+            d |= {"threshold_relevant": self.threshold_relevant, "threshold_better": self.threshold_better,
+                  "prompt_family": self.one_token_judge_class().default_family if not self.pointwise_prompt
+                  else self.pointwise_prompt}
         return d
+
+    def one_token_judge_class(self):
+        from rlhn_assets.lib.judging import judges
+
+        return {"pointwise": judges.PointwiseLLMJudge, "graded": judges.GradedLLMJudge}[self.kind]
+
+    def render_one(self, inst, neg) -> tuple[dict, ...]:
+        """The messages of one call of a one-negative-per-call judge (for the cost estimate)."""
+        cls = self.one_token_judge_class()
+        return cls.render(self.pointwise_prompt or cls.default_family, inst, neg)
 
     def endpoint_settings(self, base_url: str | None = None):
         from rlhn_assets.lib.llm.client import EndpointSettings
@@ -126,8 +144,8 @@ class JudgeTierResource(dg.ConfigurableResource):
 
             yield judges.EmbeddingMarginJudge(load_model(), dir_hash(base_model_path()), margin=self.margin)
             return
-        if self.kind not in ("listwise", "pointwise"):
-            raise ValueError(f"judge kind must be listwise, pointwise or embedding_margin, not {self.kind!r}")
+        if self.kind not in ("listwise", *ONE_TOKEN_KINDS):
+            raise ValueError(f"judge kind must be listwise, pointwise, graded or embedding_margin, not {self.kind!r}")
         from rlhn_assets.lib.llm.cache import ResponseCache
 
         cache_path = self.cache_path or str(settings.data_dir() / "llm_cache.duckdb")
@@ -156,9 +174,10 @@ class JudgeTierResource(dg.ConfigurableResource):
                     yield judges.ListwiseLLMJudge(client, self.prompt_family, max_parse_retries=self.max_parse_retries,
                                                   family_by_instance=family_by_instance)
                 else:
-                    yield judges.PointwiseLLMJudge(client, threshold_relevant=self.threshold_relevant,
-                                                   threshold_better=self.threshold_better,
-                                                   max_parse_retries=self.max_parse_retries)
+                    yield self.one_token_judge_class()(client, threshold_relevant=self.threshold_relevant,
+                                                       threshold_better=self.threshold_better,
+                                                       max_parse_retries=self.max_parse_retries,
+                                                       family=self.pointwise_prompt or None)
         finally:
             if server is not None:
                 server.stop()

@@ -116,3 +116,52 @@ def test_tier2_flagged_scope_judges_only_flagged_negatives_at_their_original_pos
     judged, positions = _only_flagged([a, b], {("i0", 2), ("i0", 4)})
     assert [i.instance_id for i in judged] == ["i0"]  # i1 had nothing flagged
     assert [n.docid for n in judged[0].negatives] == ["n0_1", "n0_3"] and positions == {"i0": [2, 4]}
+
+
+def test_expected_grade_parsing():
+    from rlhn_assets.lib.judging.parsing import VerdictParseError, expected_grade
+
+    # P(3)=0.5, P(2)=0.25, P(0)=0.25 (a non-grade token is ignored) -> 0.5*3 + 0.25*2 = 2.0
+    assert expected_grade([("3", math.log(0.5)), ("2", math.log(0.25)), (" 0", math.log(0.25)),
+                           ("The", math.log(0.3))], "3") == pytest.approx(2.0)
+    assert expected_grade(None, "2 - partially answers") == 2.0  # no logprobs: the answer's digit
+    with pytest.raises(VerdictParseError):
+        expected_grade([("Yes", -0.1)], "Yes")
+    with pytest.raises(VerdictParseError):
+        expected_grade(None, "7")
+
+
+def test_graded_judge_scores_expected_grade_and_versions_its_prompts(tmp_path):
+    from rlhn_assets.lib.judging.judges import GradedLLMJudge
+
+    client, seen = _client(tmp_path, [("3", "length", [("3", math.log(0.9)), ("2", math.log(0.1))]),
+                                      ("1", "length", [("1", math.log(0.6)), ("0", math.log(0.4))])])
+    judge = GradedLLMJudge(client)  # graded-ref-v1, thresholds 1.5 / 2.5 on the 0-3 scale
+    out = judge.judge([_instance(n=2)])
+    assert [j.verdict for j in out] == ["better", "not_relevant"]
+    assert out[0].score == pytest.approx(2.9) and out[1].score == pytest.approx(0.6)
+    assert seen[0]["max_tokens"] == 1 and seen[0]["logprobs"] is True
+    user = seen[0]["messages"][-1]["content"]
+    assert "Reference passage (known relevant):\nthing is a widget" in user and "Grade (0-3):" in user
+    assert judge.prompt_version == "graded-ref-v1"
+
+    (tmp_path / "noref").mkdir()
+    client2, seen2 = _client(tmp_path / "noref", [("2", "length", [("2", 0.0)])])
+    noref = GradedLLMJudge(client2, family="graded-v1")
+    assert noref.judge([_instance(n=1)])[0].verdict == "worse"
+    assert "thing is a widget" not in seen2[0]["messages"][-1]["content"]
+    with pytest.raises(ValueError, match="unknown graded prompt"):
+        GradedLLMJudge(client2, family="plain-v1")
+    with pytest.raises(ValueError, match="threshold"):
+        GradedLLMJudge(client2, threshold_relevant=2.8, threshold_better=2.0)
+
+
+def test_plain_pointwise_prompt_family(tmp_path):
+    client, seen = _client(tmp_path, [("Yes", "length", [("Yes", math.log(0.7)), ("No", math.log(0.3))])])
+    judge = PointwiseLLMJudge(client, family="plain-v1", threshold_relevant=0.3, threshold_better=0.8)
+    out = judge.judge([_instance(n=1)])
+    assert out[0].verdict == "worse" and out[0].score == pytest.approx(0.7)
+    assert seen[0]["messages"][0]["content"].startswith("You are a relevance judge for a search engine.")
+    assert "Does the candidate passage answer the query? Answer Yes or No." in seen[0]["messages"][1]["content"]
+    assert judge.prompt_version == "plain-v1"
+    assert PointwiseLLMJudge(client).prompt_version == "pointwise-v1"  # the default keeps its cache keys

@@ -5,13 +5,12 @@ import dagster as dg
 from rlhn_assets.conditions import PIPELINE
 
 from rlhn_assets.defs.prune.assets import pruned
-from rlhn_assets.lib.judging import prompts
 from rlhn_assets.lib.judging.judges import listwise_calls
 from rlhn_assets.lib.judging.store import count_instances, iter_batches, write_judgments
 from rlhn_assets.lib.markdown import md_table
 from rlhn_assets.lib.relabel import ensure_tables, flagged_negatives_sql, forwarded_sql
 from rlhn_assets.partitions import dataset_pd
-from rlhn_assets.resources import DatasetRegistryResource, JudgeTierResource, RLHNDuckDB
+from rlhn_assets.resources import ONE_TOKEN_KINDS, DatasetRegistryResource, JudgeTierResource, RLHNDuckDB
 
 # A retry reruns the whole step; the response cache makes that cheap and deterministic.
 JUDGE_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
@@ -210,15 +209,13 @@ def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB,
                     for _, r in listwise_calls(inst, res.prompt_family):
                         calls += 1
                         chars += sum(len(m["content"]) for m in r.messages)
-                elif res.kind == "pointwise":
-                    pos = inst.positives[0]
+                elif res.kind in ONE_TOKEN_KINDS:
                     for n in inst.negatives:
                         calls += 1
-                        chars += sum(len(m["content"]) for m in prompts.render_pointwise(
-                            inst.query, (pos.title, pos.text), (n.title, n.text)))
+                        chars += sum(len(m["content"]) for m in res.render_one(inst, n))
         tokens_in = int(chars / _chars_per_token())
-        out_max = calls * (1 if res.kind == "pointwise" else res.max_tokens)
-        out_typical = calls * (1 if res.kind == "pointwise" else 500)
+        out_max = calls * (1 if res.kind in ONE_TOKEN_KINDS else res.max_tokens)
+        out_typical = calls * (1 if res.kind in ONE_TOKEN_KINDS else 500)
         rows.append([f"tier {res.tier}", res.kind, res.model if res.kind != "embedding_margin" else "MiniLM",
                      instances, negatives, calls, tokens_in, out_typical, out_max,
                      round(res.cost_usd(tokens_in, out_typical), 4), round(res.cost_usd(tokens_in, out_max), 4)])

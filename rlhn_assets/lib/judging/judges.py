@@ -2,9 +2,10 @@
 negative out — ``better`` (at least as good as the positive), ``worse`` (relevant but worse),
 ``not_relevant`` or ``error`` — with an optional score and the cache key of the raw LLM response.
 
-Three kinds:
+Four kinds:
 - ``ListwiseLLMJudge``: the paper's contract, <= 25 negatives per call (more -> several calls);
 - ``PointwiseLLMJudge``: one negative per call, P(yes) from the first token's logprobs, two thresholds;
+- ``GradedLLMJudge``: one negative per call, a 0-3 grade; score = the expected grade from the logprobs;
 - ``EmbeddingMarginJudge``: no LLM; flags a negative whose cosine to the query is >= (1 - margin) x the
   best positive's (NV-Retriever TopK-PercPos / sentence-transformers ``relative_margin``).
 
@@ -22,7 +23,7 @@ from typing import Callable, Literal, Protocol, Sequence
 import numpy as np
 
 from rlhn_assets.lib.judging import prompts
-from rlhn_assets.lib.judging.parsing import VerdictParseError, parse_listwise, yes_probability
+from rlhn_assets.lib.judging.parsing import VerdictParseError, expected_grade, parse_listwise, yes_probability
 
 Verdict = Literal["better", "worse", "not_relevant", "error"]
 VERDICTS = ("better", "worse", "not_relevant", "error")
@@ -186,25 +187,50 @@ class ListwiseLLMJudge:
 
 
 class PointwiseLLMJudge:
+    """One negative per call; score = P(yes) of the first answer token; ``worse`` at score >= threshold_relevant,
+    ``better`` at >= threshold_better. ``family`` picks the prompt (``prompts.POINTWISE_PROMPTS``)."""
+
     kind = "pointwise"
+    score_range = (0.0, 1.0)
 
     def __init__(self, client, *, threshold_relevant: float = 0.5, threshold_better: float = 0.9,
-                 top_logprobs: int = 10, max_parse_retries: int = 1):
-        if not 0 <= threshold_relevant <= threshold_better <= 1:
-            raise ValueError("need 0 <= threshold_relevant <= threshold_better <= 1")
+                 top_logprobs: int = 10, max_parse_retries: int = 1, family: str | None = None):
+        lo, hi = self.score_range
+        if not lo <= threshold_relevant <= threshold_better <= hi:
+            raise ValueError(f"need {lo:g} <= threshold_relevant <= threshold_better <= {hi:g}")
         self.client = client
         self.threshold_relevant = threshold_relevant
         self.threshold_better = threshold_better
         self.top_logprobs = top_logprobs
         self.max_parse_retries = max_parse_retries
         self.model = client.settings.model
-        self.prompt_version = prompts.POINTWISE_VERSION
+        self.family = family or self.default_family
+        self.check_family(self.family)
+        self.prompt_version = self.family
         self.stats = JudgeStats()
 
-    def verdict_for(self, p_yes: float) -> Verdict:
-        if p_yes >= self.threshold_better:
+    default_family = prompts.POINTWISE_VERSION
+
+    @staticmethod
+    def check_family(family: str) -> None:
+        if family not in prompts.POINTWISE_PROMPTS:
+            raise ValueError(f"unknown pointwise prompt {family!r}; expected one of {prompts.POINTWISE_PROMPTS}")
+
+    @staticmethod
+    def render(family: str, inst: Instance, neg: Passage) -> tuple[dict, ...]:
+        pos = inst.positives[0]
+        return prompts.render_pointwise_family(family, inst.query, (pos.title, pos.text), (neg.title, neg.text))
+
+    def messages(self, inst: Instance, neg: Passage) -> tuple[dict, ...]:
+        return self.render(self.family, inst, neg)
+
+    def score(self, top_logprobs, text) -> float:
+        return yes_probability(top_logprobs, text)
+
+    def verdict_for(self, score: float) -> Verdict:
+        if score >= self.threshold_better:
             return "better"
-        if p_yes >= self.threshold_relevant:
+        if score >= self.threshold_relevant:
             return "worse"
         return "not_relevant"
 
@@ -214,9 +240,8 @@ class PointwiseLLMJudge:
         t0 = time.perf_counter()
         items = []
         for inst in instances:
-            pos = inst.positives[0]
             for k, n in enumerate(inst.negatives, 1):
-                items.append((inst, k, n, prompts.render_pointwise(inst.query, (pos.title, pos.text), (n.title, n.text))))
+                items.append((inst, k, n, self.messages(inst, n)))
         results: dict[int, NegativeJudgment] = {}
         pending = list(range(len(items)))
         problem: dict[int, str] = {}
@@ -238,7 +263,7 @@ class PointwiseLLMJudge:
                     continue
                 try:
                     first = resp.top_logprobs[0] if resp.top_logprobs else None
-                    p = yes_probability(first, resp.text)
+                    p = self.score(first, resp.text)
                 except VerdictParseError as e:
                     problem[i] = str(e)
                     still.append(i)
@@ -254,6 +279,33 @@ class PointwiseLLMJudge:
         self.stats.count(out)
         self.stats.wall_s += time.perf_counter() - t0
         return out
+
+
+class GradedLLMJudge(PointwiseLLMJudge):
+    """Graded relevance (UMBRELA / TREC RAG assessor style): the model answers a 0-3 grade as its first token and
+    the score is the expected grade sum g * P(g) over the grade tokens' probabilities (``parsing.expected_grade``),
+    so the cut is on a scale that keeps the model's uncertainty instead of one yes/no token. Thresholds are on
+    the 0-3 scale. ``family``: ``graded-ref-v1`` (with the known-relevant passage) or ``graded-v1``."""
+
+    kind = "graded"
+    score_range = (0.0, 3.0)
+    default_family = prompts.GRADED_PROMPTS[0]
+
+    def __init__(self, client, *, threshold_relevant: float = 1.5, threshold_better: float = 2.5, **kw):
+        super().__init__(client, threshold_relevant=threshold_relevant, threshold_better=threshold_better, **kw)
+
+    @staticmethod
+    def check_family(family: str) -> None:
+        if family not in prompts.GRADED_PROMPTS:
+            raise ValueError(f"unknown graded prompt {family!r}; expected one of {prompts.GRADED_PROMPTS}")
+
+    @staticmethod
+    def render(family: str, inst: Instance, neg: Passage) -> tuple[dict, ...]:
+        pos = inst.positives[0] if inst.positives else None
+        return prompts.render_graded(family, inst.query, (pos.title, pos.text) if pos else None, (neg.title, neg.text))
+
+    def score(self, top_logprobs, text) -> float:
+        return expected_grade(top_logprobs, text)
 
 
 class EmbeddingMarginJudge:

@@ -80,3 +80,29 @@ def yes_probability(top_logprobs: list[tuple[str, float]] | None, text: str | No
     if word in _NO:
         return 0.0
     raise VerdictParseError(f"not a yes/no answer: {text!r}")
+
+
+GRADES = (0, 1, 2, 3)
+
+
+def expected_grade(top_logprobs: list[tuple[str, float]] | None, text: str | None) -> float:
+    """E[grade] = sum g * P(g) over the first answer token's alternatives that are a grade digit 0-3,
+    renormalized over those (the UMBRELA-style expected relevance). Falls back to the answer's first digit
+    when the endpoint returns no logprobs; raises ``VerdictParseError`` when neither gives a grade."""
+    import math
+
+    if top_logprobs:
+        mass = {g: 0.0 for g in GRADES}
+        for tok, lp in top_logprobs:
+            t = tok.strip()
+            if len(t) == 1 and t.isdigit() and int(t) in mass:
+                mass[int(t)] += math.exp(lp)
+        total = sum(mass.values())
+        if total > 0:
+            return sum(g * m for g, m in mass.items()) / total
+    for ch in (text or "").strip():
+        if ch.isdigit():
+            if int(ch) in GRADES:
+                return float(ch)
+            break
+    raise VerdictParseError(f"not a 0-3 grade: {text!r}")

@@ -8,6 +8,13 @@ model: relevant *compared with* the ground truth), ``scidocsrr`` (relevance = re
 Pointwise: one negative per call, a Yes/No answer whose first-token probabilities give a relevance
 score; query + positive come first so consecutive calls of one instance share the prompt prefix.
 
+Pointwise prompt families (``POINTWISE_PROMPTS``): ``pointwise-v1`` (the first one: "as well as the known
+passage"), ``plain-v1`` (a plain "does the candidate answer the query?" with the known-relevant passage as a
+reference; on DL19 it moved the 1.5B's kappa from 0.09 to 0.28, docs/judge_tuning_dl19.md). Graded families
+(``GRADED_PROMPTS``, UMBRELA / TREC RAG assessor style): a 0-3 relevance grade as the first answer token, the
+judge's score being the expected grade over the grade tokens' probabilities; ``graded-ref-v1`` shows the
+known-relevant passage as a reference, ``graded-v1`` does not.
+
 Every template has a version; it is part of each LLM request's cache key, so editing a prompt means
 bumping its version (and the asset code_version).
 
@@ -24,6 +31,8 @@ MAX_DOCS_PER_CALL = 25
 
 LISTWISE_VERSIONS = {"tier1": "tier1-v1", "tier2": "tier2-v1", "scidocsrr": "scidocsrr-v1"}
 POINTWISE_VERSION = "pointwise-v1"
+POINTWISE_PROMPTS = ("pointwise-v1", "plain-v1")
+GRADED_PROMPTS = ("graded-ref-v1", "graded-v1")
 
 
 def escape(text: str) -> str:
@@ -130,3 +139,60 @@ def render_pointwise(query: str, positive: tuple[str | None, str], candidate: tu
            "Does the candidate passage, on its own, answer the question as well as the known passage does? "
            "Answer Yes or No.")
     return ({"role": "system", "content": _POINTWISE_SYSTEM}, {"role": "user", "content": prefix + ask})
+
+
+_PLAIN_SYSTEM = ("You are a relevance judge for a search engine. You get a search query, a reference passage that "
+                 "is known to be relevant to the query, and one candidate passage. Decide whether the candidate "
+                 "passage is also relevant, i.e. whether it answers the query. Answer with a single word: Yes or No.")
+# passages are cut at this many characters in the plain and graded prompts (long passages add seconds per call
+# on a CPU and rarely change a relevance answer)
+MAX_PASSAGE_CHARS = 2000
+
+
+def _cut(title: str | None, text: str) -> str:
+    return passage_text(title, text)[:MAX_PASSAGE_CHARS]
+
+
+def render_plain(query: str, positive: tuple[str | None, str], candidate: tuple[str | None, str]) -> tuple[dict, ...]:
+    """``plain-v1``: system + query + reference first (shared prompt prefix across a query's negatives)."""
+    user = (f"Query: {escape(query.strip())}\n\nReference passage (known relevant):\n{_cut(*positive)}\n\n"
+            f"Candidate passage:\n{_cut(*candidate)}\n\nDoes the candidate passage answer the query? "
+            "Answer Yes or No.")
+    return ({"role": "system", "content": _PLAIN_SYSTEM}, {"role": "user", "content": user})
+
+
+def render_pointwise_family(family: str, query: str, positive, candidate) -> tuple[dict, ...]:
+    if family == "pointwise-v1":
+        return render_pointwise(query, positive, candidate)
+    if family == "plain-v1":
+        return render_plain(query, positive, candidate)
+    raise ValueError(f"unknown pointwise prompt {family!r}; expected one of {POINTWISE_PROMPTS}")
+
+
+# The grade scale of the UMBRELA / TREC RAG LLM assessors (0-3), in our words.
+_GRADE_SCALE = ("3 = the passage is dedicated to the query and contains the exact answer;\n"
+                "2 = the passage answers the query, but the answer is partial or mixed with unrelated text;\n"
+                "1 = the passage is on the topic of the query but does not answer it;\n"
+                "0 = the passage has nothing to do with the query.")
+_GRADED_SYSTEM = ("You are a relevance assessor for a search engine. Given a query and a passage, grade how well "
+                  "the passage answers the query on this scale:\n" + _GRADE_SCALE +
+                  "\nAnswer with a single digit: 0, 1, 2 or 3.")
+_GRADED_REF_SYSTEM = ("You are a relevance assessor for a search engine. You get a query, a reference passage known "
+                      "to answer it, and a candidate passage. Grade how well the candidate passage answers the query "
+                      "on this scale:\n" + _GRADE_SCALE + "\nAnswer with a single digit: 0, 1, 2 or 3.")
+
+
+def render_graded(family: str, query: str, positive: tuple[str | None, str] | None,
+                  candidate: tuple[str | None, str]) -> tuple[dict, ...]:
+    """``graded-ref-v1`` (with the known-relevant passage) or ``graded-v1`` (query and candidate only)."""
+    q = escape(query.strip())
+    if family == "graded-ref-v1":
+        if positive is None:
+            raise ValueError("graded-ref-v1 needs the known-relevant passage")
+        user = (f"Query: {q}\n\nReference passage (known relevant):\n{_cut(*positive)}\n\n"
+                f"Candidate passage:\n{_cut(*candidate)}\n\nGrade (0-3):")
+        return ({"role": "system", "content": _GRADED_REF_SYSTEM}, {"role": "user", "content": user})
+    if family == "graded-v1":
+        user = f"Query: {q}\n\nPassage:\n{_cut(*candidate)}\n\nGrade (0-3):"
+        return ({"role": "system", "content": _GRADED_SYSTEM}, {"role": "user", "content": user})
+    raise ValueError(f"unknown graded prompt {family!r}; expected one of {GRADED_PROMPTS}")
