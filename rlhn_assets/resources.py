@@ -61,6 +61,9 @@ class JudgeTierResource(dg.ConfigurableResource):
     kind: str = "listwise"
     prompt_family: str = "tier1"  # listwise prompt: tier1 | tier2 (datasets with prompt: scidocsrr use theirs)
     pointwise_prompt: str = ""  # pointwise: pointwise-v1 | plain-v1; graded: graded-ref-v1 | graded-v1
+    # pointwise/graded: a calibration artifact (lib/judging/calibration.py; path relative to the data directory).
+    # When set, the thresholds apply to the calibrated P(relevant), and its version is recorded with each verdict.
+    calibration: str = ""
     # endpoint
     model: str = "gpt-4o-mini"
     base_url: str = ""
@@ -105,7 +108,15 @@ class JudgeTierResource(dg.ConfigurableResource):
             d |= {"threshold_relevant": self.threshold_relevant, "threshold_better": self.threshold_better,
                   "prompt_family": self.one_token_judge_class().default_family if not self.pointwise_prompt
                   else self.pointwise_prompt}
+            if self.calibration:
+                d["calibration"] = self.calibration
         return d
+
+    def load_calibrator(self):
+        from rlhn_assets.lib.judging.calibration import Calibrator
+
+        path = Path(self.calibration)
+        return Calibrator.load(path if path.is_absolute() else settings.data_dir() / path)
 
     def one_token_judge_class(self):
         from rlhn_assets.lib.judging import judges
@@ -173,6 +184,15 @@ class JudgeTierResource(dg.ConfigurableResource):
                 if self.kind == "listwise":
                     yield judges.ListwiseLLMJudge(client, self.prompt_family, max_parse_retries=self.max_parse_retries,
                                                   family_by_instance=family_by_instance)
+                elif self.calibration:
+                    from rlhn_assets.lib.embeddings import load_model
+                    from rlhn_assets.lib.judging.calibration import CalibratedJudge
+
+                    inner = self.one_token_judge_class()(client, max_parse_retries=self.max_parse_retries,
+                                                         family=self.pointwise_prompt or None)
+                    yield CalibratedJudge(inner, load_model(), self.load_calibrator(),
+                                          threshold_relevant=self.threshold_relevant,
+                                          threshold_better=self.threshold_better)
                 else:
                     yield self.one_token_judge_class()(client, threshold_relevant=self.threshold_relevant,
                                                        threshold_better=self.threshold_better,
