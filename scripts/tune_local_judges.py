@@ -1,7 +1,7 @@
 """Tune the offline (`local`) judge cascade on a human-labeled set (default: the bundled TREC DL19 file).
 
-    .venv/bin/python scripts/tune_local_judges.py [--models qwen2.5-coder-0.5b,qwen2.5-coder-1.5b]
-        [--listwise-queries 8] [--demo-negatives 900] [--budget-seconds 420]
+    .venv/bin/python scripts/tune_local_judges.py [--judges MODEL:KIND:PROMPT,...] [--models M,...]
+        [--listwise-queries 8] [--demo-negatives 900] [--budget-seconds 420] [--max-share 0.7]
 
 What it measures, with the pipeline's own judges (lib/judging) and the LLM response cache (re-runs are free):
 * tier 1 = embedding margin, for each margin of a coarse grid;
@@ -9,6 +9,11 @@ What it measures, with the pipeline's own judges (lib/judging) and the LLM respo
   A pointwise verdict depends on nothing but its own pair, so the cascade "tier 1 flags -> tier 2 re-judges
   the flagged negatives" at any (margin, threshold) is computed exactly from these two passes, without
   re-running anything; "tier 2 alone" is the forwarding rule `instance` on this set (every query has a flag);
+* each ``--judges`` spec (``model:kind:prompt``; kinds ``pointwise`` / ``graded``, prompts of
+  lib/judging/prompts.py) the same way: its score (P(yes), or the expected 0-3 grade) on every labeled negative;
+* each of those scores *calibrated*: a logistic model over the score and the MiniLM signals
+  (lib/judging/calibration.py) fitted on the tuning half only, then cut at P(relevant) thresholds; the artifact
+  is written to data/calibration/dl19-<model>-<prompt>.json (the preset can point at it);
 * the *listwise* kind for the 1.5B model on the first N queries only (one call per 25 negatives takes
   ~10-20 s on this machine; it is reported on those queries next to pointwise on the same queries).
 
@@ -17,11 +22,13 @@ Selection rule (stated before looking; few knobs; guards against over-fitting DL
 * the queries are split in two halves (alternating by query order): every configuration is *chosen* on the
   tuning half and *reported* on the held-out half and on all queries;
 * a configuration is admissible when its projected tier-2 time for the demo (`--demo-negatives` x tier-2
-  share x measured seconds per call) fits `--budget-seconds` (the demo's ~20-minute budget, minus the rest);
+  share x measured seconds per call) fits `--budget-seconds` (the demo's ~20-minute budget, minus the rest)
+  and it sends at most `--max-share` of the negatives to the LLM;
 * pick the admissible configuration with the highest tuning-half kappa; ties (within 0.005) go to the
   cheaper one (fewer tier-2 seconds).
 
-Writes data/reports/judge_tuning.{md,csv,json}; prints the markdown table.
+Every row carries a 95% bootstrap CI of kappa (resampling queries) on each half. Writes
+data/reports/judge_tuning.{md,csv,json}; prints the markdown table.
 """
 
 from __future__ import annotations
@@ -39,11 +46,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rlhn_assets import settings  # noqa: E402
-from rlhn_assets.lib.agreement import binary_scores, load_judge_eval  # noqa: E402
+from rlhn_assets.lib.agreement import binary_scores, bootstrap_ci, load_judge_eval  # noqa: E402
 from rlhn_assets.resources import JudgeTierResource  # noqa: E402
 
 MARGINS = (0.05, 0.08, 0.12, 0.16, 0.20)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+THRESHOLDS_BY_KIND = {"pointwise": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+                      "graded": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5),
+                      "calibrated": (0.3, 0.4, 0.5, 0.6, 0.7)}
+DEFAULT_JUDGES = ("qwen2.5-coder-1.5b:pointwise:plain-v1,qwen2.5-coder-1.5b:graded:graded-ref-v1,"
+                  "qwen2.5-coder-1.5b:graded:graded-v1")
 FLAG = ("better", "worse")
 
 
@@ -87,6 +99,40 @@ def pointwise_scores(instances, model: str, cache: str, log) -> tuple[dict, floa
     return scores, per_call, errors
 
 
+def judge_scores(instances, model: str, kind: str, prompt: str, cache: str, log) -> tuple[dict, float, int]:
+    """The judge's score per (query, negative) (P(yes) or expected grade) and the median seconds per call."""
+    res = JudgeTierResource(tier=2, kind=kind, model=model + "-instruct", local_model=model, temperature=0.0,
+                            concurrency=1, pointwise_prompt=prompt, cache_path=cache,
+                            **({"threshold_relevant": 1.5, "threshold_better": 2.5} if kind == "graded" else {}))
+    with res.open_judge(log=log) as j:
+        t0 = time.perf_counter()
+        rows = j.judge(instances, progress=log)
+        secs, calls = time.perf_counter() - t0, j.stats.calls
+    scores = {(r.instance_id, r.docid): (r.score if r.score is not None else -1.0) for r in rows}
+    errors = sum(1 for r in rows if r.verdict == "error")
+    per_call = median_latency(cache, [r.response_key for r in rows])
+    log(f"{model} {kind} {prompt}: {len(rows)} negatives, {calls} uncached calls in {secs:.0f}s (median "
+        f"{per_call:.2f} s/call, load avg {os.getloadavg()[0]:.1f}), {errors} errors")
+    return scores, per_call, errors
+
+
+def calibrated_scores(instances, keys, tune_keys, raw: dict, gold: dict, spec: dict, path: Path, log) -> dict:
+    """Fit the calibration on the tuning half only; P(relevant) for every key. Saves the artifact."""
+    from rlhn_assets.lib.embeddings import load_model
+    from rlhn_assets.lib.judging.calibration import embedding_features, fit
+
+    feats = embedding_features(load_model(), instances)
+    x = {k: (raw[k], *feats[k]) for k in keys}
+    cal = fit([x[k] for k in tune_keys], [gold[k] for k in tune_keys],
+              judge={"kind": spec["kind"], "prompt": spec["prompt"], "model": spec["model"]},
+              fitted_on={"file": "judge_eval/dl19/judge_eval.tasb_top30.jsonl.gz", "split": "tuning half "
+                         "(alternating queries, even positions)"})
+    cal.save(path)
+    log(f"calibration {path.name}: {cal.version}, coefficients {dict(zip(cal.features, (round(c, 3) for c in cal.coef)))}")
+    probs = cal.predict_proba([x[k] for k in keys])
+    return {k: float(p) for k, p in zip(keys, probs)}
+
+
 def listwise_verdicts(instances, model: str, cache: str, log) -> tuple[dict, float, int]:
     res = JudgeTierResource(tier=2, kind="listwise", prompt_family="tier2", model=model + "-instruct",
                             local_model=model, temperature=0.0, concurrency=1, max_tokens=512,
@@ -106,16 +152,21 @@ def listwise_verdicts(instances, model: str, cache: str, log) -> tuple[dict, flo
 
 
 def score(keys, gold, pred) -> dict:
-    s = binary_scores([gold[k] for k in keys], [int(pred[k]) for k in keys])
-    return {"kappa": round(s.kappa, 3), "P": round(s.precision, 3), "R": round(s.recall, 3), "F1": round(s.f1, 3),
-            "flagged": s.predicted}
+    g, p = [gold[k] for k in keys], [int(pred[k]) for k in keys]
+    s = binary_scores(g, p)
+    lo, hi = bootstrap_ci(g, p, [k[0] for k in keys], n_boot=500)["kappa"]
+    return {"kappa": round(s.kappa, 3), "kappa_ci": f"[{lo:.2f}, {hi:.2f}]", "P": round(s.precision, 3),
+            "R": round(s.recall, 3), "F1": round(s.f1, 3), "flagged": s.predicted}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--path", default=str(settings.data_dir() / "judge_eval/dl19/judge_eval.tasb_top30.jsonl.gz"))
     ap.add_argument("--fn-min-grade", type=int, default=2)
-    ap.add_argument("--models", default="qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
+    ap.add_argument("--models", default="", help="models measured with the original pointwise-v1 prompt "
+                    "(the README's earlier rows; e.g. qwen2.5-coder-0.5b,qwen2.5-coder-1.5b)")
+    ap.add_argument("--judges", default=DEFAULT_JUDGES, help="model:kind:prompt,... (kind pointwise | graded)")
+    ap.add_argument("--max-share", type=float, default=0.70, help="largest share of negatives sent to the LLM")
     ap.add_argument("--listwise-model", default="qwen2.5-coder-1.5b")
     ap.add_argument("--listwise-queries", type=int, default=8, help="0 = skip the listwise measurement")
     ap.add_argument("--demo-negatives", type=int, default=900, help="negatives the demo's tier 1 judges")
@@ -167,7 +218,35 @@ def main() -> None:
                              "seconds": round(sum(t1[m].values()) * per_call, 1), "errors": errors,
                              **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, cascade).items()}})
 
-    admissible = [r for r in rows if r["tier2_demo_s"] <= args.budget_seconds]
+    for spec_s in [j for j in args.judges.split(",") if j]:
+        model, kind, prompt = spec_s.split(":")
+        raw, per_call, errors = judge_scores(instances, model, kind, prompt, args.cache, log)
+        spec = {"model": model, "kind": kind, "prompt": prompt}
+        cal_path = settings.data_dir() / "calibration" / f"dl19-{model}-{prompt}.json"
+        variants = [(f"{model} {kind} {prompt}", raw, THRESHOLDS_BY_KIND[kind], "score"),
+                    (f"{model} {kind} {prompt} calibrated", calibrated_scores(
+                        instances, keys, halves["tune"], raw, gold, spec, cal_path, log),
+                     THRESHOLDS_BY_KIND["calibrated"], "P(relevant)")]
+        for name, sc, thresholds, what in variants:
+            for thr in thresholds:
+                alone = {k: sc[k] >= thr for k in keys}
+                rows.append({"configuration": f"tier 2 alone: {name} {what} >= {thr}", "kind": "tier2_alone",
+                             "margin": "", "model": model, "judge": name, "threshold": thr, "tier2_share": 1.0,
+                             "s_per_call": round(per_call, 3), "tier2_demo_s": round(args.demo_negatives * per_call),
+                             "seconds": round(len(keys) * per_call, 1), "errors": errors,
+                             **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, alone).items()}})
+                for m in MARGINS:
+                    cascade = {k: t1[m][k] and sc[k] >= thr for k in keys}
+                    share = sum(t1[m].values()) / len(keys)
+                    rows.append({"configuration": f"cascade: margin {m} -> {name} {what} >= {thr}",
+                                 "kind": "cascade", "margin": m, "model": model, "judge": name, "threshold": thr,
+                                 "tier2_share": round(share, 3), "s_per_call": round(per_call, 3),
+                                 "tier2_demo_s": round(args.demo_negatives * share * per_call),
+                                 "seconds": round(sum(t1[m].values()) * per_call, 1), "errors": errors,
+                                 **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, cascade).items()}})
+
+    admissible = [r for r in rows if r["tier2_demo_s"] <= args.budget_seconds and
+                  (r["kind"] == "tier1" or r["tier2_share"] <= args.max_share)]
     best_kappa = max(r["tune_kappa"] for r in admissible)
     chosen = min((r for r in admissible if r["tune_kappa"] >= best_kappa - 0.005), key=lambda r: r["tier2_demo_s"])
     log(f"chosen by the rule: {chosen['configuration']} (tuning kappa {chosen['tune_kappa']}, held-out "
@@ -197,15 +276,16 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cols = ["configuration", "tune_kappa", "held-out_kappa", "all_kappa", "all_P", "all_R", "all_F1", "all_flagged",
-            "tier2_share", "s_per_call", "tier2_demo_s"]
+    cols = ["configuration", "tune_kappa", "tune_kappa_ci", "held-out_kappa", "held-out_kappa_ci", "all_kappa",
+            "all_P", "all_R", "all_F1", "all_flagged", "tier2_share", "s_per_call", "tier2_demo_s"]
     with open(out / "judge_tuning.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         w.writeheader()
         w.writerows(rows)
     md = [f"DL19 ({len(instances)} queries, {len(keys)} negatives, {sum(gold.values())} human FN). Rule: highest "
           f"tuning-half kappa among configurations whose projected demo tier-2 time ({args.demo_negatives} negatives x "
-          f"share x s/call) <= {args.budget_seconds:.0f} s; ties within 0.005 -> cheaper.", "",
+          f"share x s/call) <= {args.budget_seconds:.0f} s and tier-2 share <= {args.max_share}; ties within 0.005 -> "
+          "cheaper. CIs: 95% bootstrap over the half's queries.", "",
           "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for r in sorted(rows, key=lambda r: -r["all_kappa"]):
         mark = " **(chosen)**" if r is chosen else ""
