@@ -224,3 +224,15 @@ def test_profile_can_be_forced(monkeypatch):
     monkeypatch.setenv("RLHN_LLAMA_PROFILE", "nope")
     with pytest.raises(llama_build.BuildError, match="unknown llama-server build profile"):
         llama_build.choose_profile()
+
+
+def test_user_supplied_binary_gets_the_fallback_but_nothing_is_written_beside_it(tmp_path, gguf, monkeypatch):
+    own = tmp_path / "opt" / "bin" / "llama-server"
+    own.parent.mkdir(parents=True)
+    own.write_text(f"#!/bin/sh\nexport FAKE_LLAMA_CRASH=SIGILL\nexec {sys.executable} {FAKE} \"$@\"\n")
+    own.chmod(0o755)
+    monkeypatch.setenv("RLHN_LLAMA_SERVER", str(own))
+    assert local_llm.find_llama_server() == own
+    with LlamaServer(gguf) as srv:
+        assert "--no-repack" in srv.command()
+    assert not (tmp_path / "opt" / "smoke.json").exists()

@@ -360,11 +360,12 @@ def read_smoke(server: Path) -> dict:
 
 
 def record_smoke(server: Path, model_sha: str, result: dict, fingerprint: str | None = None) -> None:
+    """Record a smoke-test (or start-up fallback) result beside one of our cached builds."""
     data = read_smoke(server)
     data.setdefault(fingerprint or cpu_fingerprint(), {})[model_sha] = result
     path = smoke_path(server)
-    if not path.parent.is_dir():
-        return  # a user-supplied binary outside our cache layout: nothing to record beside it
+    if not (path.parent / "build.json").is_file():
+        return  # a user-supplied binary (RLHN_LLAMA_SERVER, $PATH), not one of our builds: nothing to record
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
