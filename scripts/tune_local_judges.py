@@ -218,9 +218,11 @@ def main() -> None:
                              "seconds": round(sum(t1[m].values()) * per_call, 1), "errors": errors,
                              **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, cascade).items()}})
 
+    all_scores: dict[str, dict] = {}
     for spec_s in [j for j in args.judges.split(",") if j]:
         model, kind, prompt = spec_s.split(":")
         raw, per_call, errors = judge_scores(instances, model, kind, prompt, args.cache, log)
+        all_scores[spec_s] = raw
         spec = {"model": model, "kind": kind, "prompt": prompt}
         cal_path = settings.data_dir() / "calibration" / f"dl19-{model}-{prompt}.json"
         variants = [(f"{model} {kind} {prompt}", raw, THRESHOLDS_BY_KIND[kind], "score"),
@@ -297,6 +299,14 @@ def main() -> None:
             md.append(f"| {r['configuration']} | {r['kappa']} | {r['P']} | {r['R']} | {r['F1']} | {r['flagged']} | "
                       f"{r['s_per_call']} | {r['errors']} |")
     (out / "judge_tuning.md").write_text("\n".join(md) + "\n")
+    # every judge's raw score per labeled negative, so the grid can be re-analysed without an LLM
+    import gzip
+
+    with gzip.open(out / "judge_tuning_scores.csv.gz", "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["query_id", "docid", "human_grade", "judge", "score"])
+        for spec_s, sc in {**{f"{m}:pointwise:pointwise-v1": p for m, p in pscores.items()}, **all_scores}.items():
+            w.writerows([k[0], k[1], data.grades[k], spec_s, round(v, 6)] for k, v in sc.items())
     (out / "judge_tuning.json").write_text(json.dumps({"chosen": chosen, "rows": rows, "listwise": listwise}, indent=1))
     print("\n".join(md))
 
