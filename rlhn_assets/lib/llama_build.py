@@ -246,11 +246,8 @@ def find_build(root: Path | None = None, flags: frozenset[str] | None = None,
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fetch_sdist(root: Path | None = None, log: Callable[[str], None] = print) -> Path:
