@@ -192,6 +192,8 @@ class PointwiseLLMJudge:
 
     kind = "pointwise"
     score_range = (0.0, 1.0)
+    families = prompts.POINTWISE_PROMPTS
+    default_family = prompts.POINTWISE_VERSION
 
     def __init__(self, client, *, threshold_relevant: float = 0.5, threshold_better: float = 0.9,
                  top_logprobs: int = 10, max_parse_retries: int = 1, family: str | None = None):
@@ -205,16 +207,10 @@ class PointwiseLLMJudge:
         self.max_parse_retries = max_parse_retries
         self.model = client.settings.model
         self.family = family or self.default_family
-        self.check_family(self.family)
+        if self.family not in self.families:
+            raise ValueError(f"unknown {self.kind} prompt {self.family!r}; expected one of {self.families}")
         self.prompt_version = self.family
         self.stats = JudgeStats()
-
-    default_family = prompts.POINTWISE_VERSION
-
-    @staticmethod
-    def check_family(family: str) -> None:
-        if family not in prompts.POINTWISE_PROMPTS:
-            raise ValueError(f"unknown pointwise prompt {family!r}; expected one of {prompts.POINTWISE_PROMPTS}")
 
     @staticmethod
     def render(family: str, inst: Instance, neg: Passage) -> tuple[dict, ...]:
@@ -289,15 +285,11 @@ class GradedLLMJudge(PointwiseLLMJudge):
 
     kind = "graded"
     score_range = (0.0, 3.0)
+    families = prompts.GRADED_PROMPTS
     default_family = prompts.GRADED_PROMPTS[0]
 
     def __init__(self, client, *, threshold_relevant: float = 1.5, threshold_better: float = 2.5, **kw):
         super().__init__(client, threshold_relevant=threshold_relevant, threshold_better=threshold_better, **kw)
-
-    @staticmethod
-    def check_family(family: str) -> None:
-        if family not in prompts.GRADED_PROMPTS:
-            raise ValueError(f"unknown graded prompt {family!r}; expected one of {prompts.GRADED_PROMPTS}")
 
     @staticmethod
     def render(family: str, inst: Instance, neg: Passage) -> tuple[dict, ...]:
