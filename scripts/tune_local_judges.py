@@ -79,26 +79,6 @@ def tier1_flags(instances, margin: float) -> tuple[dict, float]:
     return v, time.perf_counter() - t0
 
 
-def pointwise_scores(instances, model: str, cache: str, log) -> tuple[dict, float, int]:
-    """P(yes) per (query, negative) from the local model, and measured seconds per call (uncached calls)."""
-    res = JudgeTierResource(tier=2, kind="pointwise", model=model + "-instruct",
-                            local_model=model, temperature=0.0, concurrency=1, threshold_relevant=0.5,
-                            threshold_better=0.9, cache_path=cache)
-    t0 = time.perf_counter()
-    with res.open_judge(log=log) as j:
-        started = time.perf_counter()
-        rows = j.judge(instances, progress=log)
-        judge_s = time.perf_counter() - started
-        calls = j.stats.calls
-    scores = {(r.instance_id, r.docid): (r.score if r.score is not None else -1.0) for r in rows}
-    errors = sum(1 for r in rows if r.verdict == "error")
-    per_call = median_latency(cache, [r.response_key for r in rows])
-    log(f"{model} pointwise: {len(rows)} negatives, {calls} uncached calls in {judge_s:.0f}s (median "
-        f"{per_call:.2f} s/call, load avg {os.getloadavg()[0]:.1f}), {errors} errors; with server start "
-        f"{time.perf_counter() - t0:.0f}s")
-    return scores, per_call, errors
-
-
 def judge_scores(instances, model: str, kind: str, prompt: str, cache: str, log) -> tuple[dict, float, int]:
     """The judge's score per (query, negative) (P(yes) or expected grade) and the median seconds per call."""
     res = JudgeTierResource(tier=2, kind=kind, model=model + "-instruct", local_model=model, temperature=0.0,
@@ -197,26 +177,31 @@ def main() -> None:
                      **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, t1[m]).items()}})
         log(rows[-1]["configuration"] + f": kappa all {rows[-1]['all_kappa']}")
 
-    pscores = {}
-    for model in [m for m in args.models.split(",") if m]:
-        p, per_call, errors = pointwise_scores(instances, model, args.cache, log)
-        pscores[model] = p
-        for thr in THRESHOLDS:
-            alone = {k: p[k] >= thr for k in keys}
-            rows.append({"configuration": f"tier 2 alone: {model} pointwise P(yes) >= {thr}", "kind": "tier2_alone",
-                         "margin": "", "model": model, "threshold": thr, "tier2_share": 1.0,
+    def threshold_rows(name: str, model: str, sc: dict, thresholds, what: str, per_call: float, errors: int):
+        """'tier 2 alone' and every 'cascade: margin m ->' row of one judge's scores at each threshold."""
+        for thr in thresholds:
+            alone = {k: sc[k] >= thr for k in keys}
+            rows.append({"configuration": f"tier 2 alone: {name} {what} >= {thr}", "kind": "tier2_alone",
+                         "margin": "", "model": model, "judge": name, "threshold": thr, "tier2_share": 1.0,
                          "s_per_call": round(per_call, 3), "tier2_demo_s": round(args.demo_negatives * per_call),
                          "seconds": round(len(keys) * per_call, 1), "errors": errors,
                          **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, alone).items()}})
             for m in MARGINS:
-                cascade = {k: t1[m][k] and p[k] >= thr for k in keys}
+                cascade = {k: t1[m][k] and sc[k] >= thr for k in keys}
                 share = sum(t1[m].values()) / len(keys)
-                rows.append({"configuration": f"cascade: margin {m} -> {model} pointwise P(yes) >= {thr}",
-                             "kind": "cascade", "margin": m, "model": model, "threshold": thr,
+                rows.append({"configuration": f"cascade: margin {m} -> {name} {what} >= {thr}",
+                             "kind": "cascade", "margin": m, "model": model, "judge": name, "threshold": thr,
                              "tier2_share": round(share, 3), "s_per_call": round(per_call, 3),
                              "tier2_demo_s": round(args.demo_negatives * share * per_call),
                              "seconds": round(sum(t1[m].values()) * per_call, 1), "errors": errors,
                              **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, cascade).items()}})
+
+    # the original prompt (pointwise-v1), kept for the earlier rows of the README
+    pscores = {}
+    for model in [m for m in args.models.split(",") if m]:
+        p, per_call, errors = judge_scores(instances, model, "pointwise", "pointwise-v1", args.cache, log)
+        pscores[model] = p
+        threshold_rows(f"{model} pointwise", model, p, THRESHOLDS, "P(yes)", per_call, errors)
 
     all_scores: dict[str, dict] = {}
     for spec_s in [j for j in args.judges.split(",") if j]:
@@ -225,27 +210,10 @@ def main() -> None:
         all_scores[spec_s] = raw
         spec = {"model": model, "kind": kind, "prompt": prompt}
         cal_path = settings.data_dir() / "calibration" / f"dl19-{model}-{prompt}.json"
-        variants = [(f"{model} {kind} {prompt}", raw, THRESHOLDS_BY_KIND[kind], "score"),
-                    (f"{model} {kind} {prompt} calibrated", calibrated_scores(
-                        instances, keys, halves["tune"], raw, gold, spec, cal_path, log),
-                     THRESHOLDS_BY_KIND["calibrated"], "P(relevant)")]
-        for name, sc, thresholds, what in variants:
-            for thr in thresholds:
-                alone = {k: sc[k] >= thr for k in keys}
-                rows.append({"configuration": f"tier 2 alone: {name} {what} >= {thr}", "kind": "tier2_alone",
-                             "margin": "", "model": model, "judge": name, "threshold": thr, "tier2_share": 1.0,
-                             "s_per_call": round(per_call, 3), "tier2_demo_s": round(args.demo_negatives * per_call),
-                             "seconds": round(len(keys) * per_call, 1), "errors": errors,
-                             **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, alone).items()}})
-                for m in MARGINS:
-                    cascade = {k: t1[m][k] and sc[k] >= thr for k in keys}
-                    share = sum(t1[m].values()) / len(keys)
-                    rows.append({"configuration": f"cascade: margin {m} -> {name} {what} >= {thr}",
-                                 "kind": "cascade", "margin": m, "model": model, "judge": name, "threshold": thr,
-                                 "tier2_share": round(share, 3), "s_per_call": round(per_call, 3),
-                                 "tier2_demo_s": round(args.demo_negatives * share * per_call),
-                                 "seconds": round(sum(t1[m].values()) * per_call, 1), "errors": errors,
-                                 **{f"{h}_{k}": v for h in halves for k, v in score(halves[h], gold, cascade).items()}})
+        threshold_rows(f"{model} {kind} {prompt}", model, raw, THRESHOLDS_BY_KIND[kind], "score", per_call, errors)
+        calibrated = calibrated_scores(instances, keys, halves["tune"], raw, gold, spec, cal_path, log)
+        threshold_rows(f"{model} {kind} {prompt} calibrated", model, calibrated, THRESHOLDS_BY_KIND["calibrated"],
+                       "P(relevant)", per_call, errors)
 
     admissible = [r for r in rows if r["tier2_demo_s"] <= args.budget_seconds and
                   (r["kind"] == "tier1" or r["tier2_share"] <= args.max_share)]
