@@ -11,6 +11,7 @@ same events are in the Dagster UI (`make ui`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -182,17 +183,11 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
     token = uuid.uuid4().hex
     run_config = {"ops": ops} if ops else {}
     t0 = time.perf_counter()
-    ticker = _Ticker(instance, token, progress, progress_every) if progress else None
-    if ticker:
-        ticker.__enter__()
-    try:
+    with _Ticker(instance, token, progress, progress_every) if progress else contextlib.nullcontext():
         result = dg.materialize(list(d.assets or []) + list(d.asset_checks or []), selection=selection,
-                                partition_key=partition, resources=d.resources or {}, instance=instance, raise_on_error=False,
-                                run_config=run_config or None,
+                                partition_key=partition, resources=d.resources or {}, instance=instance,
+                                raise_on_error=False, run_config=run_config or None,
                                 tags={DEMO_PID_TAG: str(os.getpid()), RUN_TOKEN_TAG: token})
-    finally:
-        if ticker:
-            ticker.__exit__()
     seconds = time.perf_counter() - t0
     evaluations = result.get_asset_check_evaluations()
     failed = [e for e in evaluations if not e.passed]

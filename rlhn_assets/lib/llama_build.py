@@ -390,7 +390,7 @@ def _probe(server: Path, gguf: Path, args: tuple[str, ...], alias: str, timeout:
     srv = LlamaServer(gguf, ctx_size=2048, alias=alias, server_binary=server, extra_args=args,
                       retry_with_fallback=False)
     try:
-        with srv:
+        with srv.start(timeout=timeout):
             client = openai.OpenAI(base_url=srv.base_url, api_key="local", timeout=120, max_retries=0)
             resp = client.chat.completions.create(
                 model=alias, max_tokens=1, temperature=0, logprobs=True, top_logprobs=5,
