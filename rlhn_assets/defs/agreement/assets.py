@@ -51,8 +51,8 @@ HEADERS = ["judge", "kappa", "P", "R", "F1", "kappa 95% CI", "P 95% CI", "R 95% 
     description=(
         "How well the configured judges agree with human assessors on a labeled file (default: TREC DL19, 43 "
         "queries x 30 dense-retriever negatives with NIST grades; grade >= 2 = false negative): precision, recall, "
-        "F1 and Cohen's kappa of tier 1, of the cascade exactly as the pipeline runs it (and optionally tier 2 "
-        "alone), the share of negatives forwarded to tier 2, and the cost. Paper: kappa vs humans GPT-4o-mini "
+        "F1 and Cohen's kappa (each with a 95% bootstrap CI over queries; ROC-AUC / PR-AUC for scored judges) of "
+        "tier 1, of the cascade exactly as the pipeline runs it (and optionally tier 2 alone), the share of negatives forwarded to tier 2, and the cost. Paper: kappa vs humans GPT-4o-mini "
         "0.320, GPT-4o 0.390. Written to data/reports/judge_agreement.{md,csv,png}."
     ),
 )
