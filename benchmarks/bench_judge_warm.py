@@ -73,7 +73,8 @@ def main() -> None:
         paper = PRESETS["paper"]
         res = {"duckdb": RLHNDuckDB(database=f"{tmp}/b.duckdb"), "registry": DatasetRegistryResource(),
                **{k: DelayedReplayTier(**{**paper[k].model_dump(), "cache_path": f"{tmp}/llm.duckdb",
-                                          "base_url": "http://replay.invalid/v1"}) for k in ("tier1_judge", "tier2_judge")}}
+                                          "base_url": "http://replay.invalid/v1", "paid": False})  # a replay is free
+                  for k in ("tier1_judge", "tier2_judge")}}
 
         def run(sel_keys, ds):
             sel = dg.AssetSelection.assets(*sel_keys)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
+from pydantic import Field, model_validator
 
 from rlhn_assets import settings
 from rlhn_assets.lib.db import connect, ensure_schema
@@ -43,8 +44,25 @@ class DatasetRegistryResource(dg.ConfigurableResource):
         return self.load().data_dir
 
 
+class JudgingBudgetResource(dg.ConfigurableResource):
+    """What paid judging may cost before the budget gate stops it (lib/judging/budget.py). USD, compared with
+    the ``judging_cost_estimate`` of the paid tiers. The default 0 blocks every paid call until someone raises
+    it; local and embedding tiers cost nothing and are never blocked."""
+
+    max_usd_per_dataset: float = Field(default=0.0, ge=0.0)
+    max_usd_per_run: float = Field(default=0.0, ge=0.0)
+    # compare the `max` estimate (every call writes max_tokens) or the `typical` one (500 output tokens per
+    # listwise call)
+    basis: Literal["max", "typical"] = "max"
+
+
 # judge kinds that make one call per negative and read one answer token's logprobs
 ONE_TOKEN_KINDS = ("pointwise", "graded")
+JudgeKind = Literal["listwise", "pointwise", "graded", "embedding_margin"]
+# the one-negative-per-call prompt families of each kind ("" = the kind's default); kept in step with
+# lib/judging/prompts.py by test_judge_settings.py
+ONE_TOKEN_PROMPTS = {"pointwise": ("pointwise-v1", "plain-v1"), "graded": ("graded-ref-v1", "graded-v1")}
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 
 
 class JudgeTierResource(dg.ConfigurableResource):
@@ -55,12 +73,16 @@ class JudgeTierResource(dg.ConfigurableResource):
     family of the one-negative-per-call kinds (empty = the kind's default: ``pointwise-v1`` / ``graded-ref-v1``). LLM kinds go through the one ``openai`` client path (``rlhn_assets.lib.llm.client``); the API
     key is read from the environment variable named by ``api_key_env`` and never logged or stored.
     ``local_model`` (e.g. ``qwen2.5-coder-0.5b``) makes the step start a llama.cpp server on 127.0.0.1
-    with that packaged model, health-check it, and stop it afterwards; ``base_url`` is then ignored."""
+    with that packaged model, health-check it, and stop it afterwards; ``base_url`` is then ignored.
 
-    tier: int = 1
-    kind: str = "listwise"
-    prompt_family: str = "tier1"  # listwise prompt: tier1 | tier2 (datasets with prompt: scidocsrr use theirs)
-    pointwise_prompt: str = ""  # pointwise: pointwise-v1 | plain-v1; graded: graded-ref-v1 | graded-v1
+    Every setting is typed (``Literal`` choices, ranges) and cross-checked when the resource is built, so a
+    wrong value fails when the definitions load or the run is launched - never after a server has started."""
+
+    tier: int = Field(default=1, ge=1, le=2)
+    kind: JudgeKind = "listwise"
+    # listwise prompt (datasets with `prompt: scidocsrr` in the registry use theirs whatever this says)
+    prompt_family: Literal["tier1", "tier2", "scidocsrr"] = "tier1"
+    pointwise_prompt: Literal["", "pointwise-v1", "plain-v1", "graded-ref-v1", "graded-v1"] = ""
     # pointwise/graded: a calibration artifact (lib/judging/calibration.py; path relative to the data directory).
     # When set, the thresholds apply to the calibrated P(relevant), and its version is recorded with each verdict.
     calibration: str = ""
@@ -68,38 +90,93 @@ class JudgeTierResource(dg.ConfigurableResource):
     model: str = "gpt-4o-mini"
     base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = 0.1
-    max_tokens: int = 2048
-    response_format_style: str = "none"
-    concurrency: int = 8
-    max_retries: int = 5
-    timeout_s: float = 120.0
-    mode: str = "online"  # online | batch (OpenAI Batch API, half price)
+    temperature: float = Field(default=0.1, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=2048, ge=1)
+    # listwise: ask for the verdict as structured output (the endpoint constrains the answer to the verdict's
+    # JSON schema; it is still validated here): json_schema (OpenAI, vLLM, llama-server), json_object_schema
+    # (llama-cpp-python's server) or none (the paper's <verdict> tags). One-token kinds read logprobs and ignore it.
+    response_format_style: Literal["json_schema", "json_object_schema", "none"] = "none"
+    concurrency: int = Field(default=8, ge=1)
+    max_retries: int = Field(default=5, ge=0)
+    timeout_s: float = Field(default=120.0, gt=0)
+    mode: Literal["online", "batch"] = "online"  # batch: OpenAI Batch API, half price
     local_model: str = ""
-    local_parallel: int = 1
-    local_ctx_size: int = 4096
+    local_parallel: int = Field(default=1, ge=1)
+    local_ctx_size: int = Field(default=4096, ge=512)
     # judge settings
-    max_parse_retries: int = 2
-    threshold_relevant: float = 0.5
+    max_parse_retries: int = Field(default=2, ge=0)
+    threshold_relevant: float = 0.5  # range depends on the kind's score (checked below)
     threshold_better: float = 0.9
-    margin: float = 0.05
-    # cost per 1M tokens (USD), for metadata and the dry-run estimate
-    price_in_per_m: float = 0.0
-    price_out_per_m: float = 0.0
+    margin: float = Field(default=0.05, ge=0.0, lt=1.0)
+    # cost per 1M tokens (USD), for metadata, the estimate and the budget gate (judging_cost_estimate)
+    price_in_per_m: float = Field(default=0.0, ge=0.0)
+    price_out_per_m: float = Field(default=0.0, ge=0.0)
+    # Does this endpoint cost money? None = decide from the endpoint: a local model, 127.0.0.1/localhost or the
+    # embedding judge are free, anything else (api.openai.com, a remote base_url) is paid. Set false for your
+    # own remote vLLM you do not pay per token for. Paid tiers are gated by the judging budget and are not
+    # re-materialized automatically unless RLHN_AUTOMATE_PAID_JUDGING=1.
+    paid: bool | None = None
     cache_path: str = ""
     # Tier 2 only: re-judge every negative of a forwarded instance ("instance", the paper) or only the negatives
     # tier 1 flagged or failed on ("flagged_negatives": tier 2 confirms or rejects tier 1's flags; far fewer calls
     # for a one-call-per-negative judge). Unflagged negatives then keep tier 1's not_relevant.
-    scope: str = "instance"
+    scope: Literal["instance", "flagged_negatives"] = "instance"
     # asset check: share of `error` verdicts above which the tier's partition fails
-    max_error_rate: float = 0.05
+    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _settings_fit_the_kind(self):
+        if self.pointwise_prompt and self.kind in ONE_TOKEN_KINDS and \
+                self.pointwise_prompt not in ONE_TOKEN_PROMPTS[self.kind]:
+            raise ValueError(f"pointwise_prompt {self.pointwise_prompt!r} is not a {self.kind} prompt; "
+                             f"allowed for kind {self.kind!r}: {ONE_TOKEN_PROMPTS[self.kind]} (or '' for the default)")
+        if self.kind in ONE_TOKEN_KINDS:
+            hi = 3.0 if self.kind == "graded" and not self.calibration else 1.0
+            what = "the expected grade (0-3)" if hi == 3.0 else "a probability (0-1)"
+            for name in ("threshold_relevant", "threshold_better"):
+                v = getattr(self, name)
+                if not 0.0 <= v <= hi:
+                    raise ValueError(f"{name} = {v} is outside 0..{hi:g}: a {self.kind} judge"
+                                     f"{' with a calibration' if self.calibration else ''} thresholds {what}")
+            if self.threshold_better < self.threshold_relevant:
+                raise ValueError(f"threshold_better ({self.threshold_better}) must be >= threshold_relevant "
+                                 f"({self.threshold_relevant}): `better` is the stronger verdict")
+        if self.pointwise_prompt and self.kind not in ONE_TOKEN_KINDS:
+            raise ValueError(f"pointwise_prompt applies to the {ONE_TOKEN_KINDS} kinds; a {self.kind!r} judge "
+                             "would ignore it (listwise: prompt_family)")
+        if self.scope != "instance" and self.tier != 2:
+            raise ValueError(f"scope {self.scope!r} applies to tier 2 only (tier 1 judges every negative)")
+        if self.calibration and self.kind not in ONE_TOKEN_KINDS:
+            raise ValueError(f"calibration applies to the {ONE_TOKEN_KINDS} kinds, not {self.kind!r}")
+        if self.mode == "batch" and self.local_model:
+            raise ValueError("mode 'batch' is the OpenAI Batch API; a local_model tier runs online")
+        return self
+
+    @property
+    def is_paid(self) -> bool:
+        """Whether judging with this tier costs money (see ``paid``)."""
+        if self.paid is not None:
+            return self.paid
+        if self.kind == "embedding_margin" or self.local_model:
+            return False
+        if not self.base_url:
+            return True  # api.openai.com
+        from urllib.parse import urlparse
+
+        return (urlparse(self.base_url).hostname or "") not in _LOCAL_HOSTS
+
+    @property
+    def endpoint(self) -> str:
+        return ("local llama.cpp (" + self.local_model + ")" if self.local_model
+                else (self.base_url or "https://api.openai.com/v1"))
 
     def describe(self) -> dict:
         """What the metadata shows about this tier (never the key)."""
         d = {"tier": self.tier, "kind": self.kind}
         if self.kind != "embedding_margin":
-            d |= {"model": self.model, "endpoint": "local llama.cpp (" + self.local_model + ")" if self.local_model
-                  else (self.base_url or "api.openai.com"), "mode": self.mode, "prompt_family": self.prompt_family}
+            d |= {"model": self.model, "endpoint": self.endpoint, "mode": self.mode, "paid": self.is_paid}
+            if self.kind == "listwise":
+                d |= {"prompt_family": self.prompt_family, "response_format_style": self.response_format_style}
         if self.kind == "embedding_margin":
             d["margin"] = self.margin
         if self.tier == 2:
@@ -155,8 +232,6 @@ class JudgeTierResource(dg.ConfigurableResource):
 
             yield judges.EmbeddingMarginJudge(load_model(), dir_hash(base_model_path()), margin=self.margin)
             return
-        if self.kind not in ("listwise", *ONE_TOKEN_KINDS):
-            raise ValueError(f"judge kind must be listwise, pointwise, graded or embedding_margin, not {self.kind!r}")
         from rlhn_assets.lib.llm.cache import ResponseCache
 
         cache_path = self.cache_path or str(settings.data_dir() / "llm_cache.duckdb")

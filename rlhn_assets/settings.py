@@ -27,3 +27,9 @@ def registry_path() -> Path:
 def cache_dir() -> Path:
     """Embedding and other derived caches; CI points this outside the clone so it survives between runs."""
     return Path(os.environ.get("RLHN_CACHE_DIR", data_dir() / "cache")).resolve()
+
+
+def automate_paid_judging() -> bool:
+    """RLHN_AUTOMATE_PAID_JUDGING=1: let the automation sensor (and its eager conditions) re-materialize a judge
+    tier whose endpoint costs money. Off by default: a changed file must not start paid calls by itself."""
+    return os.environ.get("RLHN_AUTOMATE_PAID_JUDGING", "").strip().lower() in ("1", "true", "yes")

@@ -26,9 +26,10 @@ def make_resources(db_path, registry: DatasetRegistryResource | None = None) -> 
     """Every resource of the code location (the `local` judge preset: no server starts unless a judge is
     opened), with DuckDB on ``db_path`` and the given (or bundled) registry."""
     from rlhn_assets.defs.resources import PRESETS
+    from rlhn_assets.resources import JudgingBudgetResource
 
     return {**PRESETS["local"], "duckdb": RLHNDuckDB(database=str(db_path)),
-            "registry": registry or DatasetRegistryResource()}
+            "registry": registry or DatasetRegistryResource(), "judging_budget": JudgingBudgetResource()}
 
 
 @pytest.fixture

@@ -13,11 +13,13 @@ import pytest
 
 from rlhn_assets.definitions import defs
 from rlhn_assets.defs.resources import PRESETS
-from rlhn_assets.resources import JudgeTierResource, RLHNDuckDB, DatasetRegistryResource
+from rlhn_assets.resources import DatasetRegistryResource, JudgeTierResource, JudgingBudgetResource, RLHNDuckDB
 from rlhn_assets_tests.conftest import FIXTURES
 
 SAMPLES = FIXTURES / "rlhn-judge-samples"
-ALL = ("hard_negative_mining", "raw_bge", "pruned", "tier1_judgments", "tier2_judgments")
+ALL = ("hard_negative_mining", "raw_bge", "pruned", "judging_cost_estimate", "tier1_judgments", "tier2_judgments")
+# the replayed paper preset prices its calls like gpt-4o: a budget the sample fits in (the gate: test_budget_gate.py)
+BUDGET = JudgingBudgetResource(max_usd_per_dataset=20.0, max_usd_per_run=20.0)
 
 
 def _answers(ds: str, stage: str) -> dict[str, str]:
@@ -66,6 +68,7 @@ def replay_resources(db_path, tmp_path):
     return {
         "duckdb": RLHNDuckDB(database=str(db_path)),
         "registry": DatasetRegistryResource(),
+        "judging_budget": BUDGET,
         "tier1_judge": ReplayTier(**{**paper["tier1_judge"].model_dump(), "cache_path": str(tmp_path / "llm.duckdb"),
                                      "base_url": "http://replay.invalid/v1"}),
         "tier2_judge": ReplayTier(**{**paper["tier2_judge"].model_dump(), "cache_path": str(tmp_path / "llm.duckdb"),

@@ -121,3 +121,16 @@ def test_yes_probability_from_logprobs_and_text():
     assert yes_probability(None, "No.") == 0.0
     with pytest.raises(VerdictParseError):
         yes_probability([("Maybe", -0.1)], "Maybe")
+
+
+def test_structured_listwise_answer():
+    from rlhn_assets.lib.judging.parsing import parse_listwise_json
+
+    v = parse_listwise_json('{"thinking": "t", "better": [2, 2, 9], "worse": [1, 2]}', 3)
+    assert v.better == (2,) and v.worse == (1,) and v.out_of_range == (9,)
+    for bad, why in [("", "empty"), ("<verdict><better>[Doc (1)]</better></verdict>", "not JSON"),
+                     ("[1]", "expected a JSON object"), ('{"better": [1]}', "'worse' must be a list"),
+                     ('{"better": [true], "worse": []}', "'better' must be a list"),
+                     ('{"better": [1.5], "worse": []}', "'better' must be a list")]:
+        with pytest.raises(VerdictParseError, match=why):
+            parse_listwise_json(bad, 3)

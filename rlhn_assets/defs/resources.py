@@ -3,7 +3,7 @@ import os
 import dagster as dg
 
 from rlhn_assets import settings
-from rlhn_assets.resources import DatasetRegistryResource, JudgeTierResource, RLHNDuckDB
+from rlhn_assets.resources import DatasetRegistryResource, JudgeTierResource, JudgingBudgetResource, RLHNDuckDB
 
 # Judge presets. `local` (the default, what `make demo` and CI run): tier 1 = embedding margin with the
 # packaged MiniLM, tier 2 = a packaged Qwen2.5-Coder on a llama.cpp server the step starts itself.
@@ -56,6 +56,23 @@ PRESETS: dict[str, dict[str, JudgeTierResource]] = {
 }
 
 
+def judging_budget() -> JudgingBudgetResource:
+    """The budget gate's limits: RLHN_JUDGING_BUDGET_USD (per dataset), RLHN_JUDGING_BUDGET_USD_PER_RUN
+    (default: the per-dataset one), RLHN_JUDGING_BUDGET_BASIS (max | typical). Default 0 USD: no paid call
+    until someone sets a budget."""
+    def usd(name: str, default: str) -> float:
+        raw = os.environ.get(name, default)
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r}: expected a number of USD, e.g. 25") from None
+
+    per_dataset = usd("RLHN_JUDGING_BUDGET_USD", "0")
+    return JudgingBudgetResource(max_usd_per_dataset=per_dataset,
+                                 max_usd_per_run=usd("RLHN_JUDGING_BUDGET_USD_PER_RUN", str(per_dataset)),
+                                 basis=os.environ.get("RLHN_JUDGING_BUDGET_BASIS", "max"))
+
+
 def preset_name() -> str:
     name = os.environ.get("RLHN_PRESET", "local")
     if name not in PRESETS:
@@ -69,6 +86,7 @@ def resources() -> dg.Definitions:
         resources={
             "duckdb": RLHNDuckDB(database=str(settings.duckdb_path()), connection_config={"memory_limit": "1GB"}),
             "registry": DatasetRegistryResource(),
+            "judging_budget": judging_budget(),
             **PRESETS[preset_name()],
         }
     )

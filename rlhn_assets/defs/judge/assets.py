@@ -10,7 +10,9 @@ from rlhn_assets.lib.judging.store import count_instances, iter_batches, write_j
 from rlhn_assets.lib.markdown import md_table
 from rlhn_assets.lib.relabel import ensure_tables, flagged_negatives_sql, forwarded_sql
 from rlhn_assets.partitions import dataset_pd
-from rlhn_assets.resources import ONE_TOKEN_KINDS, DatasetRegistryResource, JudgeTierResource, RLHNDuckDB
+from rlhn_assets.lib.judging.budget import decision_for, write_estimates
+from rlhn_assets.resources import (ONE_TOKEN_KINDS, DatasetRegistryResource, JudgeTierResource, JudgingBudgetResource,
+                                   RLHNDuckDB)
 
 # A retry reruns the whole step; the response cache makes that cheap and deterministic.
 JUDGE_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
@@ -47,14 +49,38 @@ def _only_flagged(batch, flagged: set[tuple[str, int]]):
     return out, positions
 
 
+def _budget_gate(tier: int, judge_res: JudgeTierResource, budget: JudgingBudgetResource, conn, dataset: str) -> None:
+    """A paid tier runs only on a stored estimate of its own configuration that is within the budget (the
+    blocking check `judging_within_budget` says the same in the UI; this repeats it so that materializing the
+    tier alone cannot skip it)."""
+    if not judge_res.is_paid:
+        return
+    est, decision = decision_for(conn, dataset, max_usd_per_dataset=budget.max_usd_per_dataset,
+                                 max_usd_per_run=budget.max_usd_per_run, basis=budget.basis)
+    mine = [e for e in est if e.tier == tier]
+    if not mine:
+        raise dg.Failure(f"{dataset} tier {tier} calls a paid endpoint ({judge_res.model} at {judge_res.endpoint}) "
+                         f"and has no cost estimate: materialize judging_cost_estimate[{dataset}] first",
+                         allow_retries=False)
+    if (mine[0].model, mine[0].kind) != (judge_res.model, judge_res.kind):
+        raise dg.Failure(f"{dataset} tier {tier}: the stored cost estimate is for {mine[0].kind} {mine[0].model}, "
+                         f"this run judges with {judge_res.kind} {judge_res.model}: re-materialize "
+                         f"judging_cost_estimate[{dataset}] with this run's tier settings",
+                         allow_retries=False)
+    if not decision.passed:
+        raise dg.Failure(decision.description, allow_retries=False)  # a retry cannot change the budget
+
+
 def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, registry: DatasetRegistryResource,
-              config: JudgeRunConfig, only_sql: str | None) -> dg.MaterializeResult:
+              config: JudgeRunConfig, only_sql: str | None, budget: JudgingBudgetResource) -> dg.MaterializeResult:
     dataset = context.partition_key
+    reason = _skip_reason(registry, duckdb, dataset)
     with duckdb.get_connection() as conn:
         ensure_tables(conn)
+        if not reason:
+            _budget_gate(tier, judge_res, budget, conn, dataset)
         conn.execute("DELETE FROM judgments WHERE dataset = $1 AND tier = $2", [dataset, tier])
         total = count_instances(conn, dataset, only_sql)
-    reason = _skip_reason(registry, duckdb, dataset)
     base = {"judge": dg.MetadataValue.json(judge_res.describe())}
     if reason or total == 0:
         reason = reason or ("no instance forwarded by tier 1" if tier == 2 else "no instances")
@@ -69,8 +95,6 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
     done = 0
     with judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info) as judge:
         flagged_only = tier == 2 and judge_res.scope == "flagged_negatives"
-        if judge_res.scope not in ("instance", "flagged_negatives"):
-            raise dg.Failure(f"tier {tier} scope must be 'instance' or 'flagged_negatives', not {judge_res.scope!r}")
         for batch in iter_batches(duckdb.get_connection, dataset, config.batch_size, only_sql):
             if flagged_only:
                 import dataclasses
@@ -128,12 +152,92 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
     })
 
 
+def _chars_per_token() -> float:
+    return 4.0  # rough English average; the estimate says so
+
+
+@dg.asset(
+    partitions_def=dataset_pd,
+    group_name="judge",
+    code_version="2",
+    automation_condition=PIPELINE,
+    deps=[pruned],
+    kinds={"duckdb"},
+    description=(
+        "The gate in front of the judges (both tiers depend on it): LLM calls, input tokens (prompt characters "
+        "/ 4), output tokens and USD cost of tier 1 (every instance) and tier 2 (the instances tier 1 forwarded if "
+        "tier 1 ran, else every instance as an upper bound), from the tiers' prices. Makes no LLM call. Table "
+        "`judging_estimates`; its blocking check `judging_within_budget` stops paid tiers whose estimate exceeds "
+        "the budget (`judging_budget`: RLHN_JUDGING_BUDGET_USD, default 0 USD)."
+    ),
+)
+def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB, registry: DatasetRegistryResource,
+                          tier1_judge: JudgeTierResource, tier2_judge: JudgeTierResource) -> dg.MaterializeResult:
+    dataset = context.partition_key
+    reason = _skip_reason(registry, duckdb, dataset)
+    if reason:
+        with duckdb.get_connection() as conn:
+            write_estimates(conn, dataset, [])
+        return dg.MaterializeResult(metadata={"status": reason})
+    with duckdb.get_connection() as conn:
+        ensure_tables(conn)
+        has_t1 = conn.execute("SELECT count(*) FROM judgments WHERE dataset = $1 AND tier = 1", [dataset]).fetchall()[0][0]
+    rows, stored = [], []
+    for res, only in ((tier1_judge, None), (tier2_judge, forwarded_sql(True) if has_t1 else None)):
+        calls = chars = negatives = instances = 0
+        for batch in iter_batches(duckdb.get_connection, dataset, 512, only):
+            instances += len(batch)
+            for inst in batch:
+                negatives += len(inst.negatives)
+                if res.kind == "listwise":
+                    for _, r in listwise_calls(inst, res.prompt_family,
+                                               structured=res.response_format_style != "none"):
+                        calls += 1
+                        chars += sum(len(m["content"]) for m in r.messages)
+                elif res.kind in ONE_TOKEN_KINDS:
+                    for n in inst.negatives:
+                        calls += 1
+                        chars += sum(len(m["content"]) for m in res.render_one(inst, n))
+        tokens_in = int(chars / _chars_per_token())
+        out_max = calls * (1 if res.kind in ONE_TOKEN_KINDS else res.max_tokens)
+        out_typical = calls * (1 if res.kind in ONE_TOKEN_KINDS else 500)
+        model = res.model if res.kind != "embedding_margin" else "MiniLM"
+        rows.append([f"tier {res.tier}", res.kind, model, "yes" if res.is_paid else "no", instances, negatives,
+                     calls, tokens_in, out_typical, out_max,
+                     round(res.cost_usd(tokens_in, out_typical), 4), round(res.cost_usd(tokens_in, out_max), 4)])
+        stored.append({"dataset": dataset, "tier": res.tier, "kind": res.kind, "model": res.model,
+                       "endpoint": res.endpoint if res.kind != "embedding_margin" else "",
+                       "paid": res.is_paid, "priced": bool(res.price_in_per_m or res.price_out_per_m),
+                       "instances": instances, "negatives": negatives, "calls": calls, "tokens_in": tokens_in,
+                       "tokens_out_typical": out_typical, "tokens_out_max": out_max,
+                       "usd_typical": res.cost_usd(tokens_in, out_typical), "usd_max": res.cost_usd(tokens_in, out_max),
+                       "run_id": context.run_id})
+    with duckdb.get_connection() as conn:
+        write_estimates(conn, dataset, stored)
+    headers = ["tier", "kind", "model", "paid", "instances", "negatives", "calls", "tokens_in", "tokens_out_typical",
+               "tokens_out_max", "usd_typical", "usd_max"]
+    # The judges depend on the estimate: its data version is its content, so re-estimating unchanged numbers
+    # does not make them stale.
+    import hashlib
+    import json
+
+    version = hashlib.sha256(json.dumps([{k: v for k, v in r.items() if k != "run_id"} for r in stored],
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata={
+        "estimate": dg.MetadataValue.md(md_table(headers, rows)),
+        "tier2_basis": "instances forwarded by the stored tier-1 verdicts" if has_t1 else "upper bound: every instance",
+        "usd_typical_total": sum(r[10] for r in rows),
+        "usd_max_total": sum(r[11] for r in rows),
+        "calls_total": sum(r[6] for r in rows),
+    })
+
+
 @dg.asset(
     partitions_def=dataset_pd,
     group_name="judge",
     code_version="1",
     automation_condition=PIPELINE,
-    deps=[pruned],
+    deps=[pruned, judging_cost_estimate],
     kinds={"openai", "duckdb"},
     pool="llm_judge",
     backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per dataset
@@ -146,8 +250,9 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
     ),
 )
 def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, duckdb: RLHNDuckDB,
-                    registry: DatasetRegistryResource, tier1_judge: JudgeTierResource) -> dg.MaterializeResult:
-    return _run_tier(context, 1, tier1_judge, duckdb, registry, config, None)
+                    registry: DatasetRegistryResource, tier1_judge: JudgeTierResource,
+                    judging_budget: JudgingBudgetResource) -> dg.MaterializeResult:
+    return _run_tier(context, 1, tier1_judge, duckdb, registry, config, None, judging_budget)
 
 
 @dg.asset(
@@ -155,7 +260,7 @@ def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, d
     group_name="judge",
     code_version="1",
     automation_condition=PIPELINE,
-    deps=[tier1_judgments],
+    deps=[tier1_judgments, judging_cost_estimate],
     kinds={"openai", "duckdb"},
     pool="llm_judge",
     backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per dataset
@@ -168,63 +273,7 @@ def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, d
     ),
 )
 def tier2_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, duckdb: RLHNDuckDB,
-                    registry: DatasetRegistryResource, tier2_judge: JudgeTierResource) -> dg.MaterializeResult:
-    return _run_tier(context, 2, tier2_judge, duckdb, registry, config, forwarded_sql(config.forward_errors))
-
-
-def _chars_per_token() -> float:
-    return 4.0  # rough English average; the estimate says so
-
-
-@dg.asset(
-    partitions_def=dataset_pd,
-    group_name="judge",
-    code_version="1",
-    automation_condition=PIPELINE,
-    deps=[pruned],
-    kinds={"duckdb"},
-    description=(
-        "Dry-run estimate before any money is spent: LLM calls, input tokens (prompt characters / 4), output "
-        "tokens and USD cost of tier 1 (every instance) and tier 2 (the instances tier 1 forwarded if tier 1 ran, "
-        "else every instance as an upper bound), from the configured price table. Makes no LLM call."
-    ),
-)
-def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB, registry: DatasetRegistryResource,
-                          tier1_judge: JudgeTierResource, tier2_judge: JudgeTierResource) -> dg.MaterializeResult:
-    dataset = context.partition_key
-    reason = _skip_reason(registry, duckdb, dataset)
-    if reason:
-        return dg.MaterializeResult(metadata={"status": reason})
-    with duckdb.get_connection() as conn:
-        ensure_tables(conn)
-        has_t1 = conn.execute("SELECT count(*) FROM judgments WHERE dataset = $1 AND tier = 1", [dataset]).fetchall()[0][0]
-    rows = []
-    for res, only in ((tier1_judge, None), (tier2_judge, forwarded_sql(True) if has_t1 else None)):
-        calls = chars = negatives = instances = 0
-        for batch in iter_batches(duckdb.get_connection, dataset, 512, only):
-            instances += len(batch)
-            for inst in batch:
-                negatives += len(inst.negatives)
-                if res.kind == "listwise":
-                    for _, r in listwise_calls(inst, res.prompt_family):
-                        calls += 1
-                        chars += sum(len(m["content"]) for m in r.messages)
-                elif res.kind in ONE_TOKEN_KINDS:
-                    for n in inst.negatives:
-                        calls += 1
-                        chars += sum(len(m["content"]) for m in res.render_one(inst, n))
-        tokens_in = int(chars / _chars_per_token())
-        out_max = calls * (1 if res.kind in ONE_TOKEN_KINDS else res.max_tokens)
-        out_typical = calls * (1 if res.kind in ONE_TOKEN_KINDS else 500)
-        rows.append([f"tier {res.tier}", res.kind, res.model if res.kind != "embedding_margin" else "MiniLM",
-                     instances, negatives, calls, tokens_in, out_typical, out_max,
-                     round(res.cost_usd(tokens_in, out_typical), 4), round(res.cost_usd(tokens_in, out_max), 4)])
-    headers = ["tier", "kind", "model", "instances", "negatives", "calls", "tokens_in", "tokens_out_typical",
-               "tokens_out_max", "usd_typical", "usd_max"]
-    return dg.MaterializeResult(metadata={
-        "estimate": dg.MetadataValue.md(md_table(headers, rows)),
-        "tier2_basis": "instances forwarded by the stored tier-1 verdicts" if has_t1 else "upper bound: every instance",
-        "usd_typical_total": sum(r[9] for r in rows),
-        "usd_max_total": sum(r[10] for r in rows),
-        "calls_total": sum(r[5] for r in rows),
-    })
+                    registry: DatasetRegistryResource, tier2_judge: JudgeTierResource,
+                    judging_budget: JudgingBudgetResource) -> dg.MaterializeResult:
+    return _run_tier(context, 2, tier2_judge, duckdb, registry, config, forwarded_sql(config.forward_errors),
+                     judging_budget)

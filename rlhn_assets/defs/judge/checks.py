@@ -1,9 +1,10 @@
 import dagster as dg
 
-from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
+from rlhn_assets.defs.judge.assets import judging_cost_estimate, tier1_judgments, tier2_judgments
+from rlhn_assets.lib.judging.budget import decision_for
 from rlhn_assets.lib.relabel import flagged_negatives_sql, forwarded_sql
 from rlhn_assets.partitions import dataset_pd
-from rlhn_assets.resources import JudgeTierResource, RLHNDuckDB
+from rlhn_assets.resources import JudgeTierResource, JudgingBudgetResource, RLHNDuckDB
 
 
 def _coverage(conn, dataset: str, tier: int, only: str | None, flagged: str | None = None) -> tuple[int, int, int]:
@@ -88,3 +89,19 @@ def _error_rate_check(tier: int, asset, resource_key: str):
 
 tier1_error_rate = _error_rate_check(1, tier1_judgments, "tier1_judge")
 tier2_error_rate = _error_rate_check(2, tier2_judgments, "tier2_judge")
+
+
+@dg.asset_check(asset=judging_cost_estimate, partitions_def=dataset_pd, blocking=True,
+                description="The budget gate: the paid tiers' estimated USD (on the budget's basis, max by default) "
+                            "is within `judging_budget` per dataset and per run, and every paid tier has a price. "
+                            "Blocking: a failure stops both judge tiers of the run (local tiers always pass).")
+def judging_within_budget(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB,
+                          judging_budget: JudgingBudgetResource) -> dg.AssetCheckResult:
+    with duckdb.get_connection() as conn:
+        est, d = decision_for(conn, context.partition_key, max_usd_per_dataset=judging_budget.max_usd_per_dataset,
+                              max_usd_per_run=judging_budget.max_usd_per_run, basis=judging_budget.basis)
+    return dg.AssetCheckResult(passed=d.passed, description=d.description, metadata={
+        "estimated_usd": round(d.dataset_usd, 4), "run_estimated_usd": round(d.run_usd, 4),
+        "budget_usd_per_dataset": judging_budget.max_usd_per_dataset,
+        "budget_usd_per_run": judging_budget.max_usd_per_run, "basis": judging_budget.basis,
+        "paid_tiers": ", ".join(f"tier {e.tier}" for e in est if e.paid) or "none"})

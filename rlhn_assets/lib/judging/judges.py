@@ -23,7 +23,8 @@ from typing import Callable, Literal, Protocol, Sequence
 import numpy as np
 
 from rlhn_assets.lib.judging import prompts
-from rlhn_assets.lib.judging.parsing import VerdictParseError, expected_grade, parse_listwise, yes_probability
+from rlhn_assets.lib.judging.parsing import (VerdictParseError, expected_grade, parse_listwise, parse_listwise_json,
+                                             yes_probability)
 
 Verdict = Literal["better", "worse", "not_relevant", "error"]
 VERDICTS = ("better", "worse", "not_relevant", "error")
@@ -98,18 +99,23 @@ def _account(stats: JudgeStats, responses) -> None:
         stats.tokens_out += r.tokens_out or 0
 
 
-def listwise_calls(inst: Instance, family: str,
-                   docs_per_call: int = prompts.MAX_DOCS_PER_CALL) -> list[tuple[int, prompts.RenderedListwise]]:
+def listwise_calls(inst: Instance, family: str, docs_per_call: int = prompts.MAX_DOCS_PER_CALL, *,
+                   structured: bool = False) -> list[tuple[int, prompts.RenderedListwise]]:
     """(offset of the first negative, rendered call) for each chunk of <= 25 negatives."""
     pos = [(p.title, p.text) for p in inst.positives]
     out = []
     for off in range(0, len(inst.negatives), docs_per_call):
         chunk = inst.negatives[off: off + docs_per_call]
-        out.append((off, prompts.render_listwise(family, inst.query, pos, [(n.docid, n.title, n.text) for n in chunk])))
+        out.append((off, prompts.render_listwise(family, inst.query, pos, [(n.docid, n.title, n.text) for n in chunk],
+                                                 structured=structured)))
     return out
 
 
 class ListwiseLLMJudge:
+    """The paper's listwise contract. When the client's ``response_format_style`` is not ``none``, every call
+    asks for the verdict as structured output (prompts.LISTWISE_JSON_SCHEMA, prompt version ``+json-v1``) and
+    the answer is validated by ``parse_listwise_json``; otherwise the paper's <verdict> tags."""
+
     kind = "listwise"
 
     def __init__(self, client, family: str = "tier1", *, max_parse_retries: int = 2,
@@ -120,12 +126,13 @@ class ListwiseLLMJudge:
         self.max_parse_retries = max_parse_retries
         self.docs_per_call = min(docs_per_call, prompts.MAX_DOCS_PER_CALL)
         self.model = client.settings.model
-        self.prompt_version = prompts.LISTWISE_VERSIONS[family]
+        self.structured = client.settings.response_format_style != "none"
+        self.prompt_version = prompts.LISTWISE_VERSIONS[family] + (prompts.JSON_SUFFIX if self.structured else "")
         self.stats = JudgeStats()
 
     def calls_for(self, inst: Instance) -> list[tuple[int, prompts.RenderedListwise]]:
         family = self.family_by_instance(inst) if self.family_by_instance else self.family
-        return listwise_calls(inst, family, self.docs_per_call)
+        return listwise_calls(inst, family, self.docs_per_call, structured=self.structured)
 
     def judge(self, instances, progress=None):
         from rlhn_assets.lib.llm.client import LLMRequest
@@ -143,8 +150,9 @@ class ListwiseLLMJudge:
                 self.stats.parse_retries += len(pending)
                 if progress:
                     progress(f"re-asking {len(pending)} unparsable/truncated answers (attempt {attempt + 1})")
+            schema = prompts.LISTWISE_JSON_SCHEMA if self.structured else None
             reqs = [LLMRequest(messages=items[i][2].messages, prompt_version=items[i][2].prompt_version,
-                               attempt=attempt) for i in pending]
+                               json_schema=schema, attempt=attempt) for i in pending]
             responses = self.client.complete_many(reqs, progress=progress)
             _account(self.stats, responses)
             still = []
@@ -160,7 +168,8 @@ class ListwiseLLMJudge:
                     still.append(i)
                     continue
                 try:
-                    v = parse_listwise(resp.text or "", len(rendered.docids))
+                    v = (parse_listwise_json if self.structured else parse_listwise)(resp.text or "",
+                                                                                      len(rendered.docids))
                 except VerdictParseError as e:
                     last_problem[i] = f"unparsable answer: {e}"
                     still.append(i)

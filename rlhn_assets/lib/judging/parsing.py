@@ -57,6 +57,34 @@ def parse_listwise(response: str, n_docs: int) -> ListwiseVerdict:
                            worse=tuple(i for i in worse if 1 <= i <= n_docs), out_of_range=out)
 
 
+def parse_listwise_json(response: str, n_docs: int) -> ListwiseVerdict:
+    """The structured answer (prompts.LISTWISE_JSON_SCHEMA): a JSON object whose ``better`` and ``worse`` are
+    lists of Doc numbers. Validated here whatever the endpoint promised: anything else raises
+    ``VerdictParseError`` (and is asked again). Same rules as the tag form: both lists -> better, out of range
+    reported."""
+    import json
+
+    if not response:
+        raise VerdictParseError("empty response")
+    try:
+        obj = json.loads(response)
+    except json.JSONDecodeError as e:
+        raise VerdictParseError(f"not JSON: {e.msg} at char {e.pos}") from None
+    if not isinstance(obj, dict):
+        raise VerdictParseError(f"expected a JSON object, got {type(obj).__name__}")
+    lists = {}
+    for name in ("better", "worse"):
+        v = obj.get(name)
+        if not isinstance(v, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in v):
+            raise VerdictParseError(f"{name!r} must be a list of document numbers, got {v!r}")
+        lists[name] = list(dict.fromkeys(v))
+    better = lists["better"]
+    worse = [i for i in lists["worse"] if i not in better]
+    out = tuple(i for i in better + worse if not 1 <= i <= n_docs)
+    return ListwiseVerdict(better=tuple(i for i in better if 1 <= i <= n_docs),
+                           worse=tuple(i for i in worse if 1 <= i <= n_docs), out_of_range=out)
+
+
 _YES = {"yes", "y", "true", "relevant"}
 _NO = {"no", "n", "false", "not"}
 

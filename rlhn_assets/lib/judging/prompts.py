@@ -105,6 +105,24 @@ Labels:
 
 _FAMILIES = {"tier1": _TIER1, "tier2": _TIER2, "scidocsrr": _SCIDOCSRR}
 
+# Structured output (a tier's response_format_style json_schema / json_object_schema): the same prompt with the
+# answer contract as JSON; the endpoint constrains the answer to LISTWISE_JSON_SCHEMA and parsing.parse_listwise_json
+# still validates it. Strict-mode rules (OpenAI): every property required, no others.
+_JSON_CONTRACT = """Answer with one JSON object with exactly these three keys, in this order:
+"thinking": one line per document, in order: "Doc (1): <your reasoning> Doc (2): <your reasoning> ...";
+"better": the numbers i of the documents preferred over or equally as good as the ground truth, e.g. [1, 4];
+"worse": the numbers j of the documents that are relevant but not preferred over the ground truth.
+Write [] for an empty list. List every document at most once."""
+LISTWISE_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"thinking": {"type": "string"},
+                   "better": {"type": "array", "items": {"type": "integer"}},
+                   "worse": {"type": "array", "items": {"type": "integer"}}},
+    "required": ["thinking", "better", "worse"],
+    "additionalProperties": False,
+}
+JSON_SUFFIX = "+json-v1"  # prompt_version of the structured variant: <family version>+json-v1
+
 
 @dataclass(frozen=True)
 class RenderedListwise:
@@ -114,18 +132,20 @@ class RenderedListwise:
 
 
 def render_listwise(family: str, query: str, positives: Sequence[tuple[str | None, str]],
-                    negatives: Sequence[tuple[str, str | None, str]]) -> RenderedListwise:
-    """One listwise call. ``positives`` = [(title, text)], ``negatives`` = [(docid, title, text)] (<= 25)."""
+                    negatives: Sequence[tuple[str, str | None, str]], *, structured: bool = False) -> RenderedListwise:
+    """One listwise call. ``positives`` = [(title, text)], ``negatives`` = [(docid, title, text)] (<= 25).
+    ``structured``: the JSON answer contract instead of the <verdict> tags (see LISTWISE_JSON_SCHEMA)."""
     if family not in _FAMILIES:
         raise ValueError(f"unknown prompt family {family!r}; expected one of {sorted(_FAMILIES)}")
     if not 0 < len(negatives) <= MAX_DOCS_PER_CALL:
         raise ValueError(f"a listwise call takes 1..{MAX_DOCS_PER_CALL} documents, got {len(negatives)}")
     ground_truth = "\n\n".join(f"P(0): {passage_text(t, x)}" for t, x in positives)
     documents = "\n\n".join(f"Doc ({i}): {passage_text(t, x)}" for i, (_, t, x) in enumerate(negatives, 1))
-    user = (f"{_FAMILIES[family]}\n\n<question>\n{escape(query.strip())}\n</question>\n\n"
+    instructions = _FAMILIES[family].replace(_OUTPUT_CONTRACT, _JSON_CONTRACT) if structured else _FAMILIES[family]
+    user = (f"{instructions}\n\n<question>\n{escape(query.strip())}\n</question>\n\n"
             f"<ground_truth>\n{ground_truth}\n</ground_truth>\n\n<documents>\n{documents}\n</documents>")
     return RenderedListwise(messages=({"role": "user", "content": user},),
-                            prompt_version=LISTWISE_VERSIONS[family],
+                            prompt_version=LISTWISE_VERSIONS[family] + (JSON_SUFFIX if structured else ""),
                             docids=tuple(d for d, _, _ in negatives))
 
 
