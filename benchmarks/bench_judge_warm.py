@@ -33,7 +33,7 @@ DELAY = 0.2
 
 
 class DelayedReplayTier(ReplayTier):
-    def make_client(self, cache, base_url):
+    def make_client(self, cache, base_url, model_identity=None):
         from rlhn_assets.lib.llm.client import LLMClient
 
         answers = {**_answers("fiqa", str(self.tier)), **_answers("msmarco_passage", str(self.tier))}
@@ -53,7 +53,7 @@ class DelayedReplayTier(ReplayTier):
                 "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
                           "total_tokens": (len(prompt) + len(text)) // 4}})
 
-        return LLMClient(self.endpoint_settings(base_url), cache, api_key="bench",
+        return LLMClient(self.endpoint_settings(base_url, model_identity), cache, api_key="bench",
                          http_client=httpx.AsyncClient(transport=httpx.MockTransport(delayed)))
 
 

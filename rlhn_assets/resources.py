@@ -205,11 +205,12 @@ class JudgeTierResource(dg.ConfigurableResource):
         cls = self.one_token_judge_class()
         return cls.render(self.pointwise_prompt or cls.default_family, inst, neg)
 
-    def endpoint_settings(self, base_url: str | None = None):
+    def endpoint_settings(self, base_url: str | None = None, model_identity: str | None = None):
         from rlhn_assets.lib.llm.client import EndpointSettings
 
         return EndpointSettings(
-            model=self.model, base_url=base_url or self.base_url or None, api_key_env=self.api_key_env,
+            model=self.model, base_url=base_url or self.base_url or None, model_identity=model_identity,
+            api_key_env=self.api_key_env,
             temperature=self.temperature, max_tokens=self.max_tokens,
             response_format_style=self.response_format_style, concurrency=self.concurrency,
             max_retries=self.max_retries, timeout_s=self.timeout_s, mode=self.mode)
@@ -217,10 +218,11 @@ class JudgeTierResource(dg.ConfigurableResource):
     def cost_usd(self, tokens_in: int, tokens_out: int) -> float:
         return tokens_in / 1e6 * self.price_in_per_m + tokens_out / 1e6 * self.price_out_per_m
 
-    def make_client(self, cache, base_url: str | None):
+    def make_client(self, cache, base_url: str | None, model_identity: str | None = None):
         from rlhn_assets.lib.llm.client import LLMClient
 
-        return LLMClient(self.endpoint_settings(base_url), cache, api_key="local" if self.local_model else None)
+        return LLMClient(self.endpoint_settings(base_url, model_identity), cache,
+                         api_key="local" if self.local_model else None)
 
     @contextmanager
     def open_judge(self, family_by_instance=None, log=None):
@@ -237,11 +239,12 @@ class JudgeTierResource(dg.ConfigurableResource):
         cache_path = self.cache_path or str(settings.data_dir() / "llm_cache.duckdb")
         server = None
         try:
-            base_url = None
+            base_url = identity = None
             if self.local_model:
-                from rlhn_assets.lib.local_llm import LlamaServer, assemble_gguf
+                from rlhn_assets.lib.local_llm import LlamaServer, assemble_gguf, model_sha256
 
                 gguf = assemble_gguf(self.local_model)
+                identity = f"gguf-sha256:{model_sha256(gguf)}"  # the alias is just a name
                 server = LlamaServer(gguf, ctx_size=self.local_ctx_size, parallel=self.local_parallel,
                                      alias=self.model)
                 if log:
@@ -255,7 +258,7 @@ class JudgeTierResource(dg.ConfigurableResource):
                     log(f"llama.cpp server healthy at {base_url} ({server.binary()}"
                         f"{' ' + ' '.join(server.settings_args) if server.settings_args else ''})")
             with ResponseCache(cache_path) as cache:
-                client = self.make_client(cache, base_url)
+                client = self.make_client(cache, base_url, identity)
                 if self.kind == "listwise":
                     yield judges.ListwiseLLMJudge(client, self.prompt_family, max_parse_retries=self.max_parse_retries,
                                                   family_by_instance=family_by_instance)

@@ -55,6 +55,7 @@ def test_fit_needs_both_classes():
 class _Inner:
     kind = "graded"
     model = "m"
+    model_identity = "gguf-sha256:test"
     prompt_version = "graded-ref-v1"
 
     def __init__(self, scores):
@@ -106,7 +107,7 @@ def test_local_graded_preset_points_at_a_matching_calibration():
     res = PRESETS["local_graded"]["tier2_judge"]
     cal = res.load_calibrator()
     assert cal.fitted_on["file"].startswith("judge_eval/dl19/") and "tuning half" in cal.fitted_on["split"]
-    inner = res.one_token_judge_class()(SimpleNamespace(settings=SimpleNamespace(model=res.model)),
+    inner = res.one_token_judge_class()(SimpleNamespace(settings=SimpleNamespace(model=res.model, identity="gguf-sha256:x")),
                                         family=res.pointwise_prompt)
     assert isinstance(inner, GradedLLMJudge)
     judge = CalibratedJudge(inner, None, cal, threshold_relevant=res.threshold_relevant,

@@ -37,7 +37,7 @@ REPLAY_CALLS: dict[int, list[str]] = {}
 class ReplayTier(JudgeTierResource):
     """The real listwise judge and client, with an httpx MockTransport replaying recorded answers."""
 
-    def make_client(self, cache, base_url):
+    def make_client(self, cache, base_url, model_identity=None):
         from rlhn_assets.lib.llm.client import LLMClient
 
         dataset_answers = {**_answers("fiqa", str(self.tier)), **_answers("msmarco_passage", str(self.tier))}
@@ -58,7 +58,7 @@ class ReplayTier(JudgeTierResource):
                           "total_tokens": (len(prompt) + len(text)) // 4}})
 
         REPLAY_CALLS[self.tier] = calls
-        return LLMClient(self.endpoint_settings(base_url), cache, api_key="test-key-not-real",
+        return LLMClient(self.endpoint_settings(base_url, model_identity), cache, api_key="test-key-not-real",
                          http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
 
 

@@ -321,7 +321,11 @@ def test_request_max_tokens_overrides_settings(api, cache):
 def test_request_key_contents():
     s = settings()
     base = request_key(s, req("x"))
-    assert base == request_key(settings(base_url="http://elsewhere/v1", api_key_env="OTHER"), req("x"))
+    assert base == request_key(settings(api_key_env="OTHER"), req("x"))
+    # the endpoint is part of a remote model's identity (test_model_identity.py); an explicit identity wins
+    assert base != request_key(settings(base_url="http://elsewhere/v1"), req("x"))
+    assert request_key(settings(base_url="http://127.0.0.1:1/v1", model_identity="gguf-sha256:a"), req("x")) == \
+        request_key(settings(base_url="http://127.0.0.1:2/v1", model_identity="gguf-sha256:a"), req("x"))
     assert base != request_key(s, req("x", attempt=1))
     assert base != request_key(s, req("x", prompt_version="v2"))
     assert base != request_key(settings(model="other"), req("x"))

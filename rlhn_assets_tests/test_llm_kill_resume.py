@@ -31,7 +31,9 @@ JUDGE_SCRIPT = textwrap.dedent('''
     from rlhn_assets.lib.llm.client import EndpointSettings, LLMClient, LLMRequest
 
     base_url, cache_path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    settings = EndpointSettings(model="fake-judge", base_url=base_url, api_key_env="FAKE_JUDGE_KEY_UNSET",
+    # a local server on a random port, like llama-server: the identity, not the URL, names the model
+    settings = EndpointSettings(model="fake-judge", base_url=base_url, model_identity="fake-judge-weights",
+                                api_key_env="FAKE_JUDGE_KEY_UNSET",
                                 concurrency=4, max_retries=2, backoff_base_s=0.05, backoff_max_s=0.2,
                                 timeout_s=30)
     requests = [LLMRequest(messages=({"role": "user", "content": f"kill-resume item {i}"},),
@@ -50,7 +52,8 @@ def contents() -> list[str]:
 
 
 def expected_keys() -> set[str]:
-    s = EndpointSettings(model="fake-judge", base_url="http://ignored/v1", api_key_env="FAKE_JUDGE_KEY_UNSET",
+    s = EndpointSettings(model="fake-judge", base_url="http://ignored/v1", model_identity="fake-judge-weights",
+                         api_key_env="FAKE_JUDGE_KEY_UNSET",
                          concurrency=4, max_retries=2, backoff_base_s=0.05, backoff_max_s=0.2, timeout_s=30)
     return {request_key(s, LLMRequest(messages=({"role": "user", "content": c},), prompt_version="kr-v1"))
             for c in contents()}

@@ -30,7 +30,7 @@ FnLists = Literal["better", "better+worse"]
 JUDGMENTS_DDL = """CREATE TABLE IF NOT EXISTS judgments (
     dataset VARCHAR NOT NULL, tier INTEGER NOT NULL, instance_id VARCHAR NOT NULL, docid VARCHAR NOT NULL,
     neg_index INTEGER NOT NULL, verdict VARCHAR NOT NULL, score DOUBLE, judge_kind VARCHAR, judge_model VARCHAR,
-    prompt_version VARCHAR, response_key VARCHAR, detail VARCHAR)"""
+    prompt_version VARCHAR, response_key VARCHAR, detail VARCHAR, judge_model_identity VARCHAR)"""
 
 RELABELED_DDL = """CREATE TABLE IF NOT EXISTS relabeled_instances (
     dataset VARCHAR NOT NULL, variant VARCHAR NOT NULL, instance_id VARCHAR NOT NULL, query_id VARCHAR NOT NULL,
@@ -39,6 +39,8 @@ RELABELED_DDL = """CREATE TABLE IF NOT EXISTS relabeled_instances (
 
 def ensure_tables(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute(JUDGMENTS_DDL)
+    # files made before the model identity was recorded (the alias alone could name two models)
+    conn.execute("ALTER TABLE judgments ADD COLUMN IF NOT EXISTS judge_model_identity VARCHAR")
     conn.execute(RELABELED_DDL)
 
 

@@ -133,6 +133,7 @@ class CalibratedJudge:
         self.threshold_relevant, self.threshold_better = threshold_relevant, threshold_better
         self.kind = f"{inner.kind}+calibrated"
         self.model = inner.model
+        self.model_identity = inner.model_identity
         self.prompt_version = f"{inner.prompt_version}+{calibrator.version}"
         self.stats = inner.stats
 

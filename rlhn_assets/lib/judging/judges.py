@@ -81,7 +81,8 @@ class JudgeStats:
 
 class Judge(Protocol):
     kind: str
-    model: str
+    model: str  # the name the requests send (for a local server: its alias)
+    model_identity: str  # what the model is (GGUF sha256, endpoint + name, embedding folder hash)
     prompt_version: str
     stats: JudgeStats
 
@@ -126,6 +127,7 @@ class ListwiseLLMJudge:
         self.max_parse_retries = max_parse_retries
         self.docs_per_call = min(docs_per_call, prompts.MAX_DOCS_PER_CALL)
         self.model = client.settings.model
+        self.model_identity = client.settings.identity  # recorded with each verdict
         self.structured = client.settings.response_format_style != "none"
         self.prompt_version = prompts.LISTWISE_VERSIONS[family] + (prompts.JSON_SUFFIX if self.structured else "")
         self.stats = JudgeStats()
@@ -215,6 +217,7 @@ class PointwiseLLMJudge:
         self.top_logprobs = top_logprobs
         self.max_parse_retries = max_parse_retries
         self.model = client.settings.model
+        self.model_identity = client.settings.identity  # recorded with each verdict
         self.family = family or self.default_family
         if self.family not in self.families:
             raise ValueError(f"unknown {self.kind} prompt {self.family!r}; expected one of {self.families}")
@@ -318,6 +321,7 @@ class EmbeddingMarginJudge:
         self.encoder = model
         self.model = "all-MiniLM-L6-v2"
         self.model_version = model_version
+        self.model_identity = f"sentence-transformers-dir:{model_version}"
         self.margin = margin
         self.batch_size = batch_size
         self.prompt_version = f"embedding-margin-{margin:g}"

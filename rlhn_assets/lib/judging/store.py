@@ -62,13 +62,14 @@ def write_judgments(conn: duckdb.DuckDBPyConnection, dataset: str, tier: int, ju
         "neg_index": [r.neg_index for r in rows], "verdict": [r.verdict for r in rows],
         "score": pa.array([r.score for r in rows], pa.float64()),
         "judge_kind": [judge.kind] * len(rows), "judge_model": [judge.model] * len(rows),
+        "judge_model_identity": [getattr(judge, "model_identity", None)] * len(rows),
         "prompt_version": [judge.prompt_version] * len(rows),
         "response_key": pa.array([r.response_key for r in rows], pa.string()),
         "detail": pa.array([r.detail for r in rows], pa.string()),
     })
     conn.register("_j", t)
     conn.execute("""INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, score, judge_kind,
-                                           judge_model, prompt_version, response_key, detail)
+                                           judge_model, judge_model_identity, prompt_version, response_key, detail)
                     SELECT dataset, tier, instance_id, docid, neg_index, verdict, score, judge_kind, judge_model,
-                           prompt_version, response_key, detail FROM _j""")
+                           judge_model_identity, prompt_version, response_key, detail FROM _j""")
     conn.unregister("_j")

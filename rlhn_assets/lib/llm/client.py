@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = 1  # bump when the key payload changes (invalidates every cached answer)
+KEY_VERSION = 2  # bump when the key payload changes (invalidates every cached answer); 2: model identity
 BATCH_ENDPOINT = "/v1/chat/completions"
 TERMINAL_BATCH_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
 _STYLES = ("json_schema", "json_object_schema", "none")
@@ -63,10 +63,17 @@ class LLMConfigError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- data types
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
 @dataclass(frozen=True)
 class EndpointSettings:
     model: str
     base_url: str | None = None  # None = api.openai.com
+    # What the model IS, beyond the name the request sends: ``gguf-sha256:<hex>`` for a local GGUF (the server
+    # runs on a random port under an alias); None = ``<base_url>|<model>`` for a remote endpoint. Part of the
+    # cache key, so two models under one alias never share an answer.
+    model_identity: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var; the key is read at client build time only
     temperature: float = 0.1
     max_tokens: int = 2048
@@ -81,6 +88,10 @@ class EndpointSettings:
     batch_chunk_size: int = 250  # requests per Batch API job (authors: larger chunks dropped rows on Azure)
     batch_poll_s: float = 60.0
     batch_completion_window: str = "24h"
+
+    @property
+    def identity(self) -> str:
+        return self.model_identity or f"{(self.base_url or OPENAI_BASE_URL).rstrip('/')}|{self.model}"
 
     def __post_init__(self) -> None:
         if self.response_format_style not in _STYLES:
@@ -174,13 +185,15 @@ def _canonical_json(obj: Any) -> str:
 
 
 def request_key(settings: EndpointSettings, req: LLMRequest) -> str:
-    """sha256 hex of the canonical JSON of everything that determines the answer: model, prompt_version,
-    messages, temperature, effective max_tokens, top_logprobs, json_schema + response_format_style (the
-    style only when a schema is given - without one nothing is sent), seed and attempt.
-    base_url and the API key are not part of the key (the same model behind another URL shares answers)."""
+    """sha256 hex of the canonical JSON of everything that determines the answer: model and the model's
+    identity (``EndpointSettings.identity``: the GGUF's sha256 for a local model, endpoint URL + model name for a
+    remote one), prompt_version, messages, temperature, effective max_tokens, top_logprobs, json_schema +
+    response_format_style (the style only when a schema is given - without one nothing is sent), seed and
+    attempt. The API key is never part of it; a local server's URL (a random port) is not either."""
     payload = {
         "v": KEY_VERSION,
         "model": settings.model,
+        "model_identity": settings.identity,
         "prompt_version": req.prompt_version,
         "messages": [dict(m) for m in req.messages],
         "temperature": settings.temperature,
