@@ -11,3 +11,12 @@ PIPELINE = (
     & dg.AutomationCondition.all_deps_blocking_checks_passed()
     & ~dg.AutomationCondition.in_progress()
 ).with_label("eager or code changed, upstream checks passed")
+
+# all_deps_match() wants a matching partition in every dep, so it is never true for a partition that some dep maps
+# to no partition at all (eval_model[base] has no trained_* parent, eval_model[<variant>] no base_retriever
+# parent). For such assets, the gate reads: no mapped upstream partition has a blocking check that has not passed.
+_BLOCKING_CHECKS_PASSED = dg.AutomationCondition.all_checks_match(
+    dg.AutomationCondition.check_passed() | dg.AutomationCondition.will_be_requested(), blocking_only=True)
+PIPELINE_PARTIAL_DEPS = PIPELINE.replace(
+    "all_deps_blocking_checks_passed",
+    (~dg.AutomationCondition.any_deps_match(~_BLOCKING_CHECKS_PASSED)).with_label("no upstream blocking check unpassed"))

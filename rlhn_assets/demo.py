@@ -29,7 +29,7 @@ from rlhn_assets.definitions import defs
 from rlhn_assets.lib.db import connect
 from rlhn_assets.defs.resources import preset_name
 from rlhn_assets.lib.relabel import VARIANTS
-from rlhn_assets.partitions import DATASETS, EVAL_SETS
+from rlhn_assets.partitions import BASE_MODEL, DATASETS, EVAL_SETS
 
 
 # Demo sizes (README "Demo sizes"): the first N instances of each dataset, at most 15 negatives each.
@@ -211,7 +211,9 @@ def stages(variants=VARIANTS) -> list[tuple[list[str], list]]:
         (["tier1_judgments", "judging_cost_estimate", "tier2_judgments"], list(DATASETS)),
         (["relabeled"], [dg.MultiPartitionKey({"dataset": ds, "variant": v}) for ds in DATASETS for v in VARIANTS]),
         (["trained_retriever", "trained_reranker"], list(variants)),
-        (["eval_scores"], [dg.MultiPartitionKey({"eval_set": e, "model": m}) for m in ("base",) + tuple(variants)
+        (["base_retriever"], [BASE_MODEL]),
+        (["eval_model"], [BASE_MODEL, *variants]),  # pins each evaluated model (its own partitions definition)
+        (["eval_scores"], [dg.MultiPartitionKey({"eval_set": e, "model": m}) for m in (BASE_MODEL,) + tuple(variants)
                            for e in EVAL_SETS]),
         (["comparison_report"], [None]),
     ]

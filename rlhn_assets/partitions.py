@@ -20,7 +20,11 @@ from rlhn_assets import settings  # noqa: E402
 from rlhn_assets.lib.evaluation import list_eval_sets  # noqa: E402
 
 EVAL_SETS: tuple[str, ...] = tuple(list_eval_sets(settings.data_dir() / "eval"))
-MODELS: tuple[str, ...] = ("base",) + tuple(VARIANTS)
+BASE_MODEL = "base"
+MODELS: tuple[str, ...] = (BASE_MODEL,) + tuple(VARIANTS)
 eval_set_pd = dg.StaticPartitionsDefinition(list(EVAL_SETS))
 model_pd = dg.StaticPartitionsDefinition(list(MODELS))
+# base_retriever has one partition so that only model_pd's `base` maps onto it (every partition of a downstream
+# asset depends on an unpartitioned upstream).
+base_model_pd = dg.StaticPartitionsDefinition([BASE_MODEL])
 eval_pd = dg.MultiPartitionsDefinition({"eval_set": eval_set_pd, "model": model_pd})

@@ -46,8 +46,8 @@ def test_whole_sample_graph_materializes_with_every_asset_check_passing(tmp_data
     assert set(timings) == {",".join(k) for k, _ in demo.stages(variants)}
     assert checks >= 40  # every materialization ran its checks, and _run raised on any failure
     for asset in ("hard_negative_mining", "raw_bge", "pruned", "tier1_judgments", "tier2_judgments",
-                  "judging_cost_estimate", "relabeled", "trained_retriever", "trained_reranker", "eval_scores",
-                  "comparison_report", "dataset_pruning"):
+                  "judging_cost_estimate", "relabeled", "trained_retriever", "trained_reranker", "base_retriever",
+                  "eval_model", "eval_scores", "comparison_report", "dataset_pruning"):
         assert instance.get_latest_materialization_event(dg.AssetKey(asset)) is not None, asset
     report = (tmp_data / "reports" / "comparison.md").read_text()
     assert "| eval set | base | default | s2_rlhn |" in report and "**Avg**" in report

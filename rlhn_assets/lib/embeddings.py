@@ -27,6 +27,14 @@ def load_model(path: str | Path | None = None):
     return SentenceTransformer(str(path or base_model_path()), device="cpu")
 
 
+def load_cross_encoder(path: str | Path):
+    """Load a sentence-transformers CrossEncoder (a trained reranker) from a local folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    return CrossEncoder(str(path), device="cpu")
+
+
 def dir_hash(path: str | Path) -> str:
     """Content hash of a model folder (file names + bytes): the model's data version."""
     h = hashlib.sha256()
