@@ -87,6 +87,7 @@ BAD_LINES = [
     ('{"query_id": "q12", "query": "no-op exact duplicate", "positive_passages": [{"docid": "p12", "text": "t"}]}', None),
     ('{"query_id": "q12", "query": "no-op exact duplicate", "positive_passages": [{"docid": "p12", "text": "t"}]}', None),
     ('{"query": "bge row", "pos": ["bge positive"], "neg": ["bge positive", "bge negative"]}', "negative_equals_positive"),
+    ('{"query_id": "q13", "query": 13, "positive_passages": [{"docid": "p13", "text": "x"}]}', "wrong_type:query"),
 ]
 
 
@@ -166,3 +167,85 @@ def test_failed_reingest_keeps_previous_partition(conn, tmp_path):
     with pytest.raises(IngestError):
         _ingest(conn, "fiqa", (broken, "auto"))
     assert _rows(conn, "SELECT count(*) FROM raw_instances WHERE dataset = 'fiqa'") == [(25,)]
+
+
+# A wrong JSON type in a field is bad input (a number must not be ingested as its text). Each case:
+# (format, the bad row, reason, detail). The file is: good row, bad row, good row.
+_P = {"docid": "p", "title": "t", "text": "pos"}
+_N = {"docid": "n", "title": "t", "text": "neg"}
+
+
+def _tev(**kw):
+    return {"query_id": "qx", "query": "a query", "positive_passages": [_P], "negative_passages": [_N], **kw}
+
+
+def _bge(**kw):
+    return {"query": "a query", "pos": ["pos"], "neg": ["neg"], **kw}
+
+
+WRONG_TYPES = [
+    (_tev(query=5), "wrong_type:query", "expected string, got number"),
+    (_tev(query=1.5e3), "wrong_type:query", "expected string, got number"),
+    (_tev(query=True), "wrong_type:query", "expected string, got boolean"),
+    (_tev(query={"text": "q"}), "wrong_type:query", "expected string, got object"),
+    (_tev(query=["q"]), "wrong_type:query", "expected string, got array"),
+    (_tev(query_id=17), "wrong_type:query_id", "expected string, got number"),
+    (_tev(positive_passages=[{**_P, "docid": 7}]), "wrong_type:docid",
+     "expected string, got number (positive_passages[1].docid)"),
+    (_tev(negative_passages=[_N, {**_N, "docid": 8}]), "wrong_type:docid",
+     "expected string, got number (negative_passages[2].docid)"),
+    (_tev(positive_passages=[{**_P, "text": 3}]), "wrong_type:text",
+     "expected string, got number (positive_passages[1].text)"),
+    (_tev(negative_passages=[{**_N, "text": ["neg"]}]), "wrong_type:text",
+     "expected string, got array (negative_passages[1].text)"),
+    (_tev(positive_passages=[{**_P, "title": 1}]), "wrong_type:title",
+     "expected string, got number (positive_passages[1].title)"),
+    (_tev(positive_passages="pos"), "wrong_type:positive_passages", "expected array, got string"),
+    (_tev(positive_passages=_P), "wrong_type:positive_passages", "expected array, got object"),
+    (_tev(positive_passages=[_P, 5]), "wrong_type:positive_passages",
+     "expected object, got number (positive_passages[2])"),
+    (_tev(negative_passages="neg"), "wrong_type:negative_passages", "expected array, got string"),
+    (_tev(negative_passages=[None]), "wrong_type:negative_passages",
+     "expected object, got null (negative_passages[1])"),
+    (_bge(query=5), "wrong_type:query", "expected string, got number"),
+    (_bge(pos="pos"), "wrong_type:pos", "expected array, got string"),
+    (_bge(pos=[5]), "wrong_type:pos", "expected string, got number (pos[1])"),
+    (_bge(neg=["neg", True]), "wrong_type:neg", "expected string, got boolean (neg[2])"),
+    (_bge(neg=["neg", None]), "wrong_type:neg", "expected string, got null (neg[2])"),
+    (_bge(neg=3), "wrong_type:neg", "expected array, got number"),
+    (_bge(prompt=3), "wrong_type:prompt", "expected string, got number"),
+]
+
+
+@pytest.mark.parametrize("bad,reason,detail", WRONG_TYPES, ids=[f"{r}-{d}" for _, r, d in WRONG_TYPES])
+@pytest.mark.parametrize("declared", ["auto", "declared"])
+def test_wrong_json_type_is_quarantined_with_line_and_reason(conn, tmp_path, bad, reason, detail, declared):
+    fmt = "tevatron" if "query_id" in bad else "bge"
+    good = [_tev(query_id="g1", query="good one"), _tev(query_id="g3", query="good three")] if fmt == "tevatron" \
+        else [_bge(query="good one"), _bge(query="good three")]
+    lines = [json.dumps(good[0]), json.dumps(bad), json.dumps(good[1])]
+    path = tmp_path / "typed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    stats = _ingest(conn, "toy", (path, fmt if declared == "declared" else "auto"))
+    assert _rows(conn, "SELECT line_no, reason, detail, raw_line, source_file FROM raw_quarantine") == [
+        (2, reason, detail, lines[1], "typed.jsonl")]
+    # nothing else is lost: both good rows are instances, with their passages
+    assert _rows(conn, "SELECT line_no FROM raw_instances ORDER BY 1") == [(1,), (3,)]
+    assert stats.instances == 2 and stats.quarantined_rows == 1 and stats.quarantine_by_reason == {reason: 1}
+    assert _rows(conn, "SELECT count(*) FROM raw_passages") == [(2,)]
+
+
+def test_strings_that_look_like_numbers_are_strings(conn, tmp_path):
+    rows = [{"query_id": "17", "query": "42", "positive_passages": [{"docid": "7", "title": "1", "text": "3"}],
+             "negative_passages": [{"docid": "8", "title": "true", "text": "[1, 2]"}]},
+            {"query": "1.5e3", "pos": ["12"], "neg": ["false", "{}"], "prompt": "0"}]
+    path = tmp_path / "stringy.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    stats = _ingest(conn, "toy", (path, "auto"))
+    assert stats.instances == 2 and stats.quarantined_rows == 0, stats.quarantine_by_reason
+    assert _rows(conn, "SELECT query_id, positive_ids, negative_ids FROM raw_instances WHERE line_no = 1") == [
+        ("17", ["7"], ["8"])]
+    assert sorted(_rows(conn, "SELECT query FROM raw_queries")) == [("1.5e3",), ("42",)]
+    assert _rows(conn, "SELECT title, text FROM raw_passages WHERE docid IN ('7', '8') ORDER BY docid") == [
+        ("1", "3"), ("true", "[1, 2]")]
+    assert _rows(conn, "SELECT prompt FROM raw_instances WHERE line_no = 2") == [("0",)]

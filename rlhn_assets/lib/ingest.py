@@ -38,12 +38,15 @@ BATCH_BYTES = 64 << 20  # bytes read between two progress messages
 DEFAULT_MAX_PASSAGE_CHARS = 50_000  # a MS MARCO passage is ~350 chars, a FiQA answer ~1,000
 
 _PASSAGE = '{"docid":"VARCHAR","title":"VARCHAR","text":"VARCHAR"}'
-# One transform covers both formats; json_transform leaves absent/mistyped fields NULL.
+# One transform covers both formats; json_transform leaves absent fields NULL, but it also turns a value
+# of the wrong type into text (5 -> '5', {"a":1} -> '{"a":1}') where a VARCHAR is asked for.
 _ROW_SCHEMA = (
     '{"query_id":"VARCHAR","query":"VARCHAR",'
     f'"positive_passages":[{_PASSAGE}],"negative_passages":[{_PASSAGE}],"subset":"VARCHAR",'
     '"pos":["VARCHAR"],"neg":["VARCHAR"],"prompt":"VARCHAR"}'
 )
+# So the same fields once more as JSON text, whose first character is the value's JSON type ('"' = string).
+_TYPES_SCHEMA = _ROW_SCHEMA.replace('"VARCHAR"', '"JSON"').replace(',"subset":"JSON"', '')
 
 
 class IngestError(RuntimeError):
@@ -281,6 +284,102 @@ _POS = """CASE {fmt} WHEN 'tevatron' THEN j.positive_passages
 _NEG = """CASE {fmt} WHEN 'tevatron' THEN coalesce(j.negative_passages, [])
            WHEN 'bge' THEN coalesce(list_transform(j.neg, lambda t: {{'docid': md5(t), 'title': '', 'text': t}}), []) END"""
 
+# Wrong JSON types, in two steps so that good rows pay for one more parse only.
+# Every row: json_structure (the type of every field, merged over a list's elements: a list mixing strings
+# and numbers is "JSON") at a few paths, plus "no null element" on the transformed lists; _TYPES_OK.
+# Rows failing that: ``jt``, the row through _TYPES_SCHEMA, where a JSON-text leaf is NULL (absent or null)
+# or starts with '"' when it is a string; _WRONG_TYPE names the first wrong field and where it is.
+_STRUCT_PATHS = ("query_id", "query", "prompt", "pos", "neg") + tuple(
+    f"{k}{sub}" for k in ("positive_passages", "negative_passages")
+    for sub in ("", "[0].docid", "[0].text", "[0].title"))
+_STRUCT = ("json_extract_string(json_structure(line), ["
+           + ", ".join(f"'$.{path}'" for path in _STRUCT_PATHS) + "])")
+
+
+def _st(path: str) -> str:
+    return f"st[{_STRUCT_PATHS.index(path) + 1}]"
+
+
+def _st_str(path: str) -> str:
+    """SQL: a string, null or absent (absent and null fields are the missing-field checks' business)."""
+    return f"coalesce({_st(path)} IN ('VARCHAR', 'NULL'), true)"
+
+
+def _st_passages(key: str) -> str:
+    # empty (or all-null, see the null-element test) or objects with string docids; anything else, e.g. an
+    # element that is not an object or no docid at all, is looked at closely
+    return (f"({_st(key)} = '[\"NULL\"]' OR ({_st(key + '[0].docid')} = 'VARCHAR' "
+            f"AND {_st_str(key + '[0].text')} AND {_st_str(key + '[0].title')}))")
+
+
+_TYPES_OK = f"""CASE fmt
+  WHEN 'tevatron' THEN {_st_str('query_id')} AND {_st_str('query')} AND {_st_str('prompt')}
+    AND list_position(j.positive_passages, NULL) IS NULL AND list_position(j.negative_passages, NULL) IS NULL
+    AND {_st_passages('positive_passages')} AND {_st_passages('negative_passages')}
+  WHEN 'bge' THEN {_st_str('query')} AND {_st_str('prompt')}
+    AND {_st('pos')} IN ('["VARCHAR"]', '["NULL"]') AND {_st('neg')} IN ('["VARCHAR"]', '["NULL"]')
+    AND list_position(j.pos, NULL) IS NULL AND list_position(j.neg, NULL) IS NULL
+END"""
+
+
+def _is_str(leaf: str) -> str:
+    """SQL: the JSON-text leaf is a string or absent/null."""
+    return f"coalesce(left({leaf}, 1) = '\"', true)"
+
+
+def _leaf_type(leaf: str) -> str:
+    return (f"CASE WHEN {leaf} IS NULL THEN 'null' WHEN left({leaf}, 1) = '\"' THEN 'string' "
+            f"WHEN left({leaf}, 1) = '{{' THEN 'object' WHEN left({leaf}, 1) = '[' THEN 'array' "
+            f"WHEN {leaf} IN ('true', 'false') THEN 'boolean' ELSE 'number' END")
+
+
+def _path_type(path: str) -> str:
+    """SQL: the JSON type name of ``line`` at a path (json_type names DuckDB types)."""
+    return (f"CASE json_type(line, '{path}') WHEN 'VARCHAR' THEN 'string' WHEN 'BOOLEAN' THEN 'boolean' "
+            f"WHEN 'OBJECT' THEN 'object' WHEN 'ARRAY' THEN 'array' WHEN 'NULL' THEN 'null' ELSE 'number' END")
+
+
+def _wrong_scalar(field: str) -> str:
+    return (f"CASE WHEN NOT {_is_str('jt.' + field)} THEN {{'field': '{field}', "
+            f"'detail': 'expected string, got ' || {_leaf_type('jt.' + field)}}} END")
+
+
+def _wrong_list(key: str) -> str:
+    """The list itself: present and not null, but not an array (it did not transform)."""
+    return (f"CASE WHEN j.{key} IS NULL AND json_type(line, '$.{key}') <> 'NULL' THEN {{'field': '{key}', "
+            f"'detail': 'expected array, got ' || {_path_type('$.' + key)}}} END")
+
+
+def _wrong_passages(key: str) -> str:
+    """The first element that is not an object, else the first docid / text / title that is not a string."""
+    where = f"' ({key}[' || i || ']"
+    fields = " ".join(
+        f"WHEN NOT {_is_str('x.' + f)} THEN {{'field': '{f}', "
+        f"'detail': 'expected string, got ' || {_leaf_type('x.' + f)} || {where}.{f})'}}"
+        for f in ("docid", "text", "title"))
+    return f"""coalesce(
+      list_filter(list_transform(json_type(line, '$.{key}[*]'), lambda t, i: CASE WHEN t <> 'OBJECT' THEN
+        {{'field': '{key}', 'detail': 'expected object, got ' ||
+          CASE t WHEN 'VARCHAR' THEN 'string' WHEN 'BOOLEAN' THEN 'boolean' WHEN 'ARRAY' THEN 'array'
+                 WHEN 'NULL' THEN 'null' ELSE 'number' END || {where})'}} END), lambda w: w IS NOT NULL)[1],
+      list_filter(list_transform(jt.{key}, lambda x, i: CASE {fields} END), lambda w: w IS NOT NULL)[1])"""
+
+
+def _wrong_strings(key: str) -> str:
+    return (f"list_filter(list_transform(jt.{key}, lambda x, i: CASE WHEN x IS NULL OR left(x, 1) <> '\"' THEN "
+            f"{{'field': '{key}', 'detail': 'expected string, got ' || {_leaf_type('x')} || ' ({key}[' || i || '])'}} "
+            f"END), lambda w: w IS NOT NULL)[1]")
+
+
+# First wrong field in this order, as STRUCT(field, detail); NULL when the types are right.
+_WRONG_TYPE = f"""CASE WHEN jt IS NOT NULL THEN CASE fmt
+  WHEN 'tevatron' THEN coalesce({_wrong_scalar('query_id')}, {_wrong_scalar('query')}, {_wrong_scalar('prompt')},
+    {_wrong_list('positive_passages')}, {_wrong_passages('positive_passages')},
+    {_wrong_list('negative_passages')}, {_wrong_passages('negative_passages')})
+  WHEN 'bge' THEN coalesce({_wrong_scalar('query')}, {_wrong_scalar('prompt')},
+    {_wrong_list('pos')}, {_wrong_strings('pos')}, {_wrong_list('neg')}, {_wrong_strings('neg')})
+END END"""
+
 # {src} yields (ord, source_file, line_no, fmt, line). First matching reason wins; NULL = the row is fine.
 _ROWS_SQL = f"""
 INSERT INTO _rows
@@ -295,6 +394,7 @@ WITH v AS (
 ), p AS (
   SELECT *,
     CASE WHEN jtype = 'OBJECT' THEN json_transform(line, '{_ROW_SCHEMA}') END AS j,
+    CASE WHEN jtype = 'OBJECT' THEN {_STRUCT} END AS st,
     CASE WHEN jtype <> 'OBJECT' OR jtype IS NULL THEN NULL
          WHEN declared_fmt = 'tevatron' THEN 'tevatron'
          WHEN declared_fmt = 'bge' THEN 'bge'
@@ -302,6 +402,10 @@ WITH v AS (
          WHEN json_exists(line, '$.pos') THEN 'bge'
     END AS fmt
   FROM t
+), typed AS (
+  SELECT *,
+    CASE WHEN fmt IS NOT NULL AND NOT coalesce({_TYPES_OK}, false) THEN json_transform(line, '{_TYPES_SCHEMA}') END AS jt
+  FROM p
 ), parsed AS (
   SELECT ord, file_idx, source_file, line_no, line, ok_json, jtype, fmt,
     CASE fmt WHEN 'tevatron' THEN nullif(trim(j.query_id), '')
@@ -310,15 +414,8 @@ WITH v AS (
     j.prompt AS prompt,
     {_POS.format(fmt="fmt")} AS pos,
     {_NEG.format(fmt="fmt")} AS neg,
-    -- "present, not null, but not a list of the expected type"; the path lookups only run where the
-    -- transformed field is NULL (the same truth value as evaluating all three conditions)
-    CASE fmt WHEN 'tevatron' THEN CASE WHEN j.negative_passages IS NOT NULL THEN false
-                                       ELSE json_exists(line, '$.negative_passages')
-                                            AND json_type(line, '$.negative_passages') <> 'NULL' END
-             WHEN 'bge' THEN CASE WHEN j.neg IS NOT NULL THEN false
-                                  ELSE json_exists(line, '$.neg') AND json_type(line, '$.neg') <> 'NULL' END
-    END AS neg_invalid
-  FROM p
+    {_WRONG_TYPE} AS wrong
+  FROM typed
 ), measured AS (
   SELECT *,
     list_max(list_transform(pos || neg, lambda x: length(x.text) + length(coalesce(x.title, '')))) AS max_len
@@ -330,12 +427,12 @@ WITH v AS (
       WHEN NOT ok_json THEN 'malformed_json'
       WHEN jtype <> 'OBJECT' THEN 'not_a_json_object'
       WHEN fmt IS NULL THEN 'missing_field:positives'
+      WHEN wrong IS NOT NULL THEN 'wrong_type:' || wrong.field
       WHEN query IS NULL THEN 'missing_field:query'
       WHEN ltrim(query) = '' THEN 'empty_field:query'
       WHEN fmt = 'tevatron' AND query_id IS NULL THEN 'missing_field:query_id'
-      WHEN pos IS NULL THEN 'invalid_field:positives'
+      WHEN pos IS NULL THEN 'missing_field:positives'
       WHEN len(pos) = 0 THEN 'no_positive'
-      WHEN neg_invalid THEN 'invalid_field:negatives'
       WHEN len(list_filter(pos || neg, lambda x: x IS NULL OR x.docid IS NULL OR ltrim(x.docid) = '')) > 0
         THEN 'missing_field:docid'
       WHEN len(list_filter(pos || neg, lambda x: x.text IS NULL OR ltrim(x.text) = '')) > 0
@@ -344,6 +441,7 @@ WITH v AS (
     END AS reason,
     CASE
       WHEN NOT ok_json THEN 'not valid JSON'
+      WHEN wrong IS NOT NULL THEN wrong.detail
       WHEN max_len > $max_chars
         THEN 'longest passage has ' || max_len || ' chars (limit ' || $max_chars || ')'
     END AS detail
