@@ -68,6 +68,8 @@ BAD_LINES = [
      ' "negative_passages": [{"docid": "n1", "title": "", "text": "neg one"}]}', None),
     ('{"query_id": "q2", "query": "broken", "positive_passages": [', "malformed_json"),
     ('["not", "an", "object"]', "not_a_json_object"),
+    ('"a string"', "not_a_json_object"),
+    ('{}', "missing_field:positives"),
     ('{"query_id": "q3", "positive_passages": [{"docid": "p3", "text": "x"}]}', "missing_field:query"),
     ('{"query_id": "q4", "query": "   ", "positive_passages": [{"docid": "p4", "text": "x"}]}', "empty_field:query"),
     ('{"query": "no id", "positive_passages": [{"docid": "p5", "text": "x"}]}', "missing_field:query_id"),

@@ -284,15 +284,16 @@ _POS = """CASE {fmt} WHEN 'tevatron' THEN j.positive_passages
 _NEG = """CASE {fmt} WHEN 'tevatron' THEN coalesce(j.negative_passages, [])
            WHEN 'bge' THEN coalesce(list_transform(j.neg, lambda t: {{'docid': md5(t), 'title': '', 'text': t}}), []) END"""
 
-# Wrong JSON types, in two steps so that good rows pay for one more parse only.
-# Every row: json_structure (the type of every field, merged over a list's elements: a list mixing strings
-# and numbers is "JSON") at a few paths, plus "no null element" on the transformed lists; _TYPES_OK.
+# Wrong JSON types, in two steps so that good rows pay (almost) nothing more.
+# Every row: its json_structure (the type of every field, merged over a list's elements: a list mixing
+# strings and numbers is "JSON"; it replaces json_type(line), so no extra parse) at a few paths, plus
+# "no null element" on the transformed lists; _TYPES_OK.
 # Rows failing that: ``jt``, the row through _TYPES_SCHEMA, where a JSON-text leaf is NULL (absent or null)
 # or starts with '"' when it is a string; _WRONG_TYPE names the first wrong field and where it is.
 _STRUCT_PATHS = ("query_id", "query", "prompt", "pos", "neg") + tuple(
     f"{k}{sub}" for k in ("positive_passages", "negative_passages")
     for sub in ("", "[0].docid", "[0].text", "[0].title"))
-_STRUCT = ("json_extract_string(json_structure(line), ["
+_STRUCT = ("json_extract_string(shape, ["
            + ", ".join(f"'$.{path}'" for path in _STRUCT_PATHS) + "])")
 
 
@@ -387,10 +388,16 @@ WITH v AS (
   SELECT ord, file_idx, source_file, line_no, fmt AS declared_fmt, line,
          json_valid(line) AS ok_json
   FROM {{src}}
-), t AS (
-  SELECT *,
-    CASE WHEN ok_json THEN json_type(line) END AS jtype
+), s AS (
+  SELECT *, CASE WHEN ok_json THEN json_structure(line) END AS shape
   FROM v
+), t AS (
+  -- an object with keys has the shape {{...}}; '{{}}' has the shape "JSON", which nothing else at the top has,
+  -- but json_type decides there rather than relying on that
+  SELECT *,
+    CASE WHEN NOT ok_json THEN NULL WHEN starts_with(shape, '{{') THEN 'OBJECT'
+         WHEN shape = '"JSON"' THEN json_type(line) ELSE 'NOT_OBJECT' END AS jtype
+  FROM s
 ), p AS (
   SELECT *,
     CASE WHEN jtype = 'OBJECT' THEN json_transform(line, '{_ROW_SCHEMA}') END AS j,
