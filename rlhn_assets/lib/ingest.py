@@ -334,10 +334,15 @@ def _leaf_type(leaf: str) -> str:
             f"WHEN {leaf} IN ('true', 'false') THEN 'boolean' ELSE 'number' END")
 
 
-def _path_type(path: str) -> str:
-    """SQL: the JSON type name of ``line`` at a path (json_type names DuckDB types)."""
-    return (f"CASE json_type(line, '{path}') WHEN 'VARCHAR' THEN 'string' WHEN 'BOOLEAN' THEN 'boolean' "
+def _type_name(duckdb_type: str) -> str:
+    """SQL: the JSON type name of a json_type() result (which names DuckDB types)."""
+    return (f"CASE {duckdb_type} WHEN 'VARCHAR' THEN 'string' WHEN 'BOOLEAN' THEN 'boolean' "
             f"WHEN 'OBJECT' THEN 'object' WHEN 'ARRAY' THEN 'array' WHEN 'NULL' THEN 'null' ELSE 'number' END")
+
+
+def _path_type(path: str) -> str:
+    """SQL: the JSON type name of ``line`` at a path."""
+    return _type_name(f"json_type(line, '{path}')")
 
 
 def _wrong_scalar(field: str) -> str:
@@ -360,9 +365,8 @@ def _wrong_passages(key: str) -> str:
         for f in ("docid", "text", "title"))
     return f"""coalesce(
       list_filter(list_transform(json_type(line, '$.{key}[*]'), lambda t, i: CASE WHEN t <> 'OBJECT' THEN
-        {{'field': '{key}', 'detail': 'expected object, got ' ||
-          CASE t WHEN 'VARCHAR' THEN 'string' WHEN 'BOOLEAN' THEN 'boolean' WHEN 'ARRAY' THEN 'array'
-                 WHEN 'NULL' THEN 'null' ELSE 'number' END || {where})'}} END), lambda w: w IS NOT NULL)[1],
+        {{'field': '{key}', 'detail': 'expected object, got ' || {_type_name('t')} || {where})'}} END),
+        lambda w: w IS NOT NULL)[1],
       list_filter(list_transform(jt.{key}, lambda x, i: CASE {fields} END), lambda w: w IS NOT NULL)[1])"""
 
 
