@@ -97,14 +97,14 @@ def test_calibrated_judge_uses_llm_score_and_embeddings():
                                                            judge={"kind": "pointwise", "prompt": "plain-v1"}))
 
 
-def test_local_graded_preset_points_at_a_matching_calibration():
-    """The opt-in preset's artifact loads, was fitted on DL19 only, and fits the judge the preset builds."""
+def test_local_preset_points_at_a_matching_calibration():
+    """The default preset's artifact loads, was fitted on DL19 only, and fits the judge the preset builds."""
     from types import SimpleNamespace
 
     from rlhn_assets.defs.resources import PRESETS
     from rlhn_assets.lib.judging.judges import GradedLLMJudge
 
-    res = PRESETS["local_graded"]["tier2_judge"]
+    res = PRESETS["local"]["tier2_judge"]
     cal = res.load_calibrator()
     assert cal.fitted_on["file"].startswith("judge_eval/dl19/") and "tuning half" in cal.fitted_on["split"]
     inner = res.one_token_judge_class()(SimpleNamespace(settings=SimpleNamespace(model=res.model, identity="gguf-sha256:x")),

@@ -1,5 +1,5 @@
 """The `local` preset's tier-2 judge end to end: a real llama.cpp server (started and stopped by the
-resource) with the packaged Qwen2.5-Coder-0.5B, the real openai client, real FiQA pairs."""
+resource) with the packaged Qwen2.5-Coder-1.5B, graded and calibrated, the real openai client, real FiQA pairs."""
 
 import gzip
 import json
@@ -37,15 +37,16 @@ def _instances(n=2, negs=3):
     return out
 
 
-# Listwise generation with the local models takes ~10-40 s per call on 2 cores: CI runs the pointwise kind (the
-# local preset's tier 2); the listwise path is covered by the replay tests in test_cascade_assets.py.
-@pytest.mark.parametrize("kind", ["pointwise"])
-def test_local_judge_through_a_real_llama_server(tmp_path, kind):
+# Listwise generation with the local models takes ~10-40 s per call on 2 cores: CI runs the one-token kinds (the
+# local presets' tier 2: `local` graded + calibrated, `local_pointwise` yes/no); the listwise path is covered by
+# the replay tests in test_cascade_assets.py.
+@pytest.mark.parametrize("preset", ["local", "local_pointwise"])
+def test_local_judge_through_a_real_llama_server(tmp_path, preset):
     _stack_or_skip()
-    base = PRESETS["local"]["tier2_judge"]
-    tier = base.model_copy(update={"cache_path": str(tmp_path / "llm.duckdb"), "kind": kind,
-                                   "prompt_family": "tier2", "max_tokens": 400, "max_parse_retries": 1})
-    instances = _instances(negs=3 if kind == "pointwise" else 2)[: 2 if kind == "pointwise" else 1]
+    base = PRESETS[preset]["tier2_judge"]
+    kind = base.kind
+    tier = base.model_copy(update={"cache_path": str(tmp_path / "llm.duckdb")})
+    instances = _instances(negs=3)[:2]
     with tier.open_judge() as judge:
         server = judge.client  # the server is up while the judge is open
         base_url = server.settings.base_url
@@ -53,7 +54,7 @@ def test_local_judge_through_a_real_llama_server(tmp_path, kind):
         stats = judge.stats
     assert len(out) == sum(len(i.negatives) for i in instances)
     assert stats.calls >= 1 and stats.tokens_in > 0
-    if kind == "pointwise":  # logprobs come back: every verdict is a real one with a probability
+    if kind in ("pointwise", "graded"):  # logprobs come back: every verdict is a real one with a probability
         assert all(j.verdict != "error" and 0.0 <= j.score <= 1.0 for j in out)
     else:  # a 0.5B model may fail the listwise format; then it is an `error`, never a silent "not relevant"
         assert all(j.verdict in ("better", "worse", "not_relevant", "error") for j in out)

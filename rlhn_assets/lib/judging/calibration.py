@@ -136,6 +136,7 @@ class CalibratedJudge:
         self.model_identity = inner.model_identity
         self.prompt_version = f"{inner.prompt_version}+{calibrator.version}"
         self.stats = inner.stats
+        self.client = getattr(inner, "client", None)  # the endpoint (a started local server or a remote one)
 
     def judge(self, instances, progress=None):
         import dataclasses
