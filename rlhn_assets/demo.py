@@ -220,13 +220,14 @@ def stages(variants=VARIANTS) -> list[tuple[list[str], list]]:
 
 
 def materialize_graph(d: dg.Definitions, instance: dg.DagsterInstance, config: dict, variants,
-                      log=print, progress=None) -> tuple[dict[str, float], int]:
-    """Every stage of ``stages(variants)`` in graph order, checks included; (seconds per stage, checks passed).
-    ``log`` gets one line per stage and partition; ``progress(line)`` a periodic line while a step runs.
-    Raises StageFailed at the first failed step or check."""
+                      log=print, progress=None, plan_stages=None, after_step=None) -> tuple[dict[str, float], int]:
+    """Every stage of ``plan_stages`` (default ``stages(variants)``) in graph order, checks included; (seconds per
+    stage, checks passed). ``log`` gets one line per stage and partition; ``progress(line)`` a periodic line while a
+    step runs; ``after_step(keys, partition, seconds)`` may return text appended to the step's line (e.g. the time
+    left). Raises StageFailed at the first failed step or check."""
     timings: dict[str, float] = {}
     checks = 0
-    plan = [(keys, p) for keys, partitions in stages(variants) for p in partitions]
+    plan = [(keys, p) for keys, partitions in (plan_stages or stages(variants)) for p in partitions]
     width = len(str(len(plan)))
     for i, (keys, p) in enumerate(plan, start=1):
         what = f"[{i:>{width}}/{len(plan)}] {', '.join(keys)}" + (f" [{p}]" if p is not None else "")
@@ -235,7 +236,9 @@ def materialize_graph(d: dg.Definitions, instance: dg.DagsterInstance, config: d
         seconds, n, counts = _run(d, instance, keys, p, config, progress=tick)
         timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + seconds
         checks += n
-        log(f"{what}  {seconds:6.1f}s  {n} check{'s' if n != 1 else ''} passed" + (f"  | {counts}" if counts else ""))
+        extra = after_step(keys, p, seconds) if after_step else ""
+        log(f"{what}  {seconds:6.1f}s  {n} check{'s' if n != 1 else ''} passed" + (f"  | {counts}" if counts else "")
+            + (f"  | {extra}" if extra else ""))
     return timings, checks
 
 

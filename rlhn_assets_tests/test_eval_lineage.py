@@ -152,12 +152,12 @@ def test_eval_loads_the_model_recorded_by_the_upstream_materialization(tmp_path,
     assert f"materialize eval_model[{RETRAINED}] first" in str(result.get_step_failure_events()[0].event_specific_data.error)
 
     for kind, (path, version) in recorded.items():
-        _report(instance, f"trained_{kind}", RETRAINED, model_path=dg.MetadataValue.path(str(path)),
-                model_data_version=version)
+        _report(instance, f"trained_{kind}", RETRAINED,
+                models=dg.MetadataValue.json([{"seed": 13, "path": str(path), "version": version}]))
     assert dg.materialize([eval_model], partition_key=RETRAINED, instance=instance).success
     assert dg.materialize([eval_scores], partition_key=partition, instance=instance, resources=resources).success
 
     assert loaded == [str(recorded["retriever"][0]), str(recorded["reranker"][0])]
     with resources["duckdb"].get_connection() as conn:
-        rows = conn.execute("SELECT stage, model_version, queries_scored FROM eval_scores ORDER BY stage").fetchall()
-    assert rows == [("reranker", recorded["reranker"][1], 3), ("retriever", recorded["retriever"][1], 3)]
+        rows = conn.execute("SELECT stage, model_version, queries_scored, seed FROM eval_scores ORDER BY stage").fetchall()
+    assert rows == [("reranker", recorded["reranker"][1], 3, 13), ("retriever", recorded["retriever"][1], 3, 13)]

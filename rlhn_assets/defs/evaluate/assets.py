@@ -1,3 +1,4 @@
+import hashlib
 import importlib.metadata
 import time
 from pathlib import Path
@@ -7,6 +8,7 @@ import dagster as dg
 from rlhn_assets import settings
 from rlhn_assets.conditions import PIPELINE, PIPELINE_PARTIAL_DEPS
 from rlhn_assets.defs.train.assets import trained_reranker, trained_retriever
+from rlhn_assets.lib.markdown import md_table
 from rlhn_assets.lib.relabel import VARIANTS
 from rlhn_assets.partitions import BASE_MODEL, base_model_pd, eval_pd, model_pd
 from rlhn_assets.resources import RLHNDuckDB
@@ -15,10 +17,13 @@ EVAL_DDL = [
     """CREATE TABLE IF NOT EXISTS eval_scores (
         eval_set VARCHAR NOT NULL, model VARCHAR NOT NULL, stage VARCHAR NOT NULL, ndcg_at_10 DOUBLE,
         recall_at_100 DOUBLE, mrr_at_10 DOUBLE, queries_scored INTEGER, queries_total INTEGER,
-        model_version VARCHAR, corpus_hash VARCHAR, seconds DOUBLE)""",
+        model_version VARCHAR, corpus_hash VARCHAR, seconds DOUBLE, seed INTEGER)""",
     """CREATE TABLE IF NOT EXISTS eval_per_query (
         eval_set VARCHAR NOT NULL, model VARCHAR NOT NULL, stage VARCHAR NOT NULL, query_id VARCHAR NOT NULL,
-        ndcg_at_10 DOUBLE)""",
+        ndcg_at_10 DOUBLE, seed INTEGER)""",
+    # files made before models had seeds (seed NULL = the untrained base, or a pre-seed row)
+    "ALTER TABLE eval_scores ADD COLUMN IF NOT EXISTS seed INTEGER",
+    "ALTER TABLE eval_per_query ADD COLUMN IF NOT EXISTS seed INTEGER",
 ]
 
 # Lineage: eval_scores[<eval set>|<model>] <- eval_model[<model>] <- trained_retriever + trained_reranker[<variant>]
@@ -103,7 +108,7 @@ def base_retriever(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 @dg.asset(
     partitions_def=model_pd,
     group_name="evaluate",
-    code_version="1",
+    code_version="2",
     automation_condition=PIPELINE_PARTIAL_DEPS,  # each partition has only some of the three deps
     deps=[dg.AssetDep(base_retriever, partition_mapping=_BASE_TO_MODEL),
           dg.AssetDep(trained_retriever, partition_mapping=_VARIANT_TO_MODEL),
@@ -118,31 +123,54 @@ def base_retriever(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 )
 def eval_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     model = context.partition_key
-    sources = ({"retriever": ("base_retriever", model)} if model == BASE_MODEL else
-               {"retriever": ("trained_retriever", model), "reranker": ("trained_reranker", model)})
+    if model == BASE_MODEL:
+        rec = recorded(context.instance, "base_retriever", model, _MODEL_KEYS)
+        pinned = {"retriever": ("base_retriever[base]",
+                                [{"seed": None, "path": rec["model_path"], "version": rec["model_data_version"]}])}
+    else:
+        pinned = {}
+        for role, asset in (("retriever", "trained_retriever"), ("reranker", "trained_reranker")):
+            try:
+                rec = recorded(context.instance, asset, model, ("models",))
+            except dg.Failure:
+                if role == "retriever":
+                    raise
+                # a reranker is optional: the experiment (and a user without the budget for it) trains only
+                # retrievers; eval_scores then reports the retriever stage alone
+                context.log.info(f"{model}: no trained_reranker[{model}] with per-seed models; retriever only")
+                continue
+            pinned[role] = (f"{asset}[{model}]", list(rec["models"]))
     metadata: dict = {}
-    for role, (asset, partition) in sources.items():
-        rec = recorded(context.instance, asset, partition, _MODEL_KEYS)
-        metadata |= {f"{role}_path": dg.MetadataValue.path(rec["model_path"]),
-                     f"{role}_version": rec["model_data_version"], f"{role}_asset": f"{asset}[{partition}]"}
-    version = "+".join(metadata[f"{role}_version"] for role in sources)
-    context.log.info(f"{model}: " + ", ".join(f"{r} {metadata[f'{r}_asset']} {metadata[f'{r}_version']}" for r in sources))
+    for role, (asset, models) in pinned.items():
+        metadata |= {f"{role}_models": dg.MetadataValue.json(models), f"{role}_asset": asset,
+                     f"{role}_version": "+".join(f"{m['seed']}:{m['version']}" if m["seed"] is not None else m["version"]
+                                                 for m in models)}
+    version = hashlib.sha256("|".join(f"{r}={metadata[f'{r}_version']}" for r in pinned).encode()).hexdigest()[:16]
+    context.log.info(f"{model}: " + ", ".join(f"{r} {metadata[f'{r}_asset']} seeds "
+                                              f"{[m['seed'] for m in pinned[r][1]]}" for r in pinned))
     return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata=metadata)
 
 
-def _pinned(instance: dg.DagsterInstance, model: str, role: str) -> tuple[str, str]:
-    """(path, data version) of ``role`` as eval_model[model] recorded it; a Failure if its folder is gone."""
-    rec = recorded(instance, "eval_model", model, (f"{role}_path", f"{role}_version", f"{role}_asset"))
-    if not Path(rec[f"{role}_path"]).is_dir():
-        raise dg.Failure(f"the {role} folder {rec[f'{role}_path']} recorded by eval_model[{model}] is gone: "
-                         f"re-materialize {rec[f'{role}_asset']} and eval_model[{model}]")
-    return rec[f"{role}_path"], rec[f"{role}_version"]
+def _pinned(instance: dg.DagsterInstance, model: str, role: str) -> list[dict] | None:
+    """[{seed, path, version}] of ``role`` as eval_model[model] recorded it (None: no such role pinned);
+    a Failure if a model folder is gone."""
+    try:
+        rec = recorded(instance, "eval_model", model, (f"{role}_models", f"{role}_asset"))
+    except dg.Failure:
+        if role == "reranker":
+            return None
+        raise
+    for m in rec[f"{role}_models"]:
+        if not Path(m["path"]).is_dir():
+            raise dg.Failure(f"the {role} folder {m['path']} (seed {m['seed']}) recorded by eval_model[{model}] is "
+                             f"gone: re-materialize {rec[f'{role}_asset']} and eval_model[{model}]")
+    return list(rec[f"{role}_models"])
 
 
 @dg.asset(
     partitions_def=eval_pd,
     group_name="evaluate",
-    code_version="1",
+    code_version="2",
     automation_condition=PIPELINE,
     deps=[dg.AssetDep(eval_model, partition_mapping=_BY_MODEL)],
     kinds={"beir", "duckdb"},
@@ -160,22 +188,27 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
 
     keys = context.partition_key.keys_by_dimension
     eval_set, model_name = keys["eval_set"], keys["model"]
-    # the models eval_model[model_name] pinned, resolved before any work so that a missing one fails at once
-    path, version = _pinned(context.instance, model_name, "retriever")
-    reranker = (_pinned(context.instance, model_name, "reranker")
-                if config.rerank and model_name != BASE_MODEL else None)  # the base MiniLM has no cross-encoder head
+    # the models eval_model[model_name] pinned (one per seed), resolved before any work so a missing one fails at once
+    retrievers = _pinned(context.instance, model_name, "retriever")
+    rerankers = {m["seed"]: m for m in (_pinned(context.instance, model_name, "reranker") or [])} if config.rerank else {}
     ds = load_beir_eval(settings.data_dir() / "eval" / eval_set, "test")
-    t0 = time.perf_counter()
-    results, info = retrieve(ds, path, version, config, context.log.info)
-    rows = [("retriever", evaluate(ds.qrels, results), version, time.perf_counter() - t0)]
-    if reranker:
-        from rlhn_assets.lib.embeddings import load_cross_encoder
+    rows, infos = [], []
+    for i, m in enumerate(retrievers, start=1):
+        seed_s = f"seed {m['seed']} ({i}/{len(retrievers)})" if m["seed"] is not None else "untrained"
+        context.log.info(f"{eval_set}/{model_name} {seed_s}: retrieving")
+        t0 = time.perf_counter()
+        results, info = retrieve(ds, m["path"], m["version"], config, context.log.info)
+        infos.append(info)
+        rows.append(("retriever", m["seed"], evaluate(ds.qrels, results), m["version"], time.perf_counter() - t0))
+        reranker = rerankers.get(m["seed"])
+        if reranker:
+            from rlhn_assets.lib.embeddings import load_cross_encoder
 
-        t1 = time.perf_counter()
-        rpath, rversion = reranker
-        reranked = rerank(load_cross_encoder(rpath), ds, results, top_k=config.rerank_top_k,
-                          progress=context.log.info)
-        rows.append(("reranker", evaluate(ds.qrels, reranked), rversion, time.perf_counter() - t1))
+            t1 = time.perf_counter()
+            reranked = rerank(load_cross_encoder(reranker["path"]), ds, results, top_k=config.rerank_top_k,
+                              progress=context.log.info)
+            rows.append(("reranker", m["seed"], evaluate(ds.qrels, reranked), reranker["version"],
+                         time.perf_counter() - t1))
     chash = corpus_hash(ds)[:16]
     with duckdb.get_connection() as conn:
         for ddl in EVAL_DDL:
@@ -183,22 +216,34 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
         conn.execute("BEGIN TRANSACTION")
         conn.execute("DELETE FROM eval_scores WHERE eval_set = $1 AND model = $2", [eval_set, model_name])
         conn.execute("DELETE FROM eval_per_query WHERE eval_set = $1 AND model = $2", [eval_set, model_name])
-        for stage, m, mv, secs in rows:
+        for stage, seed, m, mv, secs in rows:
             conn.execute(
                 """INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10, queries_scored,
-                                            queries_total, model_version, corpus_hash, seconds)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                            queries_total, model_version, corpus_hash, seconds, seed)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [eval_set, model_name, stage, m["ndcg@10"], m["recall@100"], m["mrr@10"], m["queries_scored"],
-                 len(ds.qrels), mv, chash, round(secs, 2)])
+                 len(ds.qrels), mv, chash, round(secs, 2), seed])
             conn.executemany(
-                "INSERT INTO eval_per_query (eval_set, model, stage, query_id, ndcg_at_10) VALUES (?, ?, ?, ?, ?)",
-                [[eval_set, model_name, stage, q, v] for q, v in m["per_query_ndcg@10"].items()])
+                "INSERT INTO eval_per_query (eval_set, model, stage, query_id, ndcg_at_10, seed) VALUES (?, ?, ?, ?, ?, ?)",
+                [[eval_set, model_name, stage, q, v, seed] for q, v in m["per_query_ndcg@10"].items()])
         conn.execute("COMMIT")
-    md = {"queries": len(ds.qrels), "passages": len(ds.corpus), "model_version": version,
-          **({"reranker_version": reranker[1]} if reranker else {}),
-          "corpus_cache_hit": bool(info.get("corpus_cache_hit")), "encode_seconds": round(info.get("encode_seconds", 0), 1)}
-    for stage, m, _, secs in rows:
-        md |= {f"{stage}_ndcg@10": round(m["ndcg@10"], 4), f"{stage}_recall@100": round(m["recall@100"], 4),
-               f"{stage}_mrr@10": round(m["mrr@10"], 4), f"{stage}_seconds": round(secs, 1)}
-    context.log.info(f"{eval_set}/{model_name}: " + ", ".join(f"{s} nDCG@10 {m['ndcg@10']:.4f}" for s, m, _, _ in rows))
+    md = {"queries": len(ds.qrels), "passages": len(ds.corpus), "seeds": dg.MetadataValue.json([m["seed"] for m in retrievers]),
+          "model_version": "+".join(m["version"] for m in retrievers),
+          "corpus_cache_hits": sum(bool(i.get("corpus_cache_hit")) for i in infos),
+          "encode_seconds": round(sum(i.get("encode_seconds", 0) for i in infos), 1)}
+    for stage in ("retriever", "reranker"):
+        got = [r for r in rows if r[0] == stage]
+        if not got:
+            continue
+        for metric in ("ndcg@10", "recall@100", "mrr@10"):
+            vals = [r[2][metric] for r in got]
+            md[f"{stage}_{metric}"] = round(sum(vals) / len(vals), 4)  # mean over seeds
+        md[f"{stage}_seconds"] = round(sum(r[4] for r in got), 1)
+        if len(got) > 1:
+            md[f"{stage}_per_seed"] = dg.MetadataValue.md(md_table(
+                ["seed", "nDCG@10", "Recall@100", "MRR@10"],
+                [(r[1], round(r[2]["ndcg@10"], 4), round(r[2]["recall@100"], 4), round(r[2]["mrr@10"], 4)) for r in got]))
+    context.log.info(f"{eval_set}/{model_name}: " + ", ".join(
+        f"{s} seed {sd} nDCG@10 {m['ndcg@10']:.4f}" if sd is not None else f"{s} nDCG@10 {m['ndcg@10']:.4f}"
+        for s, sd, m, _, _ in rows))
     return dg.MaterializeResult(metadata=md)

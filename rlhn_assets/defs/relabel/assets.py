@@ -1,3 +1,5 @@
+from typing import Literal
+
 import dagster as dg
 
 from rlhn_assets.conditions import PIPELINE
@@ -13,8 +15,12 @@ _BY_DATASET = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name
 
 
 class RelabelConfig(dg.Config):
-    # Which verdicts are false negatives: "better" (the paper) or "better+worse" (the authors' release script).
-    fn_lists: str = "better"
+    # Which verdicts are false negatives, per stage: "better" (the paper, both stages) or "better+worse". Stage 1
+    # uses `better` (paper and the authors' release script); stage 2 uses `better+worse`, as the authors' release
+    # script built the published stage-2 data, and as judge_agreement scores the cascade: for the one-token local
+    # judges `worse` = P(relevant) >= threshold_relevant, the cut chosen on DL19, while `better` (>= 0.8) is rare.
+    fn_lists: Literal["better", "better+worse"] = "better"
+    fn_lists_stage2: Literal["better", "better+worse"] = "better+worse"
     # hn_remove / rlhn drop an instance with more than k false negatives (ambiguous query; paper k = 7).
     ambiguity_k: int = 7
     export: bool = True
@@ -33,7 +39,7 @@ def export_paths(variant: str, dataset: str, export_dir: str = ""):
 @dg.asset(
     partitions_def=dataset_variant_pd,
     group_name="relabel",
-    code_version="1",
+    code_version="2",
     automation_condition=PIPELINE,
     deps=[dg.AssetDep(tier1_judgments, partition_mapping=_BY_DATASET),
           dg.AssetDep(tier2_judgments, partition_mapping=_BY_DATASET)],
@@ -52,7 +58,8 @@ def relabeled(context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: 
     dataset, variant = keys["dataset"], keys["variant"]
     judged = registry.load().get(dataset).judge
     with duckdb.get_connection() as conn:
-        stats = build_variant(conn, dataset, variant, fn_lists=config.fn_lists, ambiguity_k=config.ambiguity_k,
+        fn_lists = config.fn_lists_stage2 if variant.startswith("s2_") else config.fn_lists
+        stats = build_variant(conn, dataset, variant, fn_lists=fn_lists, ambiguity_k=config.ambiguity_k,
                               judged=judged)
         md = {
             "dagster/row_count": stats.instances_out,
@@ -63,7 +70,7 @@ def relabeled(context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: 
             "dropped_ambiguous": stats.dropped_ambiguous,
             "dropped_remove": stats.dropped_remove,
             "error_verdicts_ignored": stats.error_verdicts,
-            "fn_lists": config.fn_lists,
+            "fn_lists": fn_lists,
             "ambiguity_k": config.ambiguity_k,
             "judged": judged,
         }

@@ -1,4 +1,8 @@
+import functools
+import hashlib
+import json
 import time
+from datetime import datetime, timezone
 
 import dagster as dg
 
@@ -19,17 +23,25 @@ class TrainConfig(dg.Config):
     hard_negatives: int = 7  # 1 positive + up to 7 hard negatives per query, as in the paper
     scale: float = 20.0  # MNRL scale = 1 / temperature (paper: 0.01 -> 100)
     max_seq_length: int = 256
-    seed: int = 13
+    # One model per seed: the seed is part of each model's identity (model store key, `trained_models` row,
+    # metadata), and the report aggregates over seeds (mean +- std, bootstrap CIs pooled across seeds).
+    seeds: list[int] = [13]
     max_steps: int = -1  # cap for demos (-1 = all)
     reranker_negatives: int = 3
 
 
-def _settings(config: TrainConfig):
+TRAINED_MODELS_DDL = """CREATE TABLE IF NOT EXISTS trained_models (
+    kind VARCHAR NOT NULL, variant VARCHAR NOT NULL, seed INTEGER NOT NULL, input_key VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL, path VARCHAR NOT NULL, queries INTEGER, train_rows INTEGER, steps INTEGER,
+    final_loss DOUBLE, seconds DOUBLE, settings_json VARCHAR, training_set_sizes_json VARCHAR, trained_at TIMESTAMP)"""
+
+
+def _settings(config: TrainConfig, seed: int):
     from rlhn_assets.lib.training import TrainSettings
 
     return TrainSettings(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
                          hard_negatives=config.hard_negatives, scale=config.scale,
-                         max_seq_length=config.max_seq_length, seed=config.seed, max_steps=config.max_steps,
+                         max_seq_length=config.max_seq_length, seed=seed, max_steps=config.max_steps,
                          reranker_negatives=config.reranker_negatives)
 
 
@@ -39,45 +51,98 @@ def model_store():
     return ModelStore(settings.data_dir() / "models")
 
 
+@functools.lru_cache(maxsize=4)
+def _base_model_version(path: str) -> str:
+    from rlhn_assets.lib.embeddings import dir_hash
+
+    return dir_hash(path)
+
+
 def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.MaterializeResult:
     from rlhn_assets.lib import training
+    from rlhn_assets.lib.embeddings import base_model_path
+    from rlhn_assets.lib.model_store import input_key
     from rlhn_assets.lib.training_data import load_training_instances
 
     variant = context.partition_key
+    seeds = sorted(set(config.seeds))
+    if not seeds:
+        raise dg.Failure("TrainConfig.seeds is empty: give at least one seed, e.g. seeds: [13]")
     with duckdb.get_connection() as conn:
         instances, sizes = load_training_instances(conn, variant, max_negatives=max(config.hard_negatives, 25))
     if not instances:
         raise dg.Failure(f"variant {variant!r} has no training instances: materialize `relabeled` for it first")
-    context.log.info(f"{kind}[{variant}]: {len(instances):,} queries from {sizes}")
+    context.log.info(f"{kind}[{variant}]: {len(instances):,} queries from {sizes}; seeds {seeds}")
     store = model_store()
-    staged = store.staging_dir(kind, variant)
+    base_version = _base_model_version(str(base_model_path()))
     fn = training.train_retriever if kind == "retriever" else training.train_reranker
-    t0 = time.perf_counter()
-    result = fn(instances, _settings(config), staged, log=context.log.info)
-    summary = {"variant": variant, "seed": config.seed, "train_rows": result.train_rows, "steps": result.steps,
-               "final_loss": result.final_loss, "training_set_sizes": sizes, "queries": len(instances),
-               "seconds": round(time.perf_counter() - t0, 1), "settings": result.settings}
-    path = store.publish(kind, variant, staged, result.data_version, summary)
+    runs = []
+    for i, seed in enumerate(seeds, start=1):
+        train_settings = _settings(config, seed)
+        key = input_key(kind, train_settings.to_dict(), base_version, instances)
+        found = store.find(kind, variant, seed, key)
+        if found:  # same data, settings, seed, base model and code: the model exists, do not train it again
+            context.log.info(f"{kind}[{variant}] seed {seed} ({i}/{len(seeds)}): reusing {found['path']} "
+                             f"(trained {found.get('trained_at', '?')}, same inputs {key[:12]})")
+            runs.append({**found, "seed": seed, "reused": True})
+            continue
+        context.log.info(f"{kind}[{variant}] seed {seed} ({i}/{len(seeds)}): training")
+        staged = store.staging_dir(kind, variant, seed)
+        t0 = time.perf_counter()
+        result = fn(instances, train_settings, staged, log=context.log.info)
+        summary = {"variant": variant, "seed": seed, "train_rows": result.train_rows, "steps": result.steps,
+                   "final_loss": result.final_loss, "training_set_sizes": sizes, "queries": len(instances),
+                   "seconds": round(time.perf_counter() - t0, 1), "settings": result.settings,
+                   "loss_history": result.loss_history, "trained_at": datetime.now(timezone.utc).isoformat()}
+        path = store.publish(kind, variant, seed, staged, result.data_version, key, summary)
+        runs.append({**summary, "path": str(path), "data_version": result.data_version, "input_key": key,
+                     "reused": False})
+    with duckdb.get_connection() as conn:
+        conn.execute(TRAINED_MODELS_DDL)
+        conn.execute("BEGIN TRANSACTION")
+        conn.execute("DELETE FROM trained_models WHERE kind = $1 AND variant = $2", [kind, variant])
+        conn.executemany(
+            """INSERT INTO trained_models (kind, variant, seed, input_key, model_version, path, queries, train_rows,
+                                           steps, final_loss, seconds, settings_json, training_set_sizes_json,
+                                           trained_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            [[kind, variant, r["seed"], r["input_key"], r["data_version"][:16], r["path"], r["queries"],
+              r["train_rows"], r["steps"], r["final_loss"], r["seconds"], json.dumps(r["settings"], default=str),
+              json.dumps(r["training_set_sizes"]), r.get("trained_at")] for r in runs])
+        conn.execute("COMMIT")
+    # the asset's data version: its models' content hashes, so retraining one seed changes it
+    version = hashlib.sha256("|".join(f"{r['seed']}:{r['data_version']}" for r in runs).encode()).hexdigest()[:16]
+    models = [{"seed": r["seed"], "path": r["path"], "version": r["data_version"][:16]} for r in runs]
+    trained = [r for r in runs if not r["reused"]]
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(result.data_version[:16]),
+        data_version=dg.DataVersion(version),
         metadata={
-            "model_path": dg.MetadataValue.path(str(path)),
-            "model_data_version": result.data_version[:16],
+            "models": dg.MetadataValue.json(models),
+            "seeds": dg.MetadataValue.json(seeds),
+            "model_path": dg.MetadataValue.path(runs[0]["path"]),  # the first seed's, for a quick look in the UI
+            "model_data_version": version,
+            "trained": len(trained),
+            "reused": len(runs) - len(trained),
             "queries": len(instances),
-            "train_rows": result.train_rows,
-            "steps": result.steps,
-            "final_loss": float(result.final_loss) if result.final_loss is not None else float("nan"),
-            "seed": config.seed,
-            "seconds": round(time.perf_counter() - t0, 1),
+            "train_rows": runs[0]["train_rows"],
+            "steps": runs[0]["steps"],
+            "final_loss": float(runs[0]["final_loss"]) if runs[0]["final_loss"] is not None else float("nan"),
+            "seconds": round(sum(r["seconds"] for r in trained), 1),
             "training_set_sizes": dg.MetadataValue.md(md_table(["dataset", "queries"], sorted(sizes.items()))),
-            "loss_curve": dg.MetadataValue.md(md_table(["step", "loss"], result.loss_history[-20:])),
+            "runs": dg.MetadataValue.md(md_table(
+                ["seed", "model version", "steps", "final loss", "seconds", "reused"],
+                [(r["seed"], r["data_version"][:12], r["steps"],
+                  round(r["final_loss"], 4) if r["final_loss"] is not None else "n/a", r["seconds"], r["reused"])
+                 for r in runs])),
+            "loss_curve": dg.MetadataValue.md(md_table(["step", "loss"], [tuple(x) for x in
+                                                                          (runs[0].get("loss_history") or [])[-20:]])),
         })
 
 
 @dg.asset(
     partitions_def=variant_pd,
     group_name="train",
-    code_version="1",
+    code_version="2",
     automation_condition=PIPELINE,
     deps=[dg.AssetDep(relabeled, partition_mapping=_BY_VARIANT)],
     kinds={"pytorch", "sentence_transformers"},
@@ -88,7 +153,8 @@ def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.Ma
         "sentence-transformers' SentenceTransformerTrainer and MultipleNegativesRankingLoss (InfoNCE, in-batch + "
         "hard negatives), 1 positive (sampled per query per epoch, so RLHN's extra positives enter training) + up "
         "to 7 hard negatives, on the union of the variant's kept datasets. Saved under data/models/retriever/"
-        "<variant>/<data version>/; the data version is the model folder's content hash."
+        "<variant>/seed-<seed>/<data version>/ (one model per seed in `seeds`; a model already trained from the same "
+        "inputs is reused), listed in table `trained_models`."
     ),
 )
 def trained_retriever(context: dg.AssetExecutionContext, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.MaterializeResult:
@@ -98,7 +164,7 @@ def trained_retriever(context: dg.AssetExecutionContext, config: TrainConfig, du
 @dg.asset(
     partitions_def=variant_pd,
     group_name="train",
-    code_version="1",
+    code_version="2",
     automation_condition=PIPELINE,
     deps=[dg.AssetDep(relabeled, partition_mapping=_BY_VARIANT)],
     kinds={"pytorch", "sentence_transformers"},

@@ -1,0 +1,253 @@
+"""`make experiment`: the RLHN experiment on the whole bundled sample, through the asset graph.
+
+Every dataset's full instances (negatives capped at the paper's 25 per judge call) go through the `local` judge
+cascade; the variants are built; a retriever is trained for each of EXPERIMENT_VARIANTS with every seed of SEEDS
+(one full epoch, no step cap); the untrained base and every trained model are evaluated on every eval set in
+data/eval/ at 256 tokens; `comparison_report` aggregates over seeds (mean +- std, paired-bootstrap CIs of the
+deltas against `default`). The report is copied to docs/experiment.{md,csv,png} with the run's date, code
+version and machine load.
+
+It runs in its own Dagster instance and DuckDB file (data/experiment/), so the demo's small sizes and the
+experiment's full ones never mix in one table; `make experiment-ui` opens that instance in the UI.
+
+Resumable: the LLM answers are cached (data/llm_cache.duckdb), trained models are reused from the model store when
+their inputs are unchanged (lib/model_store.py), corpus embeddings are cached by model version. A cold run on a
+machine without the LLM cache first loads the **recorded judge responses** (RECORDED_RESPONSES, Parquet, made by
+`--record-judge-responses` from a real run of the same judges): the tier-2 judge then finds its answers in the
+cache and computes its verdicts (calibration included) with the current code; any request the recording does not
+hold (a changed prompt, model or dataset) goes to the real local LLM. The reranker is not part of the
+experiment (its training and top-100 re-ranking do not fit the 2-hour budget on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rlhn_assets import settings
+
+# Own instance + DuckDB file, set before the definitions load (they read these at load time).
+EXPERIMENT_HOME = Path(os.environ.get("RLHN_EXPERIMENT_HOME", settings.data_dir() / "experiment")).resolve()
+os.environ["DAGSTER_HOME"] = str(EXPERIMENT_HOME / "dagster_home")
+os.environ["RLHN_DUCKDB"] = str(EXPERIMENT_HOME / "rlhn.duckdb")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import dagster as dg  # noqa: E402
+
+from rlhn_assets.definitions import defs  # noqa: E402
+from rlhn_assets.demo import Console, StageFailed, materialize_graph, release_dead_demo_runs  # noqa: E402
+from rlhn_assets.defs.resources import preset_name  # noqa: E402
+from rlhn_assets.lib.db import connect  # noqa: E402
+from rlhn_assets.lib.relabel import VARIANTS  # noqa: E402
+from rlhn_assets.partitions import BASE_MODEL, DATASETS, EVAL_SETS  # noqa: E402
+
+EXPERIMENT_VARIANTS = ("default", "s1_rlhn", "s2_rlhn", "s2_hn_remove", "s2_remove")
+SEEDS = (13, 14, 15)
+BUDGET_S = 2 * 3600  # the whole cold run on the 2-core machine, judging included
+
+# Training sizes, chosen from measured step costs on the 2-core machine (README "The experiment"): one full epoch
+# over every training query, no step cap.
+TRAIN = {"epochs": 1, "batch_size": 32, "learning_rate": 2e-5, "hard_negatives": 3, "max_seq_length": 128,
+         "scale": 20.0, "max_steps": -1, "seeds": list(SEEDS)}
+EVAL = {"max_seq_length": 256, "rerank": False, "batch_size": 64}
+PRUNE = {"max_negatives_per_instance": 25}
+
+# The local cascade's tier-2 answers from one real run, versioned with the judge configuration and code version.
+RECORDED_RESPONSES = settings.data_dir() / "judgments" / "experiment_local_responses.parquet"
+
+
+def run_config() -> dict:
+    return {"ops": {"pruned": {"config": PRUNE}, "trained_retriever": {"config": TRAIN},
+                    "eval_scores": {"config": EVAL}}}
+
+
+def plan(variants=EXPERIMENT_VARIANTS) -> list[tuple[list[str], list]]:
+    models = (BASE_MODEL, *variants)
+    return [
+        (["hard_negative_mining", "raw_bge", "pruned"], list(DATASETS)),
+        (["tier1_judgments", "judging_cost_estimate", "tier2_judgments"], list(DATASETS)),
+        (["relabeled"], [dg.MultiPartitionKey({"dataset": ds, "variant": v}) for ds in DATASETS for v in VARIANTS]),
+        (["trained_retriever"], list(variants)),
+        (["base_retriever"], [BASE_MODEL]),
+        (["eval_model"], list(models)),
+        (["eval_scores"], [dg.MultiPartitionKey({"eval_set": e, "model": m}) for m in models for e in EVAL_SETS]),
+        (["comparison_report"], [None]),
+    ]
+
+
+def _llm_cache_path() -> Path:
+    tier2 = defs().resources["tier2_judge"]
+    return Path(tier2.cache_path or settings.data_dir() / "llm_cache.duckdb")
+
+
+def _code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=settings.PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=settings.PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_recorded_responses(log=print) -> int:
+    """Copy the recorded judge responses into the LLM cache (only keys it does not hold); returns rows added."""
+    if not RECORDED_RESPONSES.exists():
+        log(f"no recorded judge responses at {RECORDED_RESPONSES}: every tier-2 call goes to the local LLM")
+        return 0
+    from rlhn_assets.lib.llm.cache import DDL
+
+    cache = _llm_cache_path()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with connect(cache) as conn:
+        for ddl in DDL:
+            conn.execute(ddl)
+        before = conn.execute("SELECT count(*) FROM llm_responses").fetchone()[0]
+        conn.execute("""INSERT INTO llm_responses BY NAME
+                        SELECT r.* FROM read_parquet($p) r ANTI JOIN llm_responses c ON c.key = r.key""",
+                     {"p": str(RECORDED_RESPONSES)})
+        added = conn.execute("SELECT count(*) FROM llm_responses").fetchone()[0] - before
+    meta = json.loads(RECORDED_RESPONSES.with_suffix(".json").read_text()) if RECORDED_RESPONSES.with_suffix(".json").exists() else {}
+    log(f"recorded judge responses: {added:,} added to the LLM cache {cache} (file {RECORDED_RESPONSES.name}: "
+        f"{meta.get('responses', '?')} responses, judge {meta.get('tier2_judge', {}).get('model', '?')}, "
+        f"recorded {meta.get('recorded_at', '?')} at code {meta.get('code_version', '?')})")
+    return added
+
+
+def record_judge_responses(log=print) -> Path:
+    """Write the LLM responses behind the experiment's current tier-2 verdicts to RECORDED_RESPONSES (Parquet,
+    zstd) with a JSON sidecar: the judge configuration, code version and counts. The request bodies (passage
+    texts, re-derivable from the data) are left out to keep the file small."""
+    d = defs()
+    tier2 = d.resources["tier2_judge"]
+    RECORDED_RESPONSES.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RECORDED_RESPONSES.with_suffix(".parquet.tmp")
+    with connect(settings.duckdb_path(), read_only=True) as conn:
+        keys = [r[0] for r in conn.execute(
+            "SELECT DISTINCT response_key FROM judgments WHERE tier = 2 AND response_key IS NOT NULL").fetchall()]
+        per_dataset = dict(conn.execute("SELECT dataset, count(*) FROM judgments WHERE tier = 2 GROUP BY 1").fetchall())
+    if not keys:
+        raise SystemExit("no tier-2 judgments with a response key in the experiment's DuckDB: run the experiment first")
+    with connect(_llm_cache_path(), read_only=True) as cache:
+        cache.execute("CREATE TEMP TABLE wanted (key VARCHAR)")
+        cache.executemany("INSERT INTO wanted VALUES (?)", [[k] for k in keys])
+        cache.execute(f"""COPY (SELECT c.key, c.model, c.prompt_version, NULL::VARCHAR AS request_json, c.text,
+                                       c.finish_reason, c.tokens_in, c.tokens_out, c.latency_s, c.top_logprobs_json,
+                                       c.created_at
+                                FROM llm_responses c JOIN wanted USING (key) ORDER BY c.key)
+                          TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)""")
+        n = cache.execute(f"SELECT count(*) FROM read_parquet('{tmp}')").fetchone()[0]
+    tmp.replace(RECORDED_RESPONSES)
+    meta = {"responses": n, "verdict_keys": len(keys), "tier2_per_dataset": per_dataset,
+            "preset": preset_name(), "tier2_judge": tier2.describe(), "code_version": _code_version(),
+            "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "prune": PRUNE,
+            "note": "LLM responses (first-token logprobs) of the local tier-2 judge on the experiment's instances; "
+                    "request bodies omitted. Loaded into the LLM cache by `make experiment` when it lacks them."}
+    RECORDED_RESPONSES.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    log(f"recorded {n:,} tier-2 responses ({len(keys):,} verdict keys) to {RECORDED_RESPONSES} "
+        f"({RECORDED_RESPONSES.stat().st_size / 1e6:.1f} MB)")
+    return RECORDED_RESPONSES
+
+
+class Budget:
+    """Time left of BUDGET_S, printed after every step; a per-stage line when a stage ends."""
+
+    def __init__(self, budget_s: float = BUDGET_S):
+        self.t0, self.budget_s = time.perf_counter(), budget_s
+        self.stage_t0: dict[str, float] = {}
+
+    def after_step(self, keys, partition, seconds) -> str:
+        elapsed = time.perf_counter() - self.t0
+        left = self.budget_s - elapsed
+        return (f"elapsed {elapsed / 60:.1f} min, {left / 60:.1f} min left of {self.budget_s / 60:.0f}"
+                if left >= 0 else f"elapsed {elapsed / 60:.1f} min, {-left / 60:.1f} min OVER the "
+                                  f"{self.budget_s / 60:.0f}-min budget")
+
+
+def _machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()}
+
+
+def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path | None = None) -> Path:
+    """docs/experiment.{md,csv,png}: the comparison report with the run's header (date, code version, load,
+    sizes, stage times)."""
+    out_dir = out_dir or settings.PROJECT_ROOT / "docs"
+    reports = settings.data_dir() / "reports"
+    md = (reports / "comparison.md").read_text()
+    machine = _machine()
+    header = [
+        "# The RLHN experiment on the bundled sample (`make experiment`)", "",
+        f"- run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, code version `{_code_version()}`, judge preset "
+        f"`{preset_name()}`",
+        f"- machine: {machine['cores']} cores ({machine['cpu']}), load average {load_start:.2f} at the start, "
+        f"{machine['load_avg_1m']:.2f} at the end; Python {machine['python']}",
+        f"- whole run {total_s / 60:.1f} min (budget {BUDGET_S / 60:.0f} min); per stage: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()),
+        f"- sizes: every instance of every dataset, at most {PRUNE['max_negatives_per_instance']} negatives each; "
+        f"retriever training {json.dumps(TRAIN)}; evaluation {json.dumps(EVAL)}",
+        f"- variants {', '.join(EXPERIMENT_VARIANTS)}; seeds {', '.join(map(str, SEEDS))}; eval sets "
+        f"{', '.join(EVAL_SETS)}; the reranker is not trained (budget)", "",
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "experiment.md").write_text("\n".join(header) + md.replace("(comparison.png)", "(experiment.png)") + "\n")
+    for ext in ("csv", "png"):
+        if (reports / f"comparison.{ext}").exists():
+            shutil.copyfile(reports / f"comparison.{ext}", out_dir / f"experiment.{ext}")
+    return out_dir / "experiment.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    EXPERIMENT_HOME.mkdir(parents=True, exist_ok=True)
+    (EXPERIMENT_HOME / "dagster_home").mkdir(exist_ok=True)
+    if "--record-judge-responses" in argv:
+        record_judge_responses()
+        return
+    stages = plan()
+    if "--until" in argv:  # e.g. --until tier2_judgments: the stages up to and including that asset's
+        until = argv[argv.index("--until") + 1]
+        cut = next((i for i, (keys, _) in enumerate(stages) if until in keys), None)
+        if cut is None:
+            raise SystemExit(f"--until {until}: not an asset of the experiment "
+                             f"({', '.join(k for keys, _ in stages for k in keys)})")
+        stages = stages[: cut + 1]
+    print(f"rlhn_assets experiment: every instance, <= {PRUNE['max_negatives_per_instance']} negatives; judge preset "
+          f"{preset_name()!r}; variants {', '.join(EXPERIMENT_VARIANTS)} x seeds {', '.join(map(str, SEEDS))}; "
+          f"eval sets {', '.join(EVAL_SETS)}; budget {BUDGET_S / 60:.0f} min")
+    print(f"instance + DuckDB: {EXPERIMENT_HOME}  (open it with: make experiment-ui)")
+    log_path = settings.data_dir() / "logs" / time.strftime("experiment-%Y%m%d-%H%M%S.log")
+    print(f"Dagster's event stream and library output go to {log_path}", flush=True)
+    load_start = os.getloadavg()[0]
+    budget = Budget()
+    with Console(log_path) as console:
+        load_recorded_responses(log=console.line)
+        d = defs()
+        with dg.DagsterInstance.get() as instance:
+            release_dead_demo_runs(instance, log=console.line)
+            try:
+                timings, checks = materialize_graph(d, instance, run_config(), EXPERIMENT_VARIANTS,
+                                                    log=console.line, progress=console.progress,
+                                                    plan_stages=stages, after_step=budget.after_step)
+            except StageFailed as e:
+                console.line(f"\nexperiment stopped: {e}\nfull log: {log_path}\n"
+                             "(re-run `make experiment` to continue: finished work is reused)")
+                raise SystemExit(1) from None
+    total = time.perf_counter() - budget.t0
+    if stages[-1][0] != ["comparison_report"]:
+        print(f"\nStopped after {stages[-1][0]} as asked, in {total / 60:.1f} min ({checks} asset checks passed).")
+        return
+    doc = write_docs(timings, total, load_start)
+    print(f"\nDone in {total / 60:.1f} min ({checks} asset checks passed). Report: {doc} (+ .csv, .png)\n")
+    print(doc.read_text())
+
+
+if __name__ == "__main__":
+    main()
