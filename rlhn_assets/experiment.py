@@ -32,10 +32,6 @@ from pathlib import Path
 
 from rlhn_assets import settings
 
-# Own instance + DuckDB file, set before the definitions load (they read these at load time).
-EXPERIMENT_HOME = Path(os.environ.get("RLHN_EXPERIMENT_HOME", settings.data_dir() / "experiment")).resolve()
-os.environ["DAGSTER_HOME"] = str(EXPERIMENT_HOME / "dagster_home")
-os.environ["RLHN_DUCKDB"] = str(EXPERIMENT_HOME / "rlhn.duckdb")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dagster as dg  # noqa: E402
@@ -60,6 +56,20 @@ PRUNE = {"max_negatives_per_instance": 25}
 
 # The local cascade's tier-2 answers from one real run, versioned with the judge configuration and code version.
 RECORDED_RESPONSES = settings.data_dir() / "judgments" / "experiment_local_responses.parquet"
+
+
+def experiment_home() -> Path:
+    return Path(os.environ.get("RLHN_EXPERIMENT_HOME", settings.data_dir() / "experiment")).resolve()
+
+
+def use_experiment_instance() -> Path:
+    """Point Dagster and the DuckDB resource at the experiment's own instance and file (read when the
+    definitions and the instance are built, so call this first)."""
+    home = experiment_home()
+    (home / "dagster_home").mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home / "dagster_home")
+    os.environ["RLHN_DUCKDB"] = str(home / "rlhn.duckdb")
+    return home
 
 
 def run_config() -> dict:
@@ -206,8 +216,7 @@ def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path |
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    EXPERIMENT_HOME.mkdir(parents=True, exist_ok=True)
-    (EXPERIMENT_HOME / "dagster_home").mkdir(exist_ok=True)
+    home = use_experiment_instance()
     if "--record-judge-responses" in argv:
         record_judge_responses()
         return
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"rlhn_assets experiment: every instance, <= {PRUNE['max_negatives_per_instance']} negatives; judge preset "
           f"{preset_name()!r}; variants {', '.join(EXPERIMENT_VARIANTS)} x seeds {', '.join(map(str, SEEDS))}; "
           f"eval sets {', '.join(EVAL_SETS)}; budget {BUDGET_S / 60:.0f} min")
-    print(f"instance + DuckDB: {EXPERIMENT_HOME}  (open it with: make experiment-ui)")
+    print(f"instance + DuckDB: {home}  (open it with: make experiment-ui)")
     log_path = settings.data_dir() / "logs" / time.strftime("experiment-%Y%m%d-%H%M%S.log")
     print(f"Dagster's event stream and library output go to {log_path}", flush=True)
     load_start = os.getloadavg()[0]

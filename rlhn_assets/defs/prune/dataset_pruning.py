@@ -104,7 +104,7 @@ def dataset_pruning(context: dg.AssetExecutionContext, config: LeaveOneOutConfig
         raise dg.Failure(f"eval sets {unknown or '(none)'} not found under {eval_root}")
     evals = {e: load_beir_eval(eval_root / e, "test") for e in eval_sets}
     rule = loo.PruningRule(config.avg_tolerance, config.in_domain_tolerance)
-    train_settings = _settings(config.train)
+    train_settings = _settings(config.train, config.train.seeds[0])  # one seed: the study compares datasets, not seeds
     max_neg = max(config.train.hard_negatives, 25)
     t0 = time.perf_counter()
 
