@@ -7,7 +7,7 @@ from rlhn_assets.conditions import PIPELINE
 from rlhn_assets import settings
 from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
 from rlhn_assets.lib.markdown import md_table
-from rlhn_assets.lib.relabel import build_variant, export_variant
+from rlhn_assets.lib.relabel import build_variant, ensure_tables, export_variant
 from rlhn_assets.partitions import dataset_variant_pd
 from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB
 
@@ -15,18 +15,35 @@ _BY_DATASET = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name
 
 
 class RelabelConfig(dg.Config):
-    # Which verdicts are false negatives, per stage: "better" (the paper, both stages) or "better+worse". Stage 1
-    # uses `better` (paper and the authors' release script); stage 2 uses `better+worse`, as the authors' release
-    # script built the published stage-2 data, and as judge_agreement scores the cascade: for the one-token local
-    # judges `worse` = P(relevant) >= threshold_relevant, the cut chosen on DL19, while `better` (>= 0.8) is rare.
+    # Which verdicts are false negatives: "better" (the paper, both stages) or "better+worse" (the authors' release
+    # script for stage 2). Stage 2's default `auto` picks by the kind of judge that made the tier-2 verdicts: for a
+    # listwise judge `worse` means "relevant but not preferred over the ground truth" and stays a negative, as in
+    # the paper; for a one-token judge (pointwise / graded, calibrated or not) `worse` means score >=
+    # threshold_relevant, the false-negative cut judge_agreement tunes (better = a second, higher cut), so both
+    # lists are false negatives.
     fn_lists: Literal["better", "better+worse"] = "better"
-    fn_lists_stage2: Literal["better", "better+worse"] = "better+worse"
+    fn_lists_stage2: Literal["auto", "better", "better+worse"] = "auto"
     # hn_remove / rlhn drop an instance with more than k false negatives (ambiguous query; paper k = 7).
     ambiguity_k: int = 7
     export: bool = True
     export_dir: str = ""  # default: <data dir>/exports
 
 
+
+
+ONE_TOKEN_KINDS = ("pointwise", "graded")
+
+
+def stage2_fn_lists(conn, dataset: str, setting: str) -> str:
+    """``setting`` unless it is ``auto``: then ``better+worse`` when every tier-2 verdict of ``dataset`` came from a
+    one-token judge kind (``pointwise``, ``graded``, with or without ``+calibrated``), else ``better``."""
+    if setting != "auto":
+        return setting
+    ensure_tables(conn)
+    kinds = {k for (k,) in conn.execute("SELECT DISTINCT judge_kind FROM judgments WHERE dataset = $1 AND tier = 2",
+                                         [dataset]).fetchall()}
+    one_token = bool(kinds) and all(k and k.split("+")[0] in ONE_TOKEN_KINDS for k in kinds)
+    return "better+worse" if one_token else "better"
 
 
 def export_paths(variant: str, dataset: str, export_dir: str = ""):
@@ -58,7 +75,8 @@ def relabeled(context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: 
     dataset, variant = keys["dataset"], keys["variant"]
     judged = registry.load().get(dataset).judge
     with duckdb.get_connection() as conn:
-        fn_lists = config.fn_lists_stage2 if variant.startswith("s2_") else config.fn_lists
+        fn_lists = (stage2_fn_lists(conn, dataset, config.fn_lists_stage2) if variant.startswith("s2_")
+                    else config.fn_lists)
         stats = build_variant(conn, dataset, variant, fn_lists=fn_lists, ambiguity_k=config.ambiguity_k,
                               judged=judged)
         md = {
