@@ -134,33 +134,40 @@ def load_recorded_responses(log=print) -> int:
     return added
 
 
-def record_judge_responses(log=print) -> Path:
+def record_judge_responses(log=print, *, all_cached: bool = False) -> Path:
     """Write the LLM responses behind the experiment's current tier-2 verdicts to RECORDED_RESPONSES (Parquet,
     zstd) with a JSON sidecar: the judge configuration, code version and counts. The request bodies (passage
-    texts, re-derivable from the data) are left out to keep the file small."""
+    texts, re-derivable from the data) are left out to keep the file small. ``all_cached`` also takes every cached
+    answer of the tier-2 judge's model (e.g. of a judging run stopped before its verdicts were written): they are
+    real answers to the same requests, and a request the experiment does not make is never looked up."""
     d = defs()
     tier2 = d.resources["tier2_judge"]
     RECORDED_RESPONSES.parent.mkdir(parents=True, exist_ok=True)
     tmp = RECORDED_RESPONSES.with_suffix(".parquet.tmp")
     with connect(settings.duckdb_path(), read_only=True) as conn:
+        has = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'judgments'").fetchone()[0]
         keys = [r[0] for r in conn.execute(
-            "SELECT DISTINCT response_key FROM judgments WHERE tier = 2 AND response_key IS NOT NULL").fetchall()]
-        per_dataset = dict(conn.execute("SELECT dataset, count(*) FROM judgments WHERE tier = 2 GROUP BY 1").fetchall())
-    if not keys:
-        raise SystemExit("no tier-2 judgments with a response key in the experiment's DuckDB: run the experiment first")
+            "SELECT DISTINCT response_key FROM judgments WHERE tier = 2 AND response_key IS NOT NULL").fetchall()] if has else []
+        per_dataset = dict(conn.execute(
+            "SELECT dataset, count(*) FROM judgments WHERE tier = 2 GROUP BY 1").fetchall()) if has else {}
+    if not keys and not all_cached:
+        raise SystemExit("no tier-2 judgments with a response key in the experiment's DuckDB: run the experiment first "
+                         "(or pass --all-cached to record every cached answer of the tier-2 model)")
     with connect(_llm_cache_path(), read_only=True) as cache:
         cache.execute("CREATE TEMP TABLE wanted (key VARCHAR)")
         cache.executemany("INSERT INTO wanted VALUES (?)", [[k] for k in keys])
+        if all_cached:
+            cache.execute("INSERT INTO wanted SELECT key FROM llm_responses WHERE model = $m", {"m": tier2.model})
         cache.execute(f"""COPY (SELECT c.key, c.model, c.prompt_version, NULL::VARCHAR AS request_json, c.text,
                                        c.finish_reason, c.tokens_in, c.tokens_out, c.latency_s, c.top_logprobs_json,
                                        c.created_at
-                                FROM llm_responses c JOIN wanted USING (key) ORDER BY c.key)
+                                FROM llm_responses c SEMI JOIN wanted w ON w.key = c.key ORDER BY c.key)
                           TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)""")
         n = cache.execute(f"SELECT count(*) FROM read_parquet('{tmp}')").fetchone()[0]
     tmp.replace(RECORDED_RESPONSES)
-    meta = {"responses": n, "verdict_keys": len(keys), "tier2_per_dataset": per_dataset,
-            "preset": preset_name(), "tier2_judge": tier2.describe(), "code_version": _code_version(),
-            "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "prune": PRUNE,
+    meta = {"responses": n, "verdict_keys": len(keys), "tier2_verdicts_per_dataset": per_dataset,
+            "all_cached": all_cached, "preset": preset_name(), "tier2_judge": tier2.describe(),
+            "code_version": _code_version(), "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "prune": PRUNE,
             "note": "LLM responses (first-token logprobs) of the local tier-2 judge on the experiment's instances; "
                     "request bodies omitted. Loaded into the LLM cache by `make experiment` when it lacks them."}
     RECORDED_RESPONSES.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -208,9 +215,10 @@ def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path |
         f"retriever training {json.dumps(TRAIN)}; evaluation {json.dumps(EVAL)}",
         f"- variants {', '.join(EXPERIMENT_VARIANTS)}; seeds {', '.join(map(str, SEEDS))}; eval sets "
         f"{', '.join(EVAL_SETS)}; the reranker is not trained (budget)", "",
+        "![nDCG@10 per eval set and model, and each variant's delta vs default with its 95% CI](experiment.png)", "",
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "experiment.md").write_text("\n".join(header) + md.replace("(comparison.png)", "(experiment.png)") + "\n")
+    (out_dir / "experiment.md").write_text("\n".join(header) + md + "\n")
     for ext in ("csv", "png"):
         if (reports / f"comparison.{ext}").exists():
             shutil.copyfile(reports / f"comparison.{ext}", out_dir / f"experiment.{ext}")
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     home = use_experiment_instance()
     if "--record-judge-responses" in argv:
-        record_judge_responses()
+        record_judge_responses(all_cached="--all-cached" in argv)
         return
     stages = plan()
     if "--until" in argv:  # e.g. --until tier2_judgments: the stages up to and including that asset's

@@ -84,6 +84,17 @@ def test_recorded_responses_round_trip(experiment_files, tmp_path):
         assert conn.execute("SELECT text FROM llm_responses WHERE key = 'k1'").fetchone()[0] == "live answer"
 
 
+def test_all_cached_takes_every_answer_of_the_tier2_model(experiment_files):
+    # a judging run stopped before writing its verdicts: its answers are in the cache only
+    with duckdb.connect(str(experiment_files)) as conn:
+        conn.execute("UPDATE llm_responses SET model = 'another-model' WHERE key = 'unrelated'")
+        conn.execute("INSERT INTO llm_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row("stopped-run"))
+    path = experiment.record_judge_responses(log=lambda m: None, all_cached=True)
+    keys = [r[0] for r in duckdb.sql(f"SELECT key FROM read_parquet('{path}') ORDER BY key").fetchall()]
+    assert keys == ["k1", "k2", "stopped-run", "tier1-key"]  # same model; 'another-model' left out
+    assert json.loads(path.with_suffix(".json").read_text())["all_cached"] is True
+
+
 def test_no_recording_means_the_real_llm(experiment_files, tmp_path):
     said = []
     assert experiment.load_recorded_responses(log=said.append) == 0 and "goes to the local LLM" in said[0]
