@@ -56,6 +56,6 @@ done
 t_models=$(date +%s)
 
 # ---- 2+3. build (if no compatible cached build) + smoke test ---------------------------------------------------
-"$PY" -m rlhn_assets.lib.llama_build install "${models[@]}"
+"$PY" -m rlhn_assets.lib.llama_install install "${models[@]}"
 t_end=$(date +%s)
 log "done in $((t_end - t_start)) s (model parts $((t_models - t_start)) s, llama-server build + smoke test $((t_end - t_models)) s)"

@@ -28,11 +28,9 @@ from typing import Any, Iterable, Sequence
 import duckdb
 
 from rlhn_assets.lib.db import open_with_lock_retry
-from rlhn_assets.lib.llm.client import LLMResponse
+from rlhn_assets.lib.llm.types import TERMINAL_BATCH_STATUSES, CacheRow, LLMResponse
 
 log = logging.getLogger(__name__)
-
-TERMINAL_BATCH_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
 
 _RESPONSE_COLUMNS = (
     "key", "model", "prompt_version", "request_json", "text", "finish_reason",
@@ -65,16 +63,6 @@ DDL = [
 
 # rows per INSERT statement (a multi-row VALUES list is far cheaper than executemany in DuckDB)
 _INSERT_CHUNK = 256
-
-
-@dataclass(frozen=True)
-class CacheRow:
-    """What :meth:`ResponseCache.put_many` stores: a successful response plus the request that produced it."""
-
-    response: LLMResponse
-    model: str
-    prompt_version: str
-    request: dict  # the request body as sent (never contains credentials)
 
 
 @dataclass(frozen=True)
