@@ -4,24 +4,42 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every dependency, pinned with hashes (pip-tools). `make lock` writes it; the venv installs exactly it.
+LOCK := requirements.lock
+LOCK_VENV := .venv-lock
+LOCK_TOOLS := pip==26.3 pip-tools==7.6.2
 # Instance state (runs, materializations, logs) persists under .dagster/ via ./dagster.yaml.
 export DAGSTER_HOME := $(CURDIR)
 # Nothing may download a model or dataset at run time.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help venv llm demo experiment experiment-ui test test-fast ui bench clean
+.PHONY: help venv lock llm demo experiment experiment-ui test test-fast ui bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml constraints.txt
+# The lock's exact versions (hash-checked, nothing resolved at install time), then the project itself without
+# dependencies. A changed lock re-installs; pip leaves packages that are already at the locked version alone.
+$(STAMP): $(LOCK) pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-venv: $(STAMP)  ## create .venv and install the project (+ dev tools)
+venv: $(STAMP)  ## create .venv and install the locked dependencies and the project (+ dev tools)
+
+# pip-compile resolves with pip itself (the machine's pip config, so torch is the same CPU build the install
+# finds), pins every package (setuptools too: --allow-unsafe) with its hashes, and writes no index or
+# find-links lines (they are this machine's). It keeps the current pins that still fit; UPGRADE=1 takes the
+# newest versions pyproject.toml and constraints.txt allow.
+lock:  ## re-resolve requirements.lock after editing pyproject.toml / constraints.txt (UPGRADE=1: newest allowed)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q $(LOCK_TOOLS)
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --extra dev -c constraints.txt \
+	  --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  $(if $(UPGRADE),--upgrade) --output-file $(LOCK) pyproject.toml
 
 llm: venv  ## install the local judge stack: Qwen2.5 GGUF parts + a portable llama-server build for this CPU (cached), smoke-tested
 	bash scripts/install_local_llm.sh $(PY)

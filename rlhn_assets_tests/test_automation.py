@@ -4,7 +4,7 @@ downstream (and the per-variant partitions of that dataset), and nothing else; w
 import dagster as dg
 import pytest
 import yaml
-from dagster._core.definitions.observe import observe  # no public observe() in 1.13 (dagster-notes §1.11)
+from dagster._core.definitions.observe import observe  # dagster 1.13 has no public observe()
 
 from rlhn_assets.definitions import defs
 from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB

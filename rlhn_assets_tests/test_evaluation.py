@@ -125,7 +125,7 @@ def test_malformed_corpus_line_and_unknown_query(tmp_path):
 
 
 def test_toy_ndcg_is_trec_eval_linear_gain():
-    # offline-stack.md §3 toy: q1 judged d1=1, d2=0, d3=2; q2 judged d4=1.
+    # A toy checked by hand below: q1 judged d1=1, d2=0, d3=2; q2 judged d4=1.
     qrels = {"q1": {"d1": 1, "d2": 0, "d3": 2}, "q2": {"d4": 1}}
     # The run that gives the documented 0.66921 / MRR 0.75: q1 ranks d1, d2, (unjudged), d3; q2 ranks d4 second.
     run = {"q1": {"d1": 4.0, "d2": 3.0, "x": 2.0, "d3": 1.0}, "q2": {"y": 2.0, "d4": 1.0}}

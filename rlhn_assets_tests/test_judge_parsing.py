@@ -22,7 +22,7 @@ def load(name):
 
 
 def authors_parse(response: str, which: str) -> list[int]:
-    """The authors' reading (rlhn-paper.md §2.3): first <verdict> block, then the <better>/<worse> block,
+    """The authors' reading (their released parser, for the paper's Fig. 6 contract): first <verdict> block, then the <better>/<worse> block,
     indices by regex. Written independently of ours, as the reference."""
     v = response.split("<verdict>")[1].split("</verdict>")[0]
     block = v.split(f"<{which}>")[1].split(f"</{which}>")[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhn_assets.lib import llama_build, local_llm
+from rlhn_assets.lib import llama_build, llama_install, local_llm
 from rlhn_assets.lib.local_llm import LlamaServer, LocalLLMError
 
 FAKE = Path(__file__).parent / "fake_llama_server.py"
@@ -143,7 +143,7 @@ def test_working_server_starts_once_with_default_settings(tmp_path, gguf):
 def test_smoke_test_falls_back_and_records(tmp_path, gguf):
     b = make_fake_build(V3, {"FAKE_LLAMA_CRASH": "SIGILL"})
     sha = local_llm.model_sha256(gguf)
-    r = llama_build.smoke_test(b.server, gguf, sha, log=lambda m: None)
+    r = llama_install.smoke_test(b.server, gguf, sha, log=lambda m: None)
     assert r["ok"] and r["args"] == ["--no-repack"]
     assert r["tried"][0]["ok"] is False and "SIGILL" in r["tried"][0]["error"]
     assert r["tried"][1]["ok"] is True
@@ -164,12 +164,12 @@ def test_install_rebuilds_portable_when_no_setting_works(tmp_path, gguf, monkeyp
 
     monkeypatch.setattr(llama_build, "build", fake_build)
     monkeypatch.setattr(local_llm, "assemble_gguf", lambda name, cache_dir=None: gguf)
-    b = llama_build.install(["fake"], log=lambda m: None)
+    b = llama_install.install(["fake"], log=lambda m: None)
     assert built == ["x86-64-v4-vnni", "x86-64-v4"]
     assert b.info["profile"] == "x86-64-v4"
     # later runs use the build that works, and the installer does not rebuild or re-test it
     assert llama_build.find_build().path == b.path
-    assert llama_build.install(["fake"], log=lambda m: None).path == b.path and len(built) == 2
+    assert llama_install.install(["fake"], log=lambda m: None).path == b.path and len(built) == 2
 
 
 def test_install_fails_clearly_when_nothing_works(tmp_path, gguf, monkeypatch):
@@ -178,7 +178,7 @@ def test_install_fails_clearly_when_nothing_works(tmp_path, gguf, monkeypatch):
         profile, {"FAKE_LLAMA_CRASH": "SIGILL", "FAKE_LLAMA_CRASH_ALWAYS": "1"}))
     monkeypatch.setattr(local_llm, "assemble_gguf", lambda name, cache_dir=None: gguf)
     with pytest.raises(llama_build.BuildError, match="no llama-server build works") as ei:
-        llama_build.install(["fake"], log=lambda m: None)
+        llama_install.install(["fake"], log=lambda m: None)
     assert "SIGILL" in str(ei.value) and "OpenAI-compatible endpoint" in str(ei.value)
 
 

@@ -56,7 +56,7 @@ def test_local_judge_through_a_real_llama_server(tmp_path, preset):
     assert stats.calls >= 1 and stats.tokens_in > 0
     if kind in ("pointwise", "graded"):  # logprobs come back: every verdict is a real one with a probability
         assert all(j.verdict != "error" and 0.0 <= j.score <= 1.0 for j in out)
-    else:  # a 0.5B model may fail the listwise format; then it is an `error`, never a silent "not relevant"
+    else:  # a small local model may fail the listwise format; then it is an `error`, never a silent "not relevant"
         assert all(j.verdict in ("better", "worse", "not_relevant", "error") for j in out)
         assert stats.errors == 0 or all(j.verdict == "error" for j in out)
     host, port = base_url.split("//")[1].split("/")[0].split(":")

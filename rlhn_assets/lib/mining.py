@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from rlhn_assets.lib import beir_data
 from rlhn_assets.registry import MiningSpec
 
 
@@ -30,47 +31,17 @@ from rlhn_assets.registry import MiningSpec
 class BeirSplit:
     corpus: dict[str, dict]  # docid -> {"title", "text"}
     queries: dict[str, str]  # qid -> text (only queries with >= 1 positive in the split)
-    qrels: dict[str, dict[str, int]]  # qid -> {docid: grade}
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    qrels: dict[str, dict[str, int]]  # qid -> {docid: grade}, the positives only (grade > 0)
 
 
 def load_beir(corpus: Path, queries: Path, qrels: Path) -> BeirSplit:
-    """Read a BEIR-layout corpus / queries / qrels (TSV with header) triple."""
-    docs: dict[str, dict] = {}
-    with _open_text(corpus) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                docs[str(d["_id"])] = {"title": d.get("title") or "", "text": d.get("text") or ""}
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{corpus}:{n}: not a BEIR corpus row ({e})") from e
-    rels: dict[str, dict[str, int]] = {}
-    with open(qrels, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if n == 1 and not parts[-1].lstrip("-").isdigit():
-                continue  # header
-            if len(parts) < 3:
-                if line.strip():
-                    raise ValueError(f"{qrels}:{n}: expected 'query-id<TAB>corpus-id<TAB>score'")
-                continue
-            qid, did, score = parts[0], parts[1], int(parts[2])
-            if score > 0:
-                rels.setdefault(qid, {})[did] = score
-    qtexts: dict[str, str] = {}
-    with _open_text(queries) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            d = json.loads(line)
-            if str(d["_id"]) in rels:
-                qtexts[str(d["_id"])] = d["text"]
-    return BeirSplit(corpus=docs, queries=qtexts, qrels={q: r for q, r in rels.items() if q in qtexts})
+    """Read a BEIR-layout corpus / queries / qrels (TSV with header) triple with ``lib.beir_data``, keeping the
+    positives: a grade-0 judgment is "judged, not relevant", never a positive (so never excluded from the
+    negatives either), and a query without a positive is not mined."""
+    data = beir_data.load(corpus, queries, qrels)
+    positives = data.positives()
+    return BeirSplit(corpus=data.corpus, queries={q: t for q, t in data.queries.items() if q in positives},
+                     qrels=positives)
 
 
 def passage_text(doc: dict) -> str:

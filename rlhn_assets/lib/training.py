@@ -1,6 +1,6 @@
 """Fine-tune a retriever (bi-encoder) and a reranker (cross-encoder) on one training-data variant.
 
-The recipe follows the RLHN paper (§4 of the digest) at CPU scale:
+The recipe follows the RLHN paper's training setup (Tevatron, InfoNCE with in-batch + hard negatives) at CPU scale:
 
 * **Retriever**: the packaged all-MiniLM-L6-v2, contrastive InfoNCE with in-batch + hard negatives
   (sentence-transformers' ``MultipleNegativesRankingLoss``, MNRL), 1 positive + ``hard_negatives`` (paper: 7)

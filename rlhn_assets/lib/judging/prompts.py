@@ -1,4 +1,5 @@
-"""Judge prompts, in our own words, with the RLHN output contract (rlhn-paper.md §2.3).
+"""Judge prompts, in our own words, with the RLHN output contract (the paper's judge prompt, Fig. 6,
+and the authors' released prompts: the same blocks and labels).
 
 Listwise: positives are all rendered as ``P(0)``, negatives as ``Doc (1) .. Doc (n)`` in list order, and
 the answer ends with ``<verdict><better>[Doc (i), ...]</better><worse>[...]</worse></verdict>``.

@@ -10,8 +10,9 @@ Two tables:
   the jobs it already submitted instead of submitting them again.
 
 Plain module: no Dagster imports. The judging step owns the cache (opens it once, closes it at the end);
-DuckDB allows one writer process per file, so :class:`ResponseCache` retries the open with doubling
-back-off for up to ``open_timeout_s`` while another process holds the lock.
+DuckDB allows one writer process per file, so :class:`ResponseCache` opens the file with
+``lib.db.open_with_lock_retry``: it waits (capped back-off) for up to ``open_timeout_s`` (default
+``RLHN_DUCKDB_LOCK_TIMEOUT_S``) while another process holds the lock, and fails at once on any other error.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,11 +27,10 @@ from typing import Any, Iterable, Sequence
 
 import duckdb
 
-from rlhn_assets.lib.llm.client import LLMResponse
+from rlhn_assets.lib.db import open_with_lock_retry
+from rlhn_assets.lib.llm.types import TERMINAL_BATCH_STATUSES, CacheRow, LLMResponse
 
 log = logging.getLogger(__name__)
-
-TERMINAL_BATCH_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
 
 _RESPONSE_COLUMNS = (
     "key", "model", "prompt_version", "request_json", "text", "finish_reason",
@@ -67,16 +66,6 @@ _INSERT_CHUNK = 256
 
 
 @dataclass(frozen=True)
-class CacheRow:
-    """What :meth:`ResponseCache.put_many` stores: a successful response plus the request that produced it."""
-
-    response: LLMResponse
-    model: str
-    prompt_version: str
-    request: dict  # the request body as sent (never contains credentials)
-
-
-@dataclass(frozen=True)
 class BatchRecord:
     batch_id: str
     input_file_id: str | None
@@ -107,34 +96,21 @@ class ResponseCache:
     loop is never blocked by DuckDB. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | Path, *, open_timeout_s: float = 300.0, first_delay_s: float = 0.1,
+    def __init__(self, path: str | Path, *, open_timeout_s: float | None = None, first_delay_s: float = 0.1,
                  config: dict | None = None):
+        """``open_timeout_s``: how long to wait for another process's lock on the file (default
+        ``RLHN_DUCKDB_LOCK_TIMEOUT_S``, like every DuckDB file of the project: ``lib.db.open_with_lock_retry``)."""
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = self._open(open_timeout_s, first_delay_s, config or {})
+        self._conn = open_with_lock_retry(self.path, config=config, timeout_s=open_timeout_s,
+                                          first_delay=first_delay_s, log=log)
         with self._lock:
             for stmt in DDL:
                 self._conn.execute(stmt)
 
     # ----------------------------------------------------------------------------------- lifecycle
-    def _open(self, timeout_s: float, delay: float, config: dict) -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + timeout_s
-        attempt = 0
-        while True:
-            try:
-                return duckdb.connect(self.path, config=config)
-            except duckdb.IOException as exc:  # another process holds the file lock
-                attempt += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise
-                wait = min(delay, remaining, 30.0)
-                log.warning("LLM cache %s is locked (%s); retry %d in %.1f s", self.path, exc, attempt, wait)
-                time.sleep(wait)
-                delay *= 2
-
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Literal, S
 import httpx
 import openai
 
+from rlhn_assets.lib.llm.types import TERMINAL_BATCH_STATUSES, CacheRow, LLMResponse
+
 try:  # openai >= 3 talks through httpx2; it also accepts legacy httpx clients (tests use those)
     import httpx2 as _hx
 except ImportError:  # pragma: no cover - older openai
@@ -47,14 +49,13 @@ except ImportError:  # pragma: no cover - older openai
 
 _HAVE_AIOHTTP = importlib.util.find_spec("aiohttp") is not None
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the cache module does not import this one (shared types are in types.py): no cycle
     from rlhn_assets.lib.llm.cache import ResponseCache
 
 log = logging.getLogger(__name__)
 
 KEY_VERSION = 2  # bump when the key payload changes (invalidates every cached answer); 2: model identity
 BATCH_ENDPOINT = "/v1/chat/completions"
-TERMINAL_BATCH_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
 _STYLES = ("json_schema", "json_object_schema", "none")
 
 
@@ -110,23 +111,6 @@ class LLMRequest:
     top_logprobs: int | None = None  # request logprobs=True, top_logprobs=N
     json_schema: dict | None = None  # structured output, sent according to response_format_style
     attempt: int = 0  # salt: a re-ask after an unparsable/truncated answer uses attempt+1 (a new cache key)
-
-
-@dataclass
-class LLMResponse:
-    key: str
-    text: str | None
-    finish_reason: str | None
-    tokens_in: int
-    tokens_out: int
-    latency_s: float
-    top_logprobs: list[list[tuple[str, float]]] | None  # per generated token: [(token, logprob), ...]
-    cached: bool  # served from the cache (no call made now)
-    error: str | None = None  # the call failed after all retries (never cached)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 @dataclass
@@ -528,8 +512,6 @@ class LLMClient:
     # ------------------------------------------------------------------------------ online
     async def _run_online(self, todo: list[tuple[str, LLMRequest]], progress, n_hits: int,
                           label: str) -> dict[str, LLMResponse]:
-        from rlhn_assets.lib.llm.cache import CacheRow
-
         st = self._loop_state()
         s = self.settings
         out: dict[str, LLMResponse] = {}
@@ -682,8 +664,6 @@ class LLMClient:
     async def _collect_batch(self, st: _LoopState, batch: Any, batch_keys: Sequence[str],
                              wanted: dict[str, LLMRequest], out: dict[str, LLMResponse],
                              errors: dict[str, str]) -> int:
-        from rlhn_assets.lib.llm.cache import CacheRow
-
         s = self.settings
         saved = 0
         for file_id, is_error_file in ((batch.output_file_id, False), (batch.error_file_id, True)):
