@@ -109,7 +109,7 @@ def test_invariant_checks_fail_when_the_table_is_corrupted(definitions, resource
 
 def test_pruned_away_dataset_is_an_empty_partition_that_says_why(definitions, instance, db_path, tmp_data):
     # A leave-one-out recommendation prunes nq and fiqa; a manual keep: true on fiqa wins.
-    (tmp_data / "pruning").mkdir()
+    (tmp_data / "pruning").mkdir(exist_ok=True)  # a data dir a demo ran in already has it
     (tmp_data / "pruning" / "recommendation.json").write_text(json.dumps({
         "rule": "prune when leaving it out raises the average",
         "datasets": {"nq": {"keep": False, "reason": "w/o nq: avg +0.6"}, "fiqa": {"keep": False}}}))

@@ -7,6 +7,8 @@ import json
 import dagster as dg
 import pytest
 
+# imported before a test points RLHN_DATA_DIR at its temporary folder (the partitions read the bundled registry)
+from rlhn_assets.defs.train.assets import trained_retriever
 from rlhn_assets.lib import training
 from rlhn_assets.lib.model_store import ModelStore, input_key
 from rlhn_assets.lib.relabel import ensure_tables
@@ -32,9 +34,8 @@ def _seed_db(db_path, n=8, suffix=""):
 
 
 def _materialize(instance, db_path, seeds, **extra):
-    from rlhn_assets.defs.train.assets import trained_retriever
-
-    return dg.materialize([trained_retriever], partition_key="default", instance=instance,
+    # a fresh ephemeral instance per run: reuse must come from the model store on disk, not Dagster's history
+    return dg.materialize([trained_retriever], partition_key="default", instance=dg.DagsterInstance.ephemeral(),
                           resources={"duckdb": RLHNDuckDB(database=str(db_path))},
                           run_config={"ops": {"trained_retriever": {"config": {**TINY, "seeds": seeds, **extra}}}})
 
