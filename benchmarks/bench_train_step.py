@@ -50,21 +50,23 @@ def main() -> None:
     ap.add_argument("--configs", default="128x3x32,256x3x32,128x7x16,256x7x16")
     ap.add_argument("--queries", type=int, default=879, help="training queries per model (projection)")
     ap.add_argument("--models", type=int, default=15, help="models trained by the experiment (projection)")
+    ap.add_argument("--precisions", default="fp32,auto", help="TrainSettings.precision values to compare")
     args = ap.parse_args()
     rows = []
-    for spec in args.configs.split(","):
+    for spec, precision in [(c, p) for c in args.configs.split(",") for p in args.precisions.split(",")]:
         seq, hn, batch = (int(x) for x in spec.split("x"))
         instances = scifact_instances(batch * (args.steps + 1))
         timings = []
         with tempfile.TemporaryDirectory() as tmp:
             for steps in (1, args.steps + 1):  # the difference removes load/save/setup time
-                s = TrainSettings(batch_size=batch, hard_negatives=hn, max_seq_length=seq, max_steps=steps)
+                s = TrainSettings(batch_size=batch, hard_negatives=hn, max_seq_length=seq, max_steps=steps,
+                                  precision=precision)
                 t0 = time.perf_counter()
                 train_retriever(instances, s, Path(tmp) / f"m{steps}")
                 timings.append(time.perf_counter() - t0)
         per_step = (timings[1] - timings[0]) / args.steps
         steps_per_model = math.ceil(args.queries / batch)
-        rows.append({"config": spec, "max_seq_length": seq, "hard_negatives": hn, "batch_size": batch,
+        rows.append({"config": spec, "precision": precision, "max_seq_length": seq, "hard_negatives": hn, "batch_size": batch,
                      "s_per_step": round(per_step, 2), "s_per_query": round(per_step / batch, 3),
                      "setup_s": round(timings[0] - per_step, 1),
                      "projected_min_per_model": round((steps_per_model * per_step + timings[0] - per_step) / 60, 2),
@@ -74,10 +76,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "load_avg_1m": os.getloadavg()[0], "cores": os.cpu_count(),
                                "measured": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-    print(f"\n| config (seq x hard neg x batch) | s/step | s/query | min per model ({args.queries} queries) | "
-          f"min for {args.models} models |\n|---|---:|---:|---:|---:|")
+    print(f"\n| config (seq x hard neg x batch) | precision | s/step | s/query | min per model ({args.queries} queries) | "
+          f"min for {args.models} models |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['config']} | {r['s_per_step']} | {r['s_per_query']} | {r['projected_min_per_model']} | "
+        print(f"| {r['config']} | {r['precision']} | {r['s_per_step']} | {r['s_per_query']} | {r['projected_min_per_model']} | "
               f"{r['projected_min_all_models']} |")
 
 

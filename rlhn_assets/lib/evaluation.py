@@ -89,7 +89,7 @@ def corpus_hash(ds: BeirDataset) -> str:
 
 def dense_search(model, model_version: str, ds: BeirDataset, *, top_k: int = 100, cache_dir: Path | None = None,
                  batch_size: int = 64, progress: Callable[[str], None] | None = None,
-                 query_chunk: int = 1024) -> tuple[dict[str, dict[str, float]], dict]:
+                 query_chunk: int = 1024, precision: str = "fp32") -> tuple[dict[str, dict[str, float]], dict]:
     """Exact cosine-similarity search of every query over the full corpus.
 
     Corpus embeddings go through ``encode_cached`` (keyed by ``model_version`` and the passage texts), so
@@ -98,18 +98,21 @@ def dense_search(model, model_version: str, ds: BeirDataset, *, top_k: int = 100
     """
     import torch
 
-    from rlhn_assets.lib.embeddings import encode_cached
+    from rlhn_assets.lib.embeddings import encode_cached, inference_precision, resolve_precision
 
     doc_ids = list(ds.corpus)
     qids = list(ds.queries)
     t0 = time.perf_counter()
     doc_emb, hit = encode_cached(model, model_version, [doc_text(ds.corpus[d]) for d in doc_ids], cache_dir,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, progress=progress, precision=precision)
     corpus_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
+    device = str(getattr(model, "device", "cpu"))
+    resolved = resolve_precision(precision, device)
     if qids:
-        q_emb = model.encode([ds.queries[q] for q in qids], batch_size=batch_size, normalize_embeddings=True,
-                             convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+        with inference_precision(resolved, device):
+            q_emb = model.encode([ds.queries[q] for q in qids], batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
     else:
         q_emb = np.zeros((0, doc_emb.shape[1] if doc_emb.ndim == 2 else 0), dtype=np.float32)
     query_seconds = time.perf_counter() - t1
@@ -132,6 +135,7 @@ def dense_search(model, model_version: str, ds: BeirDataset, *, top_k: int = 100
                  f"(corpus {'cache hit' if hit else f'encoded in {corpus_seconds:.1f}s'}, search {search_seconds:.2f}s)")
     info = {
         "corpus_cache_hit": hit,
+        "precision": resolved,
         "encode_seconds": round(corpus_seconds + query_seconds, 3),
         "corpus_encode_seconds": round(corpus_seconds, 3),
         "query_encode_seconds": round(query_seconds, 3),

@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 
 from rlhn_assets.lib.embeddings import base_model_path as _default_base_model_path
 from rlhn_assets.lib.embeddings import dir_hash
+from rlhn_assets.lib.embeddings import resolve_precision
 
 Log = Callable[[str], None]
 
@@ -70,6 +71,10 @@ class TrainSettings:
     # suite) but made full-size steps slower in wall time (less CPU share). Keep 0 unless measured otherwise.
     # Runs are reproducible per thread count; a different count may change the weights' last bits.
     torch_threads: int = 0
+    # "auto" = bf16 mixed precision (transformers' `bf16=True`: autocast, fp32 master weights) where the hardware
+    # has native bf16 (lib/embeddings.resolve_precision), else fp32; "fp32" / "bf16" force one. Part of the
+    # model's identity (the model store key holds these settings).
+    precision: str = "auto"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -241,6 +246,7 @@ def _common_args(settings: TrainSettings, rows: int, tmp: str) -> dict:
         report_to="none",
         dataloader_pin_memory=False,
         use_cpu=True,
+        bf16=resolve_precision(settings.precision, "cpu") == "bf16",
         disable_tqdm=True,
     )
 
