@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ import dagster as dg  # noqa: E402
 from rlhn_assets.definitions import defs  # noqa: E402
 from rlhn_assets.demo import Console, StageFailed, materialize_graph, release_dead_demo_runs  # noqa: E402
 from rlhn_assets.defs.resources import preset_name  # noqa: E402
+from rlhn_assets.lib import provenance  # noqa: E402
 from rlhn_assets.lib.db import connect  # noqa: E402
 from rlhn_assets.lib.relabel import VARIANTS  # noqa: E402
 from rlhn_assets.partitions import BASE_MODEL, DATASETS, EVAL_SETS  # noqa: E402
@@ -101,17 +100,6 @@ def _llm_cache_path() -> Path:
     return Path(tier2.cache_path or settings.data_dir() / "llm_cache.duckdb")
 
 
-def _code_version() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=settings.PROJECT_ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=settings.PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev + ("+dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def load_recorded_responses(log=print) -> int:
     """Copy the recorded judge responses into the LLM cache (only keys it does not hold); returns rows added."""
     if not RECORDED_RESPONSES.exists():
@@ -169,7 +157,7 @@ def record_judge_responses(log=print, *, all_cached: bool = False) -> Path:
     tmp.replace(RECORDED_RESPONSES)
     meta = {"responses": n, "verdict_keys": len(keys), "tier2_verdicts_per_dataset": per_dataset,
             "all_cached": all_cached, "preset": preset_name(), "tier2_judge": tier2.describe(),
-            "code_version": _code_version(), "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "prune": PRUNE,
+            "code_version": provenance.code_version(), "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "prune": PRUNE,
             "note": "LLM responses (first-token logprobs) of the local tier-2 judge on the experiment's instances; "
                     "request bodies omitted. Loaded into the LLM cache by `make experiment` when it lacks them."}
     RECORDED_RESPONSES.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -193,21 +181,16 @@ class Budget:
                                   f"{self.budget_s / 60:.0f}-min budget")
 
 
-def _machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()}
-
-
 def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path | None = None) -> Path:
     """docs/experiment.{md,csv,png}: the comparison report with the run's header (date, code version, load,
     sizes, stage times)."""
     out_dir = out_dir or settings.PROJECT_ROOT / "docs"
     reports = settings.data_dir() / "reports"
     md = (reports / "comparison.md").read_text()
-    machine = _machine()
+    machine = provenance.machine()
     header = [
         "# The RLHN experiment on the bundled sample (`make experiment`)", "",
-        f"- run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, code version `{_code_version()}`, judge preset "
+        f"- run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, code version `{provenance.code_version()}`, judge preset "
         f"`{preset_name()}`",
         f"- machine: {machine['cores']} cores ({machine['cpu']}), load average {load_start:.2f} at the start, "
         f"{machine['load_avg_1m']:.2f} at the end; Python {machine['python']}",

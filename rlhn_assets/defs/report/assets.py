@@ -1,5 +1,3 @@
-import os
-import subprocess
 import time
 
 import dagster as dg
@@ -8,7 +6,7 @@ from pydantic import Field
 from rlhn_assets import settings
 from rlhn_assets.conditions import PIPELINE
 from rlhn_assets.defs.evaluate.assets import eval_scores
-from rlhn_assets.lib import report
+from rlhn_assets.lib import provenance, report
 from rlhn_assets.resources import RLHNDuckDB
 
 
@@ -16,21 +14,6 @@ class ReportConfig(dg.Config):
     n_bootstrap: int = Field(default=2000, ge=100, description="bootstrap resamples of the queries per CI")
     bootstrap_seed: int = Field(default=0, description="seed of the bootstrap generator (reproducible report)")
     examples: int = Field(default=5, ge=0, description="relabeled s2_rlhn pairs shown in the judge section")
-
-
-def _code_version() -> str:
-    """HEAD of the project's git checkout, '+dirty' with uncommitted tracked changes; 'unknown' outside git."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=settings.PROJECT_ROOT, capture_output=True, text=True,
-                              timeout=10)
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 @dg.asset(
@@ -57,11 +40,12 @@ def comparison_report(context: dg.AssetExecutionContext, config: ReportConfig,
             raise dg.Failure("no eval_scores yet: materialize eval_scores first")
         rep = report.build_report(conn, n_boot=config.n_bootstrap, boot_seed=config.bootstrap_seed,
                                   n_examples=config.examples)
-    load1, load5, _ = os.getloadavg()
+    host = provenance.machine()
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "code version": _code_version(),
-        "machine": f"{os.cpu_count()} CPUs, load average {load1:.2f} (1 min) / {load5:.2f} (5 min)",
+        "code version": provenance.code_version(),
+        "machine": f"{host['cores']} CPUs ({host['cpu']}), load average {host['load_avg_1m']:.2f} (1 min) / "
+                   f"{host['load_avg_5m']:.2f} (5 min)",
         "run": f"Dagster run {context.run_id}",
         "settings": f"bootstrap B = {config.n_bootstrap}, seed {config.bootstrap_seed}; CI level 95%",
     }
