@@ -48,9 +48,12 @@ def instance(tmp_path):
 
 @pytest.fixture
 def tmp_data(tmp_path) -> Path:
-    """A private copy of the bundled data directory (registry + raw files) that a test may edit."""
+    """A private copy of the bundled data directory (registry + raw files) that a test may edit: only what the
+    repository ships, never a checkout's local state (experiment runs, model store, logs, caches), which made
+    tests slow and order-dependent on a used checkout."""
     dst = tmp_path / "data"
-    shutil.copytree(DATA, dst, ignore=shutil.ignore_patterns("*.duckdb*", "cache", "models", "reports", "exports"))
+    shutil.copytree(DATA, dst, ignore=shutil.ignore_patterns(
+        "*.duckdb*", "cache", "models", "reports", "exports", "experiment", "logs", "leave_one_out.*"))
     return dst
 
 
