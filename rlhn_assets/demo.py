@@ -203,20 +203,18 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
     return seconds, len(evaluations), _counts(result)
 
 
-# (asset keys materialized together, partition keys) in graph order
-def stages(variants=VARIANTS) -> list[tuple[list[str], list]]:
-    return [
-        (["hard_negative_mining", "raw_bge", "pruned"], list(DATASETS)),
-        (["dataset_pruning"], [None]),
-        (["tier1_judgments", "judging_cost_estimate", "tier2_judgments"], list(DATASETS)),
-        (["relabeled"], [dg.MultiPartitionKey({"dataset": ds, "variant": v}) for ds in DATASETS for v in VARIANTS]),
-        (["trained_retriever", "trained_reranker"], list(variants)),
-        (["base_retriever"], [BASE_MODEL]),
-        (["eval_model"], [BASE_MODEL, *variants]),  # pins each evaluated model (its own partitions definition)
-        (["eval_scores"], [dg.MultiPartitionKey({"eval_set": e, "model": m}) for m in (BASE_MODEL,) + tuple(variants)
-                           for e in EVAL_SETS]),
-        (["comparison_report"], [None]),
-    ]
+# Assets the demo does not run: the judge-quality measurement on DL19 (its own command, README "Judge quality").
+DEMO_EXCLUDED = ("judge_agreement",)
+
+
+def stages(variants=VARIANTS, exclude=DEMO_EXCLUDED) -> list[tuple[list[str], list]]:
+    """(asset keys materialized together, partition keys) in graph order, derived from the asset graph
+    (rlhn_assets/stages.py): every dataset, every (dataset, variant) of `relabeled`, and of the training and
+    evaluation stages only ``variants`` and the untrained base."""
+    from rlhn_assets.stages import graph_stages, only_models
+
+    return graph_stages(defs().resolve_asset_graph(), exclude=exclude,
+                        keep_partition=only_models((BASE_MODEL, *variants)))
 
 
 def materialize_graph(d: dg.Definitions, instance: dg.DagsterInstance, config: dict, variants,

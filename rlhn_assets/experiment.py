@@ -81,18 +81,16 @@ def run_config() -> dict:
                     "eval_scores": {"config": EVAL}}}
 
 
+# Not in the experiment: the leave-one-out dataset pruning (its own study), the reranker (budget, module docstring)
+# and the DL19 judge-quality measurement.
+EXPERIMENT_EXCLUDED = ("dataset_pruning", "trained_reranker", "judge_agreement")
+
+
 def plan(variants=EXPERIMENT_VARIANTS) -> list[tuple[list[str], list]]:
-    models = (BASE_MODEL, *variants)
-    return [
-        (["hard_negative_mining", "raw_bge", "pruned"], list(DATASETS)),
-        (["tier1_judgments", "judging_cost_estimate", "tier2_judgments"], list(DATASETS)),
-        (["relabeled"], [dg.MultiPartitionKey({"dataset": ds, "variant": v}) for ds in DATASETS for v in VARIANTS]),
-        (["trained_retriever"], list(variants)),
-        (["base_retriever"], [BASE_MODEL]),
-        (["eval_model"], list(models)),
-        (["eval_scores"], [dg.MultiPartitionKey({"eval_set": e, "model": m}) for m in models for e in EVAL_SETS]),
-        (["comparison_report"], [None]),
-    ]
+    """The experiment's stages, in graph order, derived from the asset graph (rlhn_assets/stages.py)."""
+    from rlhn_assets.demo import stages
+
+    return stages(variants, exclude=EXPERIMENT_EXCLUDED)
 
 
 def _llm_cache_path() -> Path:

@@ -34,7 +34,9 @@ from dagster._time import get_current_datetime
 
 from rlhn_assets.partitions import dataset_pd
 
-# Dependency order; a run executes its selection in graph order whatever the order here.
+# Dependency order; a run executes its selection in graph order whatever the order here. Written out because the job
+# is defined while the graph is being loaded; test_stages.py fails if it drifts from the graph (every asset
+# partitioned by dataset alone, rlhn_assets/stages.per_dataset_assets).
 PER_DATASET_ASSETS: tuple[str, ...] = (
     "hard_negative_mining", "raw_bge", "pruned", "tier1_judgments", "judging_cost_estimate", "tier2_judgments")
 NIGHTLY_TAG = "rlhn/nightly_backfill"
