@@ -118,3 +118,27 @@ def test_input_key_covers_texts_settings_and_base_model(tmp_path):
 
     shutil.rmtree(final)
     assert store.find("retriever", "default", 13, k) is None  # a deleted folder is not reused
+
+
+def test_trained_models_check_loads_every_seed_and_fails_on_a_broken_model(data_dir, db_path):
+    from pathlib import Path
+
+    from rlhn_assets.defs.train.checks import trained_retriever_loads_and_scores
+
+    _seed_db(db_path)
+    resources = {"duckdb": RLHNDuckDB(database=str(db_path))}
+    config = {"ops": {"trained_retriever": {"config": {**TINY, "seeds": [13, 14]}}}}
+    with dg.DagsterInstance.ephemeral() as inst:
+        ok = dg.materialize([trained_retriever, trained_retriever_loads_and_scores], partition_key="default",
+                            instance=inst, resources=resources, run_config=config)
+        [ev] = ok.get_asset_check_evaluations()
+        assert ev.passed and ev.metadata["seeds"].value == 2, ev.description
+        models = _md(ok)["models"].value
+        for f in Path(models[1]["path"]).glob("model.safetensors"):
+            f.write_bytes(b"not a model")  # the second seed's weights are corrupt
+        broken = dg.materialize([trained_retriever, trained_retriever_loads_and_scores], partition_key="default",
+                                instance=inst, resources=resources, run_config=config,
+                                selection=dg.AssetSelection.checks(trained_retriever_loads_and_scores),
+                                raise_on_error=False)
+        [ev] = broken.get_asset_check_evaluations()
+        assert not ev.passed and "seed 14" in ev.description and "does not load" in ev.description, ev.description
