@@ -134,8 +134,13 @@ def test_dataset_pruning_asset_trains_leave_one_out_models_and_writes_the_recomm
     assert set(doc["datasets"]) == {"msmarco_passage", "fiqa", "nq"}
     assert doc["provenance"]["max_instances_per_dataset"] == 6
     assert (tmp_data / "pruning" / "leave_one_out.csv").read_text().count("\n") == 5
-    trained = sorted(p.name for p in (tmp_data / "models" / "leave_one_out").iterdir())
+    def model_folders():  # the study's models live in the shared model store (lib/model_store.py)
+        return sorted(str(p.relative_to(tmp_data)) for p in (tmp_data / "models" / "retriever").glob("leave-one-out-*/seed-*/*")
+                      if p.name != "inputs")
+
+    trained = model_folders()
+    assert len(trained) == 4
     # a re-run with unchanged data and settings trains nothing new and gives the same table
     again = _materialize(["dataset_pruning"], None, resources, instance, config)
-    assert sorted(p.name for p in (tmp_data / "models" / "leave_one_out").iterdir()) == trained
+    assert model_folders() == trained
     assert again.asset_materializations_for_node("dataset_pruning")[0].metadata["leave_one_out"].value == table

@@ -1,10 +1,8 @@
 """`dataset_pruning`: the leave-one-dataset-out study (paper Fig. 4 / Table 12) that recommends which source
 datasets the `pruned` stage keeps. Training/eval code is the same as the trained_* and eval_scores stages'."""
 
-import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -29,32 +27,26 @@ class LeaveOneOutConfig(dg.Config):
     apply: bool = True
 
 
-def _fingerprint(instances, train_settings) -> str:
-    h = hashlib.sha256(json.dumps(train_settings.to_dict(), sort_keys=True).encode())
-    for inst in instances:
-        h.update(json.dumps([inst.query, inst.positives, inst.negatives]).encode())
-    return h.hexdigest()[:16]
-
-
-def _train_cached(root: Path, instances, train_settings, log) -> tuple[str, str]:
-    """(model path, data version): training inputs + settings are the cache key, so a re-run with unchanged raw
-    data trains nothing (training is deterministic per thread count, lib/training.py)."""
+def _train_cached(label: str, instances, train_settings, log) -> tuple[str, str]:
+    """(model path, data version) of the study's model ``label`` ("all", "without-<dataset>"), through the same
+    model store as trained_retriever (lib/model_store.py): its input key covers the texts, the settings, the base
+    model and the training code, so a re-run with unchanged inputs trains nothing."""
+    from rlhn_assets.defs.train.assets import _base_model_version, model_store
+    from rlhn_assets.lib.embeddings import base_model_path
+    from rlhn_assets.lib.model_store import input_key
     from rlhn_assets.lib.training import train_retriever
 
-    folder = root / _fingerprint(instances, train_settings)
-    done = folder / "trained.json"
-    if done.exists():
-        info = json.loads(done.read_text())
-        log(f"  reusing {folder.name} (same training inputs and settings)")
-        return str(folder / "model"), info["data_version"]
-    staging = root / "_staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    result = train_retriever(instances, train_settings, staging / "model", log=log)
-    (staging / "trained.json").write_text(json.dumps({"data_version": result.data_version, "steps": result.steps,
-                                                      "queries": len(instances)}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    return str(folder / "model"), result.data_version
+    store, variant, seed = model_store(), f"leave-one-out-{label}", train_settings.seed
+    key = input_key("retriever", train_settings.to_dict(), _base_model_version(str(base_model_path())), instances)
+    found = store.find("retriever", variant, seed, key)
+    if found:
+        log(f"  reusing {found['path']} (same training inputs and settings)")
+        return found["path"], found["data_version"]
+    staged = store.staging_dir("retriever", variant, seed)
+    result = train_retriever(instances, train_settings, staged, log=log)
+    path = store.publish("retriever", variant, seed, staged, result.data_version, key,
+                         {"steps": result.steps, "queries": len(instances)})
+    return str(path), result.data_version
 
 
 def _scores(model_path: str, version: str, datasets: dict, max_seq_length: int, log) -> dict[str, float]:
@@ -114,13 +106,12 @@ def dataset_pruning(context: dg.AssetExecutionContext, config: LeaveOneOutConfig
     datasets = [d for d in reg.names if sizes.get(d)]
     if len(datasets) < 2:
         raise dg.Failure(f"leave-one-out needs at least 2 ingested datasets, found {datasets}: materialize raw_bge")
-    models_root = settings.data_dir() / "models" / "leave_one_out"
     steps = len(datasets) + 2
     context.log.info(f"[1/{steps}] base model")
     base_path = base_model_path()
     base = _scores(str(base_path), dir_hash(base_path), evals, config.eval_max_seq_length, context.log.info)
     context.log.info(f"[2/{steps}] ALL: {len(all_instances):,} queries from {sizes}")
-    path, version = _train_cached(models_root, all_instances, train_settings, context.log.info)
+    path, version = _train_cached("all", all_instances, train_settings, context.log.info)
     all_scores = _scores(path, version, evals, config.eval_max_seq_length, context.log.info)
     without, queries = {}, {}
     for i, ds in enumerate(datasets, 3):
@@ -128,7 +119,7 @@ def dataset_pruning(context: dg.AssetExecutionContext, config: LeaveOneOutConfig
             inst, _ = load_training_instances(conn, None, max_negatives=max_neg, exclude_datasets=(ds,),
                                               max_per_dataset=config.max_instances_per_dataset)
         context.log.info(f"[{i}/{steps}] without {ds}: {len(inst):,} queries")
-        path, version = _train_cached(models_root, inst, train_settings, context.log.info)
+        path, version = _train_cached(f"without-{ds}", inst, train_settings, context.log.info)
         without[ds], queries[ds] = _scores(path, version, evals, config.eval_max_seq_length, context.log.info), len(inst)
 
     in_domain = {d: loo.in_domain_sets(d, reg.get(d).in_domain_eval, eval_sets) for d in datasets}
