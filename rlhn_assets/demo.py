@@ -25,12 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import dagster as dg
 
 from rlhn_assets import settings
+from rlhn_assets.dagster_internal import free_pool_slots_of_run
 from rlhn_assets.definitions import defs
-from rlhn_assets.lib.db import connect
 from rlhn_assets.defs.resources import preset_name
+from rlhn_assets.lib.db import connect
 from rlhn_assets.lib.relabel import VARIANTS
-from rlhn_assets.partitions import BASE_MODEL, DATASETS, EVAL_SETS
-
+from rlhn_assets.partitions import BASE_MODEL
 
 # Demo sizes (README "Demo sizes"): the first N instances of each dataset, at most 15 negatives each.
 # `python -m rlhn_assets.demo --full` runs the whole bundled sample at <= 25 negatives (the paper's per-call maximum).
@@ -79,7 +79,7 @@ def release_dead_demo_runs(instance: dg.DagsterInstance, log=print) -> int:
         if pid is None or _alive(int(pid)):
             continue
         instance.report_run_failed(run)
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        free_pool_slots_of_run(instance, run.run_id)
         freed += 1
     if freed:
         log(f"released {freed} run(s) of an earlier demo process that died, and their pool slots")

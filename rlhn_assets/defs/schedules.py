@@ -25,13 +25,8 @@ from collections.abc import Iterable, Sequence
 
 import dagster as dg
 
-# Not public API (pinned dagster==1.13.27): the resolver behind the UI's Missing/Stale badges. Dagster's own
-# `RunRequest(stale_assets_only=True)` uses it too, but only for unpartitioned assets and only in sensors.
-# test_schedules.py pins the behaviour this module relies on.
-from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-from dagster._time import get_current_datetime
-
+# the UI's Missing/Stale status per partition: non-public Dagster API, kept in one adapter
+from rlhn_assets.dagster_internal import missing_or_stale
 from rlhn_assets.partitions import dataset_pd
 
 # Dependency order; a run executes its selection in graph order whatever the order here. Written out because the job
@@ -55,13 +50,10 @@ nightly_backfill_job = dg.define_asset_job(
 def partitions_needing_work(instance: dg.DagsterInstance, asset_graph, asset_keys: Iterable[dg.AssetKey],
                             partition_keys: Sequence[str]) -> dict[str, list[dg.AssetKey]]:
     """{partition: [asset keys whose partition is MISSING or STALE]} (partitions with nothing to do left out)."""
-    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                          instance=instance, asset_graph=asset_graph)
-    resolver = CachingStaleStatusResolver(instance, asset_graph, loading_context=view)
     keys = list(asset_keys)
     out: dict[str, list[dg.AssetKey]] = {}
     for pk in partition_keys:
-        todo = {k for k in keys if resolver.get_status(k, pk) in (StaleStatus.MISSING, StaleStatus.STALE)}
+        todo = missing_or_stale(instance, asset_graph, keys, pk)
         # Dagster marks only the direct children of a changed partition STALE; what they feed gets stale
         # once they rerun, so the run takes everything downstream of them in the selection too.
         frontier = list(todo)
