@@ -145,7 +145,9 @@ def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.Ma
         })
 
 
-@dg.asset(
+# What both trained_* assets share: one partition per variant, the `training` pool (dagster.yaml: one training at a
+# time), one run per variant in backfills.
+_TRAINED_ASSET = dict(
     partitions_def=variant_pd,
     group_name="train",
     code_version="2",
@@ -153,7 +155,12 @@ def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.Ma
     deps=[dg.AssetDep(relabeled, partition_mapping=_BY_VARIANT)],
     kinds={"pytorch", "sentence_transformers"},
     pool="training",
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per variant
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
+)
+
+
+@dg.asset(
+    **_TRAINED_ASSET,
     description=(
         "A retriever fine-tuned per variant: the packaged all-MiniLM-L6-v2 (loaded by path) trained with "
         "sentence-transformers' SentenceTransformerTrainer and MultipleNegativesRankingLoss (InfoNCE, in-batch + "
@@ -168,14 +175,7 @@ def trained_retriever(context: dg.AssetExecutionContext, config: TrainConfig, du
 
 
 @dg.asset(
-    partitions_def=variant_pd,
-    group_name="train",
-    code_version="2",
-    automation_condition=PIPELINE,
-    deps=[dg.AssetDep(relabeled, partition_mapping=_BY_VARIANT)],
-    kinds={"pytorch", "sentence_transformers"},
-    pool="training",
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per variant
+    **_TRAINED_ASSET,
     description=(
         "A reranker per variant: a sentence-transformers CrossEncoder initialized from the same MiniLM weights "
         "(new 1-logit head), trained with BinaryCrossEntropyLoss on the variant's (query, positive) = 1 / "

@@ -61,17 +61,15 @@ def _check(context, kind: str, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
         metadata={"seeds": len(rows), "probe_scores": dg.MetadataValue.json({str(k): v for k, v in scores.items()})})
 
 
-@dg.asset_check(asset=trained_retriever, partitions_def=variant_pd, blocking=True,
-                description="Every seed's retriever loads from the model store, its final loss is finite, and it "
-                            "gives finite, distinct similarities to a relevant and an unrelated probe passage.")
-def trained_retriever_loads_and_scores(context: dg.AssetCheckExecutionContext,
-                                       duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
-    return _check(context, "retriever", duckdb)
+def _loads_and_scores(asset, kind: str):
+    @dg.asset_check(asset=asset, name=f"trained_{kind}_loads_and_scores", partitions_def=variant_pd, blocking=True,
+                    description=f"Every seed's {kind} loads from the model store, its final loss is finite, and it "
+                                "gives finite, distinct scores to a relevant and an unrelated probe passage.")
+    def check(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
+        return _check(context, kind, duckdb)
+
+    return check
 
 
-@dg.asset_check(asset=trained_reranker, partitions_def=variant_pd, blocking=True,
-                description="Every seed's reranker loads from the model store, its final loss is finite, and it "
-                            "gives finite, distinct scores to a relevant and an unrelated probe passage.")
-def trained_reranker_loads_and_scores(context: dg.AssetCheckExecutionContext,
-                                      duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
-    return _check(context, "reranker", duckdb)
+trained_retriever_loads_and_scores = _loads_and_scores(trained_retriever, "retriever")
+trained_reranker_loads_and_scores = _loads_and_scores(trained_reranker, "reranker")
