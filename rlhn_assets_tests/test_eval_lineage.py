@@ -12,6 +12,12 @@ import pytest
 # Not public API: the resolver behind the UI's Stale badges (rlhn_assets/defs/schedules.py uses it too).
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+from dagster._core.events import DagsterEvent, DagsterEventType
+from dagster._core.instance.utils import RUNLESS_JOB_NAME
+from dagster._core.utils import make_new_run_id
 from dagster._time import get_current_datetime
 
 from rlhn_assets.definitions import defs
@@ -58,8 +64,27 @@ def test_each_eval_partition_depends_on_its_own_model_only(graph):
     assert children == [RETRAINED]
 
 
+# The trained models' blocking checks (defs/train/checks.py) gate eval_model: a retrained model counts once its
+# check passed on that materialization, so each reported training comes with a passed check, as a real run records.
+# Reported under a fresh run id each (not public API): runless check evaluations all share run id "", and the check
+# store keeps one row per (check, run, partition).
+BLOCKING_CHECKS = {"trained_retriever": "trained_retriever_loads_and_scores",
+                   "trained_reranker": "trained_reranker_loads_and_scores"}
+
+
 def _report(instance, name: str, partition: str, **metadata):
-    instance.report_runless_asset_event(dg.AssetMaterialization(name, partition=partition, metadata=metadata))
+    key = dg.AssetKey(name)
+    instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=partition, metadata=metadata))
+    if name in BLOCKING_CHECKS:
+        [record] = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
+        evaluation = dg.AssetCheckEvaluation(
+            asset_key=key, check_name=BLOCKING_CHECKS[name], passed=True, partition=partition,
+            target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
+                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp))
+        instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION.value,
+                                                   job_name=RUNLESS_JOB_NAME, event_specific_data=evaluation),
+                                      run_id=make_new_run_id())
 
 
 def _stale(instance, graph, name: str) -> set[str]:
