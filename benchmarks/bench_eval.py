@@ -54,9 +54,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", type=Path, default=REPORT_PATH)
     ap.add_argument("--skip-other-sets", action="store_true", help="only SciFact (no Cranfield / CISI metrics)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="measure (a) and (b) this many times, alternating the order (a b, b a, ...) so load drift "
-                         "hits both; the ratio uses the medians (default 1)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure (a) and (b) this many times, alternating the order (a b, b a, ...) so load drift "
+        "hits both; the ratio uses the medians (default 1)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -70,13 +74,14 @@ def main() -> int:
     sci = load_beir_eval(EVAL_ROOT / "scifact")
     texts = [doc_text(sci.corpus[d]) for d in sci.corpus]
     n = len(texts)
-    print(f"SciFact: {n:,} passages, {len(sci.queries)} test queries; torch threads {torch.get_num_threads()}; "
-          f"os load avg {os.getloadavg()[0]:.2f}")
+    print(
+        f"SciFact: {n:,} passages, {len(sci.queries)} test queries; torch threads {torch.get_num_threads()}; "
+        f"os load avg {os.getloadavg()[0]:.2f}"
+    )
 
     def measure_raw() -> float:
         t = time.perf_counter()
-        model.encode(texts, batch_size=BATCH, normalize_embeddings=True, convert_to_numpy=True,
-                     show_progress_bar=False)
+        model.encode(texts, batch_size=BATCH, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         s = time.perf_counter() - t
         print(f"(a) raw SentenceTransformer.encode: {s:7.1f} s  {n / s:6.1f} passages/s")
         return s
@@ -95,7 +100,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         cache = None
         for rep in range(max(1, args.repeats)):
-            for step in (("a", "b") if rep % 2 == 0 else ("b", "a")):
+            for step in ("a", "b") if rep % 2 == 0 else ("b", "a"):
                 if step == "a":
                     raw_runs.append(measure_raw())
                 else:
@@ -122,12 +127,16 @@ def main() -> int:
     if not args.skip_other_sets:
         for name in ("cranfield", "cisi"):
             ds = load_beir_eval(EVAL_ROOT / name)
-            res, info = dense_search(model, version, ds, top_k=100, cache_dir=settings.cache_dir() / "embeddings",
-                                     batch_size=BATCH)
+            res, info = dense_search(
+                model, version, ds, top_k=100, cache_dir=settings.cache_dir() / "embeddings", batch_size=BATCH
+            )
             m = evaluate(ds.qrels, res)
             metrics[name] = {k: m[k] for k in ("ndcg@10", "recall@100", "mrr@10", "queries_scored")}
-            metrics[name].update(passages=info["passages"], corpus_cache_hit=info["corpus_cache_hit"],
-                                 seconds=round(info["encode_seconds"] + info["search_seconds"], 2))
+            metrics[name].update(
+                passages=info["passages"],
+                corpus_cache_hit=info["corpus_cache_hit"],
+                seconds=round(info["encode_seconds"] + info["search_seconds"], 2),
+            )
     print("\nbase all-MiniLM-L6-v2, test split:")
     print(f"  {'set':<10} {'nDCG@10':>8} {'R@100':>8} {'MRR@10':>8} {'queries':>8}")
     for name, m in metrics.items():
@@ -135,15 +144,29 @@ def main() -> int:
 
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        },
         "model": {"path": str(base_model_path()), "version": version, "load_seconds": round(load_seconds, 2)},
-        "dataset": "scifact", "passages": n, "queries": len(sci.queries), "batch_size": BATCH,
+        "dataset": "scifact",
+        "passages": n,
+        "queries": len(sci.queries),
+        "batch_size": BATCH,
         "repeats": len(raw_runs),
-        "raw_encode": {"seconds": round(raw_s, 2), "passages_per_s": round(raw_pps, 2),
-                       "runs_seconds": [round(x, 2) for x in raw_runs]},
-        "dense_search_cold": {"seconds": round(cold_s, 2), "passages_per_s": round(cold_pps, 2),
-                              "runs_seconds": [round(x, 2) for x in cold_runs], "last_info": cold_info},
+        "raw_encode": {
+            "seconds": round(raw_s, 2),
+            "passages_per_s": round(raw_pps, 2),
+            "runs_seconds": [round(x, 2) for x in raw_runs],
+        },
+        "dense_search_cold": {
+            "seconds": round(cold_s, 2),
+            "passages_per_s": round(cold_pps, 2),
+            "runs_seconds": [round(x, 2) for x in cold_runs],
+            "last_info": cold_info,
+        },
         "dense_search_warm": {"seconds": round(warm_s, 3), "info": warm_info},
         "ratio_cold_over_raw": round(ratio, 4),
         "target_ratio": TARGET_RATIO,

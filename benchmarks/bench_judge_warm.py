@@ -44,17 +44,34 @@ class DelayedReplayTier(ReplayTier):
             body = json.loads(request.content)
             prompt = body["messages"][0]["content"]
             q = " ".join(re.search(r"<question>\n(.*?)\n</question>", prompt, re.S).group(1).split())
-            text = answers.get(q.replace("‹", "<").replace("›", ">"),
-                               "<verdict><better>[]</better><worse>[]</worse></verdict>")
+            text = answers.get(
+                q.replace("‹", "<").replace("›", ">"), "<verdict><better>[]</better><worse>[]</worse></verdict>"
+            )
             COUNTS["calls"] += 1
-            return httpx.Response(200, json={
-                "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-                "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
-                          "total_tokens": (len(prompt) + len(text)) // 4}})
+            return httpx.Response(
+                200,
+                json={
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                    ],
+                    "usage": {
+                        "prompt_tokens": len(prompt) // 4,
+                        "completion_tokens": len(text) // 4,
+                        "total_tokens": (len(prompt) + len(text)) // 4,
+                    },
+                },
+            )
 
-        return LLMClient(self.endpoint_settings(base_url, model_identity), cache, api_key="bench",
-                         http_client=httpx.AsyncClient(transport=httpx.MockTransport(delayed)))
+        return LLMClient(
+            self.endpoint_settings(base_url, model_identity),
+            cache,
+            api_key="bench",
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(delayed)),
+        )
 
 
 COUNTS = {"calls": 0}
@@ -71,16 +88,28 @@ def main() -> None:
     judge_keys = ("tier1_judgments", "tier2_judgments")
     with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test(temp_dir=tmp) as instance:
         paper = PRESETS["paper"]
-        res = {"duckdb": RLHNDuckDB(database=f"{tmp}/b.duckdb"), "registry": DatasetRegistryResource(),
-               **{k: DelayedReplayTier(**{**paper[k].model_dump(), "cache_path": f"{tmp}/llm.duckdb",
-                                          "base_url": "http://replay.invalid/v1", "paid": False})  # a replay is free
-                  for k in ("tier1_judge", "tier2_judge")}}
+        res = {
+            "duckdb": RLHNDuckDB(database=f"{tmp}/b.duckdb"),
+            "registry": DatasetRegistryResource(),
+            **{
+                k: DelayedReplayTier(
+                    **{
+                        **paper[k].model_dump(),
+                        "cache_path": f"{tmp}/llm.duckdb",
+                        "base_url": "http://replay.invalid/v1",
+                        "paid": False,
+                    }
+                )  # a replay is free
+                for k in ("tier1_judge", "tier2_judge")
+            },
+        }
 
         def run(sel_keys, ds):
             sel = dg.AssetSelection.assets(*sel_keys)
             t0 = time.perf_counter()
-            r = dg.materialize(list(d.assets), selection=sel, partition_key=ds, resources={**d.resources, **res},
-                               instance=instance)
+            r = dg.materialize(
+                list(d.assets), selection=sel, partition_key=ds, resources={**d.resources, **res}, instance=instance
+            )
             assert r.success
             return time.perf_counter() - t0
 
@@ -92,10 +121,17 @@ def main() -> None:
             cold_calls = COUNTS["calls"]
             COUNTS["calls"] = 0
             warm = run(judge_keys, ds)
-            out[ds] = {"cold_s": round(cold, 2), "cold_calls": cold_calls, "warm_s": round(warm, 2),
-                       "warm_calls": COUNTS["calls"], "time_ratio_warm_over_cold": round(warm / cold, 3)}
-            print(f"{ds:<16} cold {cold:6.2f}s ({cold_calls} calls)   warm {warm:6.2f}s ({COUNTS['calls']} calls)   "
-                  f"ratio {warm / cold:.3f}   {'MET' if COUNTS['calls'] == 0 else 'MISSED'} (target: 0 calls)")
+            out[ds] = {
+                "cold_s": round(cold, 2),
+                "cold_calls": cold_calls,
+                "warm_s": round(warm, 2),
+                "warm_calls": COUNTS["calls"],
+                "time_ratio_warm_over_cold": round(warm / cold, 3),
+            }
+            print(
+                f"{ds:<16} cold {cold:6.2f}s ({cold_calls} calls)   warm {warm:6.2f}s ({COUNTS['calls']} calls)   "
+                f"ratio {warm / cold:.3f}   {'MET' if COUNTS['calls'] == 0 else 'MISSED'} (target: 0 calls)"
+            )
     report = Path(__file__).resolve().parents[1] / "data" / "reports"
     report.mkdir(parents=True, exist_ok=True)
     (report / "bench_judge_warm.json").write_text(json.dumps({"delay_s": DELAY, "partitions": out}, indent=2))

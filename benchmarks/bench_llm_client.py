@@ -21,7 +21,8 @@ What it does:
 
 The client's transport is openai's aiohttp one when ``aiohttp`` is importable (``openai[aiohttp]``), else
 httpx2 (``--http-backend``); on this 2-core box client CPU per call is what limits the ratio at 32+ in flight,
-and aiohttp needs ~35% less of it. The load average is recorded: other processes on the box skew the ratios. Exit code 0 even when a target is missed (it is a report).
+and aiohttp needs ~35% less of it. The load average is recorded: other processes on the box skew the ratios.
+Exit code 0 even when a target is missed (it is a report).
 """
 
 from __future__ import annotations
@@ -49,19 +50,35 @@ TARGET_RATIO = 0.9
 
 
 def make_requests(tag: str, n: int) -> list[LLMRequest]:
-    return [LLMRequest(messages=({"role": "system", "content": "You judge relevance. Answer JSON."},
-                                 {"role": "user", "content": f"bench {tag} query {i}: is passage {i} relevant?"}),
-                       prompt_version="bench-v1") for i in range(n)]
+    return [
+        LLMRequest(
+            messages=(
+                {"role": "system", "content": "You judge relevance. Answer JSON."},
+                {"role": "user", "content": f"bench {tag} query {i}: is passage {i} relevant?"},
+            ),
+            prompt_version="bench-v1",
+        )
+        for i in range(n)
+    ]
 
 
 def settings_for(base_url: str, inflight: int) -> EndpointSettings:
-    return EndpointSettings(model="fake-judge", base_url=base_url, api_key_env="BENCH_FAKE_KEY_UNSET",
-                            concurrency=inflight, max_retries=3, backoff_base_s=0.1, backoff_max_s=1.0,
-                            timeout_s=30.0, max_tokens=64)
+    return EndpointSettings(
+        model="fake-judge",
+        base_url=base_url,
+        api_key_env="BENCH_FAKE_KEY_UNSET",
+        concurrency=inflight,
+        max_retries=3,
+        backoff_base_s=0.1,
+        backoff_max_s=1.0,
+        timeout_s=30.0,
+        max_tokens=64,
+    )
 
 
-def run_once(base_url: str, inflight: int, n: int, cache_path: Path, tag: str, delay: float,
-             backend: str = "auto") -> dict:
+def run_once(
+    base_url: str, inflight: int, n: int, cache_path: Path, tag: str, delay: float, backend: str = "auto"
+) -> dict:
     with ResponseCache(cache_path) as cache:
         client = LLMClient(settings_for(base_url, inflight), cache, http_backend=backend)
         reqs = make_requests(tag, n)
@@ -74,12 +91,22 @@ def run_once(base_url: str, inflight: int, n: int, cache_path: Path, tag: str, d
         rows = cache.count()
     ideal = inflight / delay
     return {
-        "inflight": inflight, "n": n, "http_backend": client.http_backend_in_use, "wall_s": round(wall, 4), "calls_per_s": round(n / wall, 2),
-        "ideal_calls_per_s": round(ideal, 2), "ratio": round((n / wall) / ideal, 4),
-        "calls_made": client.stats.calls_made, "cache_hits": client.stats.cache_hits,
-        "errors": sum(r.error is not None for r in out), "retries": client.stats.retries,
-        "server_requests": after["total"] - before["total"], "cache_rows": rows,
-        "client_cpu_ms_per_call": round(cpu / max(1, client.stats.calls_made) * 1000, 3) if client.stats.calls_made else None,
+        "inflight": inflight,
+        "n": n,
+        "http_backend": client.http_backend_in_use,
+        "wall_s": round(wall, 4),
+        "calls_per_s": round(n / wall, 2),
+        "ideal_calls_per_s": round(ideal, 2),
+        "ratio": round((n / wall) / ideal, 4),
+        "calls_made": client.stats.calls_made,
+        "cache_hits": client.stats.cache_hits,
+        "errors": sum(r.error is not None for r in out),
+        "retries": client.stats.retries,
+        "server_requests": after["total"] - before["total"],
+        "cache_rows": rows,
+        "client_cpu_ms_per_call": round(cpu / max(1, client.stats.calls_made) * 1000, 3)
+        if client.stats.calls_made
+        else None,
     }
 
 
@@ -96,8 +123,9 @@ def run_baseline(base_url: str, inflight: int, n: int, tag: str, delay: float) -
 
             async def worker() -> None:
                 for r in todo:
-                    resp = await http.post(base_url + "/chat/completions",
-                                           json={"model": "fake-judge", "messages": list(r.messages)})
+                    resp = await http.post(
+                        base_url + "/chat/completions", json={"model": "fake-judge", "messages": list(r.messages)}
+                    )
                     json.loads(resp.content)
 
             await asyncio.gather(*(worker() for _ in range(inflight)))
@@ -105,7 +133,11 @@ def run_baseline(base_url: str, inflight: int, n: int, tag: str, delay: float) -
     t0 = time.perf_counter()
     asyncio.run(go())
     wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 4), "calls_per_s": round(n / wall, 2), "ratio": round(n / wall / (inflight / delay), 4)}
+    return {
+        "wall_s": round(wall, 4),
+        "calls_per_s": round(n / wall, 2),
+        "ratio": round(n / wall / (inflight / delay), 4),
+    }
 
 
 def main() -> int:
@@ -113,29 +145,38 @@ def main() -> int:
     ap.add_argument("--levels", default="1,8,32,64")
     ap.add_argument("--delay", type=float, default=0.2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--http-backend", default="auto", choices=["auto", "httpx", "aiohttp"],
-                    help="LLMClient transport (auto = aiohttp when installed, else httpx2)")
+    ap.add_argument(
+        "--http-backend",
+        default="auto",
+        choices=["auto", "httpx", "aiohttp"],
+        help="LLMClient transport (auto = aiohttp when installed, else httpx2)",
+    )
     ap.add_argument("--report", type=Path, default=REPORT_PATH)
     args = ap.parse_args()
     bk = args.http_backend
     levels = [int(x) for x in args.levels.split(",")]
 
     report: dict = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {"python": platform.python_version(),
-                                                                     "cpus": os.cpu_count(),
-                                                                     "loadavg_start": os.getloadavg()},
-        "server_delay_s": args.delay, "repeats": args.repeats, "levels": [], "target": {
-            "inflight": TARGET_INFLIGHT, "min_ratio": TARGET_RATIO},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "server_delay_s": args.delay,
+        "repeats": args.repeats,
+        "levels": [],
+        "target": {"inflight": TARGET_INFLIGHT, "min_ratio": TARGET_RATIO},
     }
     failed = False
     with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp, running_server(delay_s=args.delay) as base_url:
         # warm-up (imports, first connections) so the first level is not penalised
         warm = run_once(base_url, 4, 8, Path(tmp) / "warmup.duckdb", "warmup", args.delay, bk)
         report["http_backend"] = warm["http_backend"]
-        print(f"fake server {base_url}, delay {args.delay * 1000:.0f} ms, {os.cpu_count()} cpus, "
-              f"load {os.getloadavg()[0]:.2f}, client transport {report['http_backend']}")
-        print(f"{'in-flight':>9} {'N':>6} {'calls/s':>9} {'ideal':>7} {'ratio':>6}  runs (ratio)  "
-              f"cpu ms/call  bare-httpx2 ratio")
+        print(
+            f"fake server {base_url}, delay {args.delay * 1000:.0f} ms, {os.cpu_count()} cpus, "
+            f"load {os.getloadavg()[0]:.2f}, client transport {report['http_backend']}"
+        )
+        print(
+            f"{'in-flight':>9} {'N':>6} {'calls/s':>9} {'ideal':>7} {'ratio':>6}  runs (ratio)  "
+            f"cpu ms/call  bare-httpx2 ratio"
+        )
         last_cache = None
         for c in levels:
             n = max(4 * c * 5, 40)
@@ -152,33 +193,53 @@ def main() -> int:
             med_rate = statistics.median(r["calls_per_s"] for r in runs)
             cpu = statistics.median(r["client_cpu_ms_per_call"] for r in runs)
             base_med = statistics.median(b["ratio"] for b in base_runs)
-            level = {"inflight": c, "n": n, "median_calls_per_s": med_rate, "ideal_calls_per_s": c / args.delay,
-                     "median_ratio": med, "runs": runs, "baseline_bare_httpx2_median_ratio": base_med,
-                     "baseline_runs": base_runs}
+            level = {
+                "inflight": c,
+                "n": n,
+                "median_calls_per_s": med_rate,
+                "ideal_calls_per_s": c / args.delay,
+                "median_ratio": med,
+                "runs": runs,
+                "baseline_bare_httpx2_median_ratio": base_med,
+                "baseline_runs": base_runs,
+            }
             report["levels"].append(level)
-            print(f"{c:>9} {n:>6} {med_rate:>9.1f} {c / args.delay:>7.1f} {med:>6.3f}  "
-                  f"{' '.join('%.3f' % r['ratio'] for r in runs)}  {cpu:>11.2f}  {base_med:.3f}")
+            ratios = " ".join(f"{r['ratio']:.3f}" for r in runs)
+            print(
+                f"{c:>9} {n:>6} {med_rate:>9.1f} {c / args.delay:>7.1f} {med:>6.3f}  "
+                f"{ratios}  {cpu:>11.2f}  {base_med:.3f}"
+            )
 
         target = next((lv for lv in report["levels"] if lv["inflight"] == TARGET_INFLIGHT), None)
         if target is not None:
             met = target["median_ratio"] >= TARGET_RATIO
             report["target"].update(ratio=target["median_ratio"], met=met)
-            print(f"target: >= {TARGET_RATIO:.0%} of ideal at {TARGET_INFLIGHT} in flight -> "
-                  f"{target['median_ratio']:.3f} {'MET' if met else 'MISSED'}")
+            print(
+                f"target: >= {TARGET_RATIO:.0%} of ideal at {TARGET_INFLIGHT} in flight -> "
+                f"{target['median_ratio']:.3f} {'MET' if met else 'MISSED'}"
+            )
 
         # warm re-run of the largest (last) cold run: everything is cached
         cache_path, c, n, tag, cold = last_cache
         warm = run_once(base_url, c, n, cache_path, tag, args.delay, bk)
         warm_ratio = warm["wall_s"] / cold["wall_s"]
-        report["warm_rerun"] = {"inflight": c, "n": n, "calls_made": warm["calls_made"],
-                                "server_requests": warm["server_requests"], "cache_hits": warm["cache_hits"],
-                                "warm_wall_s": warm["wall_s"], "cold_wall_s": cold["wall_s"],
-                                "time_ratio_warm_over_cold": round(warm_ratio, 5),
-                                "calls_target_met": warm["calls_made"] == 0 and warm["server_requests"] == 0}
-        print(f"warm re-run of {n} requests ({c} in flight): {warm['calls_made']} calls made "
-              f"({warm['server_requests']} server requests; target 0 -> "
-              f"{'MET' if report['warm_rerun']['calls_target_met'] else 'MISSED'}), "
-              f"{warm['wall_s'] * 1000:.1f} ms vs {cold['wall_s'] * 1000:.0f} ms cold = {warm_ratio:.4f}x")
+        report["warm_rerun"] = {
+            "inflight": c,
+            "n": n,
+            "calls_made": warm["calls_made"],
+            "server_requests": warm["server_requests"],
+            "cache_hits": warm["cache_hits"],
+            "warm_wall_s": warm["wall_s"],
+            "cold_wall_s": cold["wall_s"],
+            "time_ratio_warm_over_cold": round(warm_ratio, 5),
+            "calls_target_met": warm["calls_made"] == 0 and warm["server_requests"] == 0,
+        }
+        print(
+            f"warm re-run of {n} requests ({c} in flight): {warm['calls_made']} calls made "
+            f"({warm['server_requests']} server requests; target 0 -> "
+            f"{'MET' if report['warm_rerun']['calls_target_met'] else 'MISSED'}), "
+            f"{warm['wall_s'] * 1000:.1f} ms vs {cold['wall_s'] * 1000:.0f} ms cold = {warm_ratio:.4f}x"
+        )
         report["server_max_in_flight_seen"] = get_stats(base_url)["max_in_flight"]
 
     report["machine"]["loadavg_end"] = os.getloadavg()

@@ -25,7 +25,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlhn_assets.lib.agreement import load_judge_eval  # noqa: E402
 from rlhn_assets.resources import JudgeTierResource  # noqa: E402
 
 REPORT_PATH = ROOT / "data" / "reports" / "bench_local_judge.json"
@@ -63,10 +62,18 @@ def run(res: JudgeTierResource, instances) -> dict:
         warm_calls = j.stats.calls - cold_calls
     total = time.perf_counter() - t0
     n = len(rows)
-    return {"judgments": n, "calls": cold_calls, "seconds": round(cold_s, 1),
-            "judgments_per_s": round(n / cold_s, 3), "s_per_call": round(cold_s / max(cold_calls, 1), 2),
-            "server_start_and_stop_s": round(total - cold_s - warm_s, 1), "errors": sum(r.verdict == "error" for r in rows),
-            "warm_calls": warm_calls, "warm_s": round(warm_s, 2), "load_avg": round(os.getloadavg()[0], 2)}
+    return {
+        "judgments": n,
+        "calls": cold_calls,
+        "seconds": round(cold_s, 1),
+        "judgments_per_s": round(n / cold_s, 3),
+        "s_per_call": round(cold_s / max(cold_calls, 1), 2),
+        "server_start_and_stop_s": round(total - cold_s - warm_s, 1),
+        "errors": sum(r.verdict == "error" for r in rows),
+        "warm_calls": warm_calls,
+        "warm_s": round(warm_s, 2),
+        "load_avg": round(os.getloadavg()[0], 2),
+    }
 
 
 def main() -> None:
@@ -79,25 +86,47 @@ def main() -> None:
     point = fiqa_instances(args.pairs)
     results = {}
     for model in ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"):
-        res = JudgeTierResource(tier=2, kind="pointwise", model=model + "-instruct", local_model=model,
-                                temperature=0.0, concurrency=1, cache_path=str(tmp / f"{model}.duckdb"))
+        res = JudgeTierResource(
+            tier=2,
+            kind="pointwise",
+            model=model + "-instruct",
+            local_model=model,
+            temperature=0.0,
+            concurrency=1,
+            cache_path=str(tmp / f"{model}.duckdb"),
+        )
         results[f"{model} pointwise"] = run(res, point)
     if args.listwise_calls:
         # one call each: the first instances, at most 25 negatives (the paper's per-call maximum)
         lw = [dataclasses.replace(i, negatives=i.negatives[:25]) for i in fiqa_instances(10**6)[: args.listwise_calls]]
-        res = JudgeTierResource(tier=2, kind="listwise", prompt_family="tier2", model="qwen2.5-coder-1.5b-instruct",
-                                local_model="qwen2.5-coder-1.5b", temperature=0.0, concurrency=1, max_tokens=512,
-                                response_format_style="json_schema", local_ctx_size=8192,
-                                cache_path=str(tmp / "listwise.duckdb"))
+        res = JudgeTierResource(
+            tier=2,
+            kind="listwise",
+            prompt_family="tier2",
+            model="qwen2.5-coder-1.5b-instruct",
+            local_model="qwen2.5-coder-1.5b",
+            temperature=0.0,
+            concurrency=1,
+            max_tokens=512,
+            response_format_style="json_schema",
+            local_ctx_size=8192,
+            cache_path=str(tmp / "listwise.duckdb"),
+        )
         results["qwen2.5-coder-1.5b listwise"] = run(res, lw)
     print(f"{'judge':<32}{'judgments':>10}{'calls':>7}{'s/call':>8}{'judg/s':>8}{'warm calls':>11}{'load':>6}")
     for k, r in results.items():
-        print(f"{k:<32}{r['judgments']:>10}{r['calls']:>7}{r['s_per_call']:>8}{r['judgments_per_s']:>8}"
-              f"{r['warm_calls']:>11}{r['load_avg']:>6}")
-    summary = [{"metric": f"{k}: judgments/s", "value": r["judgments_per_s"], "target": "", "met": None}
-               for k, r in results.items()]
-    summary += [{"metric": f"{k}: warm re-run calls", "value": r["warm_calls"], "target": "0",
-                 "met": r["warm_calls"] == 0} for k, r in results.items()]
+        print(
+            f"{k:<32}{r['judgments']:>10}{r['calls']:>7}{r['s_per_call']:>8}{r['judgments_per_s']:>8}"
+            f"{r['warm_calls']:>11}{r['load_avg']:>6}"
+        )
+    summary = [
+        {"metric": f"{k}: judgments/s", "value": r["judgments_per_s"], "target": "", "met": None}
+        for k, r in results.items()
+    ]
+    summary += [
+        {"metric": f"{k}: warm re-run calls", "value": r["warm_calls"], "target": "0", "met": r["warm_calls"] == 0}
+        for k, r in results.items()
+    ]
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps({"summary": summary, "results": results}, indent=2) + "\n")
 

@@ -43,7 +43,7 @@ def main() -> None:
     model = load_model()
     model.max_seq_length = 256
     times, embs = {}, {}
-    for i, precision in enumerate(("fp32", "bf16", "fp32")):
+    for precision in ("fp32", "bf16", "fp32"):
         t0 = time.perf_counter()
         with inference_precision(precision):
             embs[precision] = model.encode(docs, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
@@ -51,9 +51,19 @@ def main() -> None:
     fp32 = float(np.mean(times["fp32"]))
     bf16 = times["bf16"][0]
     cos = float((embs["fp32"] * embs["bf16"]).sum(axis=1).mean())
-    print(json.dumps({"docs": len(docs), "native_bf16": cpu_has_native_bf16(), "fp32_s": round(fp32, 1),
-                      "bf16_s": round(bf16, 1), "fp32_over_bf16": round(fp32 / bf16, 2),
-                      "mean_cosine_bf16_fp32": round(cos, 6), "load_avg_1m": os.getloadavg()[0]}))
+    print(
+        json.dumps(
+            {
+                "docs": len(docs),
+                "native_bf16": cpu_has_native_bf16(),
+                "fp32_s": round(fp32, 1),
+                "bf16_s": round(bf16, 1),
+                "fp32_over_bf16": round(fp32 / bf16, 2),
+                "mean_cosine_bf16_fp32": round(cos, 6),
+                "load_avg_1m": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,26 +27,51 @@ def summarize(name: str, r: dict) -> list[dict]:
         return r["summary"]
     if name == "bench_ingest":
         t = r.get("targets", {})
-        return [_row("ingest throughput / DuckDB read_json throughput", round(r["ratio"], 3), ">= 0.5", t.get("ratio_met")),
-                _row("ingest peak RSS (MB)", round(r["ingest"]["peak_rss_mb"]), "<= 2048", t.get("rss_met")),
-                _row("instances", r["ingest"]["instances"])]
+        return [
+            _row("ingest throughput / DuckDB read_json throughput", round(r["ratio"], 3), ">= 0.5", t.get("ratio_met")),
+            _row("ingest peak RSS (MB)", round(r["ingest"]["peak_rss_mb"]), "<= 2048", t.get("rss_met")),
+            _row("instances", r["ingest"]["instances"]),
+        ]
     if name == "bench_eval":
-        return [_row("eval encode throughput / raw SentenceTransformer.encode", r["ratio_cold_over_raw"], ">= 0.9",
-                     r["target_met"]),
-                _row("raw encode passages/s (SciFact)", r["raw_encode"]["passages_per_s"]),
-                _row("warm (cached corpus) dense_search s", r["dense_search_warm"]["seconds"])]
+        return [
+            _row(
+                "eval encode throughput / raw SentenceTransformer.encode",
+                r["ratio_cold_over_raw"],
+                ">= 0.9",
+                r["target_met"],
+            ),
+            _row("raw encode passages/s (SciFact)", r["raw_encode"]["passages_per_s"]),
+            _row("warm (cached corpus) dense_search s", r["dense_search_warm"]["seconds"]),
+        ]
     if name == "bench_llm_client":
-        rows = [_row(f"client calls/s vs ideal at {lv['inflight']} in flight", lv["median_ratio"],
-                     ">= 0.9" if lv["inflight"] == r["target"]["inflight"] else "",
-                     r["target"]["met"] if lv["inflight"] == r["target"]["inflight"] else None) for lv in r["levels"]]
+        rows = [
+            _row(
+                f"client calls/s vs ideal at {lv['inflight']} in flight",
+                lv["median_ratio"],
+                ">= 0.9" if lv["inflight"] == r["target"]["inflight"] else "",
+                r["target"]["met"] if lv["inflight"] == r["target"]["inflight"] else None,
+            )
+            for lv in r["levels"]
+        ]
         w = r.get("warm_rerun", {})
-        return rows + [_row("warm re-run: calls made", w.get("calls_made"), "0", w.get("calls_target_met")),
-                       _row("warm re-run: time warm / cold", w.get("time_ratio_warm_over_cold"))]
+        return rows + [
+            _row("warm re-run: calls made", w.get("calls_made"), "0", w.get("calls_target_met")),
+            _row("warm re-run: time warm / cold", w.get("time_ratio_warm_over_cold")),
+        ]
     if name == "bench_judge_warm":
-        return [x for ds, p in r["partitions"].items() for x in (
-            _row(f"judge re-materialization {ds}: calls made (cold {p['cold_calls']})", p["warm_calls"], "0",
-                 p["warm_calls"] == 0),
-            _row(f"judge re-materialization {ds}: time warm / cold", p["time_ratio_warm_over_cold"]))]
+        return [
+            x
+            for ds, p in r["partitions"].items()
+            for x in (
+                _row(
+                    f"judge re-materialization {ds}: calls made (cold {p['cold_calls']})",
+                    p["warm_calls"],
+                    "0",
+                    p["warm_calls"] == 0,
+                ),
+                _row(f"judge re-materialization {ds}: time warm / cold", p["time_ratio_warm_over_cold"]),
+            )
+        ]
     return []
 
 
@@ -68,22 +93,46 @@ def main() -> None:
     (REPORTS / "benchmarks.json").write_text(json.dumps({"runs": summary, "results": results}, indent=2, default=str))
     import os
 
-    lines = ["# Benchmarks", "", f"Run {time.strftime('%Y-%m-%d %H:%M')} on this machine ({os.cpu_count()} cores, "
-             f"load avg now {os.getloadavg()[0]:.1f}); ratios are measured within one run of each script.", "",
-             "| benchmark | measured | metric | value | target | met |", "|---|---|---|---:|---|---|"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M')} on this machine ({os.cpu_count()} cores, "
+        f"load avg now {os.getloadavg()[0]:.1f}); ratios are measured within one run of each script.",
+        "",
+        "| benchmark | measured | metric | value | target | met |",
+        "|---|---|---|---:|---|---|",
+    ]
     for name, res in results.items():
         # a script not run this time (--only) keeps its last result: the date says which run it comes from
-        when = (res.get("generated_at") or res.get("created") or time.strftime(
-            "%Y-%m-%dT%H:%M", time.localtime((REPORTS / f"{name}.json").stat().st_mtime)))[:16].replace("T", " ")
+        when = (
+            res.get("generated_at")
+            or res.get("created")
+            or time.strftime("%Y-%m-%dT%H:%M", time.localtime((REPORTS / f"{name}.json").stat().st_mtime))
+        )[:16].replace("T", " ")
         for row in summarize(name, res):
             met = {True: "MET", False: "MISSED", None: ""}[row["met"]]
-            lines.append(f"| {name.removeprefix('bench_')} | {when} | {row['metric']} | {row['value']} | "
-                         f"{row['target']} | {met} |")
-    lines += ["", "Scripts this run: " + ", ".join(f"{k} ({v['wall_s']} s, exit {v['returncode']})"
-                                                    for k, v in summary.items()), ""]
+            lines.append(
+                f"| {name.removeprefix('bench_')} | {when} | {row['metric']} | {row['value']} | "
+                f"{row['target']} | {met} |"
+            )
+    lines += [
+        "",
+        "Scripts this run: " + ", ".join(f"{k} ({v['wall_s']} s, exit {v['returncode']})" for k, v in summary.items()),
+        "",
+    ]
     for name, res in results.items():
-        lines += [f"## {name}", "", "<details><summary>JSON</summary>", "", "```json",
-                  json.dumps(res, indent=2, default=str)[:6000], "```", "", "</details>", ""]
+        lines += [
+            f"## {name}",
+            "",
+            "<details><summary>JSON</summary>",
+            "",
+            "```json",
+            json.dumps(res, indent=2, default=str)[:6000],
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     (REPORTS / "benchmarks.md").write_text("\n".join(lines))
     print(f"\nwrote {REPORTS / 'benchmarks.md'}")
     if any(v["returncode"] for v in summary.values()):

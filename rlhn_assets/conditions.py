@@ -16,7 +16,11 @@ PIPELINE = (
 # to no partition at all (eval_model[base] has no trained_* parent, eval_model[<variant>] no base_retriever
 # parent). For such assets, the gate reads: no mapped upstream partition has a blocking check that has not passed.
 _BLOCKING_CHECKS_PASSED = dg.AutomationCondition.all_checks_match(
-    dg.AutomationCondition.check_passed() | dg.AutomationCondition.will_be_requested(), blocking_only=True)
+    dg.AutomationCondition.check_passed() | dg.AutomationCondition.will_be_requested(), blocking_only=True
+)
 PIPELINE_PARTIAL_DEPS = PIPELINE.replace(
     "all_deps_blocking_checks_passed",
-    (~dg.AutomationCondition.any_deps_match(~_BLOCKING_CHECKS_PASSED)).with_label("no upstream blocking check unpassed"))
+    (~dg.AutomationCondition.any_deps_match(~_BLOCKING_CHECKS_PASSED)).with_label(
+        "no upstream blocking check unpassed"
+    ),
+)

@@ -23,12 +23,16 @@ from dagster._core.definitions.data_version import (
 from dagster._time import get_current_datetime
 
 
-def missing_or_stale(instance: dg.DagsterInstance, asset_graph, asset_keys: Iterable[dg.AssetKey],
-                     partition_key: str | None) -> set[dg.AssetKey]:
+def missing_or_stale(
+    instance: dg.DagsterInstance, asset_graph, asset_keys: Iterable[dg.AssetKey], partition_key: str | None
+) -> set[dg.AssetKey]:
     """The keys of ``asset_keys`` whose ``partition_key`` partition is MISSING (never materialized) or STALE (an
     upstream data version or the asset's code version changed since), as the UI shows them."""
-    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                          instance=instance, asset_graph=asset_graph)
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=asset_graph,
+    )
     resolver = CachingStaleStatusResolver(instance, asset_graph, loading_context=view)
     return {k for k in asset_keys if resolver.get_status(k, partition_key) in (StaleStatus.MISSING, StaleStatus.STALE)}
 

@@ -31,17 +31,25 @@ def without_paid_automation(loaded: dg.Definitions) -> dg.Definitions:
     def manual(a):
         if isinstance(a, dg.AssetsDefinition) and {s.key for s in a.specs} & keys:
             if id(a) not in mapped:
-                mapped[id(a)] = a.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=None)
-                                                  if spec.key in keys else spec)
+                mapped[id(a)] = a.map_asset_specs(
+                    lambda spec: spec.replace_attributes(automation_condition=None) if spec.key in keys else spec
+                )
             return mapped[id(a)]
         return a
 
     # Definitions.map_resolved_asset_specs (preview) refuses the observable source asset, so map the two
     # assets and rebuild the Definitions with the same parts.
-    return dg.Definitions(assets=[manual(a) for a in loaded.assets or []], asset_checks=loaded.asset_checks,
-                          schedules=loaded.schedules, sensors=loaded.sensors, jobs=loaded.jobs,
-                          resources=loaded.resources, executor=loaded.executor, loggers=loaded.loggers,
-                          metadata=loaded.metadata)
+    return dg.Definitions(
+        assets=[manual(a) for a in loaded.assets or []],
+        asset_checks=loaded.asset_checks,
+        schedules=loaded.schedules,
+        sensors=loaded.sensors,
+        jobs=loaded.jobs,
+        resources=loaded.resources,
+        executor=loaded.executor,
+        loggers=loaded.loggers,
+        metadata=loaded.metadata,
+    )
 
 
 @dg.definitions

@@ -42,15 +42,24 @@ DEMO_MAX_NEGATIVES = 15
 # Models trained and evaluated by the demo (all 7 with --full); training steps and eval sizes are capped.
 # default vs s2_rlhn is the paper's headline comparison; every variant (stage 1 too) is trained with --full.
 DEMO_VARIANTS = tuple(os.environ.get("RLHN_DEMO_VARIANTS", "default,s2_rlhn").split(","))
-DEMO_TRAIN = {"max_steps": int(os.environ.get("RLHN_DEMO_TRAIN_STEPS", "8")), "batch_size": 16, "max_seq_length": 96,
-              "hard_negatives": 3}
+DEMO_TRAIN = {
+    "max_steps": int(os.environ.get("RLHN_DEMO_TRAIN_STEPS", "8")),
+    "batch_size": 16,
+    "max_seq_length": 96,
+    "hard_negatives": 3,
+}
 # Encoding the eval corpora is the demo's largest cost (SciFact: 5,183 passages per model): 64 tokens per
 # passage and re-ranking the top 10 keep it to minutes; --full evaluates at 256 tokens and re-ranks the top 100.
 DEMO_EVAL = {"max_seq_length": 64, "rerank_top_k": 10}
 # Leave-one-out pruning at demo sizes (5 models): report only, since 2 training steps decide nothing; tiny steps
 # and one small eval set at 64 tokens keep it to a minute or two (4 steps of batch 16 took 10 min under load).
-DEMO_PRUNING = {"train": {**DEMO_TRAIN, "max_steps": 2, "batch_size": 8, "max_seq_length": 64},
-                "eval_sets": ["cisi"], "eval_max_seq_length": 64, "max_instances_per_dataset": 16, "apply": False}
+DEMO_PRUNING = {
+    "train": {**DEMO_TRAIN, "max_steps": 2, "batch_size": 8, "max_seq_length": 64},
+    "eval_sets": ["cisi"],
+    "eval_max_seq_length": 64,
+    "max_instances_per_dataset": 16,
+    "apply": False,
+}
 
 
 def run_config(full: bool) -> dict:
@@ -58,9 +67,15 @@ def run_config(full: bool) -> dict:
         return {"ops": {"pruned": {"config": {"max_negatives_per_instance": 25}}}}
     prune = {"max_negatives_per_instance": DEMO_MAX_NEGATIVES}
     prune["max_instances"] = DEMO_MAX_INSTANCES
-    return {"ops": {"pruned": {"config": prune}, "dataset_pruning": {"config": DEMO_PRUNING},
-                    "trained_retriever": {"config": DEMO_TRAIN},
-                    "trained_reranker": {"config": DEMO_TRAIN}, "eval_scores": {"config": DEMO_EVAL}}}
+    return {
+        "ops": {
+            "pruned": {"config": prune},
+            "dataset_pruning": {"config": DEMO_PRUNING},
+            "trained_retriever": {"config": DEMO_TRAIN},
+            "trained_reranker": {"config": DEMO_TRAIN},
+            "eval_scores": {"config": DEMO_EVAL},
+        }
+    }
 
 
 DEMO_PID_TAG = "rlhn/demo_pid"
@@ -73,8 +88,9 @@ def release_dead_demo_runs(instance: dg.DagsterInstance, log=print) -> int:
     would otherwise keep an `llm_judge` / `training` slot (dagster.yaml: limit 1) and the next demo would wait
     on it forever ("Step blocked by limit for pool ...")."""
     freed = 0
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
-                                                                   dg.DagsterRunStatus.STARTING])):
+    for run in instance.get_runs(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
+    ):
         pid = run.tags.get(DEMO_PID_TAG)
         if pid is None or _alive(int(pid)):
             continue
@@ -110,8 +126,19 @@ class StageFailed(RuntimeError):
 
 RUN_TOKEN_TAG = "rlhn/demo_step"
 # metadata entries that say "how many" in a stage's line, in this order of preference
-_COUNT_KEYS = ("instances", "instances_out", "instances_judged", "negatives_judged", "flagged_negatives",
-               "false_negatives", "rows", "queries", "train_queries", "training_steps", "ndcg@10")
+_COUNT_KEYS = (
+    "instances",
+    "instances_out",
+    "instances_judged",
+    "negatives_judged",
+    "flagged_negatives",
+    "false_negatives",
+    "rows",
+    "queries",
+    "train_queries",
+    "training_steps",
+    "ndcg@10",
+)
 
 
 def _counts(result) -> str:
@@ -124,7 +151,9 @@ def _counts(result) -> str:
             v = md.get(k)
             v = getattr(v, "value", v)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                shown.append(f"{k.replace('_', ' ')} {v:,.4g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v:,}")
+                shown.append(
+                    f"{k.replace('_', ' ')} {v:,.4g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v:,}"
+                )
             if len(shown) == 2:
                 break
         if shown:
@@ -174,8 +203,15 @@ def _first_lines(text: str, n: int = 12) -> str:
     return "\n".join(lines[:n]) + (f"\n    ... ({len(lines) - n} more lines in the log)" if len(lines) > n else "")
 
 
-def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], partition, config: dict,
-         progress=None, progress_every: float = 20.0) -> tuple[float, int, str]:
+def _run(
+    d: dg.Definitions,
+    instance: dg.DagsterInstance,
+    keys: list[str],
+    partition,
+    config: dict,
+    progress=None,
+    progress_every: float = 20.0,
+) -> tuple[float, int, str]:
     """Materialize ``keys`` (+ their checks) for one partition; (seconds, checks passed, counts summary).
     ``progress(elapsed, message)`` is called periodically while it runs."""
     selection = dg.AssetSelection.assets(*keys) | dg.AssetSelection.checks_for_assets(*keys)
@@ -184,10 +220,16 @@ def _run(d: dg.Definitions, instance: dg.DagsterInstance, keys: list[str], parti
     run_config = {"ops": ops} if ops else {}
     t0 = time.perf_counter()
     with _Ticker(instance, token, progress, progress_every) if progress else contextlib.nullcontext():
-        result = dg.materialize(list(d.assets or []) + list(d.asset_checks or []), selection=selection,
-                                partition_key=partition, resources=d.resources or {}, instance=instance,
-                                raise_on_error=False, run_config=run_config or None,
-                                tags={DEMO_PID_TAG: str(os.getpid()), RUN_TOKEN_TAG: token})
+        result = dg.materialize(
+            list(d.assets or []) + list(d.asset_checks or []),
+            selection=selection,
+            partition_key=partition,
+            resources=d.resources or {},
+            instance=instance,
+            raise_on_error=False,
+            run_config=run_config or None,
+            tags={DEMO_PID_TAG: str(os.getpid()), RUN_TOKEN_TAG: token},
+        )
     seconds = time.perf_counter() - t0
     evaluations = result.get_asset_check_evaluations()
     failed = [e for e in evaluations if not e.passed]
@@ -213,12 +255,21 @@ def stages(variants=VARIANTS, exclude=DEMO_EXCLUDED) -> list[tuple[list[str], li
     evaluation stages only ``variants`` and the untrained base."""
     from rlhn_assets.stages import graph_stages, only_models
 
-    return graph_stages(defs().resolve_asset_graph(), exclude=exclude,
-                        keep_partition=only_models((BASE_MODEL, *variants)))
+    return graph_stages(
+        defs().resolve_asset_graph(), exclude=exclude, keep_partition=only_models((BASE_MODEL, *variants))
+    )
 
 
-def materialize_graph(d: dg.Definitions, instance: dg.DagsterInstance, config: dict, variants,
-                      log=print, progress=None, plan_stages=None, after_step=None) -> tuple[dict[str, float], int]:
+def materialize_graph(
+    d: dg.Definitions,
+    instance: dg.DagsterInstance,
+    config: dict,
+    variants,
+    log=print,
+    progress=None,
+    plan_stages=None,
+    after_step=None,
+) -> tuple[dict[str, float], int]:
     """Every stage of ``plan_stages`` (default ``stages(variants)``) in graph order, checks included; (seconds per
     stage, checks passed). ``log`` gets one line per stage and partition; ``progress(line)`` a periodic line while a
     step runs; ``after_step(keys, partition, seconds)`` may return text appended to the step's line (e.g. the time
@@ -229,14 +280,20 @@ def materialize_graph(d: dg.Definitions, instance: dg.DagsterInstance, config: d
     width = len(str(len(plan)))
     for i, (keys, p) in enumerate(plan, start=1):
         what = f"[{i:>{width}}/{len(plan)}] {', '.join(keys)}" + (f" [{p}]" if p is not None else "")
-        tick = (lambda elapsed, msg, what=what: progress(f"  ... {what}: {elapsed:.0f}s" + (f" | {msg}" if msg else ""))
-                ) if progress else None
+        tick = (
+            (lambda elapsed, msg, what=what: progress(f"  ... {what}: {elapsed:.0f}s" + (f" | {msg}" if msg else "")))
+            if progress
+            else None
+        )
         seconds, n, counts = _run(d, instance, keys, p, config, progress=tick)
         timings[",".join(keys)] = timings.get(",".join(keys), 0.0) + seconds
         checks += n
         extra = after_step(keys, p, seconds) if after_step else ""
-        log(f"{what}  {seconds:6.1f}s  {n} check{'s' if n != 1 else ''} passed" + (f"  | {counts}" if counts else "")
-            + (f"  | {extra}" if extra else ""))
+        log(
+            f"{what}  {seconds:6.1f}s  {n} check{'s' if n != 1 else ''} passed"
+            + (f"  | {counts}" if counts else "")
+            + (f"  | {extra}" if extra else "")
+        )
     return timings, checks
 
 
@@ -254,7 +311,7 @@ class Console:
         self._lock = threading.Lock()
         self._status_shown = False
 
-    def __enter__(self) -> "Console":
+    def __enter__(self) -> Console:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -317,9 +374,12 @@ class Console:
 def main() -> None:
     full = "--full" in sys.argv
     config = run_config(full)
-    print(f"rlhn_assets demo: {'the whole bundled sample' if full else f'first {DEMO_MAX_INSTANCES} instances per dataset'}, "
-          f"<= {25 if full else DEMO_MAX_NEGATIVES} negatives per instance; judge preset {preset_name()!r}; "
-          f"models: {'all variants' if full else ', '.join(DEMO_VARIANTS)}")
+    print(
+        "rlhn_assets demo: "
+        f"{'the whole bundled sample' if full else f'first {DEMO_MAX_INSTANCES} instances per dataset'}, "
+        f"<= {25 if full else DEMO_MAX_NEGATIVES} negatives per instance; judge preset {preset_name()!r}; "
+        f"models: {'all variants' if full else ', '.join(DEMO_VARIANTS)}"
+    )
     log_path = settings.data_dir() / "logs" / time.strftime("demo-%Y%m%d-%H%M%S.log")
     print(f"Dagster's event stream and library output go to {log_path}", flush=True)
     t_all = time.perf_counter()
@@ -328,11 +388,19 @@ def main() -> None:
         with dg.DagsterInstance.get() as instance:
             release_dead_demo_runs(instance, log=console.line)
             try:
-                timings, checks = materialize_graph(d, instance, config, VARIANTS if full else DEMO_VARIANTS,
-                                                    log=console.line, progress=console.progress)
+                timings, checks = materialize_graph(
+                    d,
+                    instance,
+                    config,
+                    VARIANTS if full else DEMO_VARIANTS,
+                    log=console.line,
+                    progress=console.progress,
+                )
             except StageFailed as e:
-                console.line(f"\ndemo stopped: {e}\nfull log: {log_path}\n"
-                             "(the run and its events are also in the Dagster UI: make ui -> Runs)")
+                console.line(
+                    f"\ndemo stopped: {e}\nfull log: {log_path}\n"
+                    "(the run and its events are also in the Dagster UI: make ui -> Runs)"
+                )
                 failed = True
             else:
                 failed = False
@@ -340,15 +408,26 @@ def main() -> None:
         raise SystemExit(1)
     total = time.perf_counter() - t_all
     db = settings.duckdb_path()
-    print("\nDone in %.0fs (%d asset checks passed). Wall time per stage:" % (total, checks))
+    print(f"\nDone in {total:.0f}s ({checks} asset checks passed). Wall time per stage:")
     for k, s in timings.items():
         print(f"  {s:7.1f}s  {k}")
     reports = settings.data_dir() / "reports"
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "demo_timings.json").write_text(json.dumps({
-        "full": full, "total_s": round(total, 1), "checks_passed": checks, "stages_s": {k: round(v, 1) for k, v in timings.items()},
-        "max_instances": None if full else DEMO_MAX_INSTANCES, "variants": list(VARIANTS if full else DEMO_VARIANTS),
-        "load_avg_1m_end": round(os.getloadavg()[0], 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    (reports / "demo_timings.json").write_text(
+        json.dumps(
+            {
+                "full": full,
+                "total_s": round(total, 1),
+                "checks_passed": checks,
+                "stages_s": {k: round(v, 1) for k, v in timings.items()},
+                "max_instances": None if full else DEMO_MAX_INSTANCES,
+                "variants": list(VARIANTS if full else DEMO_VARIANTS),
+                "load_avg_1m_end": round(os.getloadavg()[0], 2),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
     with connect(db, read_only=True) as conn:
         print(f"\nResults are in the DuckDB file {db}")
         rows = conn.execute("""
@@ -362,11 +441,13 @@ def main() -> None:
             print(f"  {ds:<18}{n:>8}{p:>10}{q:>13}{k:>9}")
         print("\n  judgments (tier, verdict -> negatives):")
         for tier, verdict, n in conn.execute(
-                "SELECT tier, verdict, count(*) FROM judgments GROUP BY ALL ORDER BY 1, 2").fetchall():
+            "SELECT tier, verdict, count(*) FROM judgments GROUP BY ALL ORDER BY 1, 2"
+        ).fetchall():
             print(f"    tier {tier}  {verdict:<13}{n:>7}")
         print("\n  relabeled instances per variant (all datasets):")
         for v, n, fn in conn.execute(
-                "SELECT variant, count(*), sum(false_negatives) FROM relabeled_instances GROUP BY 1 ORDER BY 1").fetchall():
+            "SELECT variant, count(*), sum(false_negatives) FROM relabeled_instances GROUP BY 1 ORDER BY 1"
+        ).fetchall():
             print(f"    {v:<14}{n:>7} instances  {fn:>5} false negatives")
         print(f"  exports (rlhn schema, Parquet + JSONL): {settings.data_dir() / 'exports'}")
     loo_md = settings.data_dir() / "pruning" / "leave_one_out.md"
@@ -378,8 +459,10 @@ def main() -> None:
         print(f"(report: {report_md}, .csv and .png beside it)")
     print(f"\nFull log of this run (Dagster events, library output): {log_path}")
     print("\nOpen the Dagster UI (asset graph, partitions, metadata, checks): make ui  ->  http://127.0.0.1:3000")
-    print(f"Query the tables: {sys.executable} -c \"import duckdb; print(duckdb.connect('{db}', read_only=True)"
-          ".sql('select * from raw_instances limit 5'))\"")
+    print(
+        f"Query the tables: {sys.executable} -c \"import duckdb; print(duckdb.connect('{db}', read_only=True)"
+        ".sql('select * from raw_instances limit 5'))\""
+    )
 
 
 if __name__ == "__main__":

@@ -94,8 +94,17 @@ def _parse_entry(path: Path, name: str, raw: dict) -> SourceDataset:
         raise RegistryError(f"{where}: the name may not be empty or contain any of {sorted(_FORBIDDEN)}")
     if not isinstance(raw, dict):
         raise RegistryError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    unknown = set(raw) - {"files", "keep", "judge", "prompt", "max_quarantine_rate", "mine", "description", "licence",
-                           "in_domain_eval"}
+    unknown = set(raw) - {
+        "files",
+        "keep",
+        "judge",
+        "prompt",
+        "max_quarantine_rate",
+        "mine",
+        "description",
+        "licence",
+        "in_domain_eval",
+    }
     if unknown:
         raise RegistryError(f"{where}: unknown keys {sorted(unknown)}")
     files = []

@@ -15,8 +15,9 @@ import dagster as dg
 Stage = tuple[list[str], list]  # (asset keys materialized together, partition keys; [None] when unpartitioned)
 
 
-def graph_stages(asset_graph, *, exclude: Iterable[str] = (),
-                 keep_partition: Callable[[object, object], bool] | None = None) -> list[Stage]:
+def graph_stages(
+    asset_graph, *, exclude: Iterable[str] = (), keep_partition: Callable[[object, object], bool] | None = None
+) -> list[Stage]:
     """Stages of every materializable asset of ``asset_graph`` (``Definitions.resolve_asset_graph()``) except
     ``exclude``, in an order where each stage comes after the stages it depends on.
 
@@ -25,8 +26,7 @@ def graph_stages(asset_graph, *, exclude: Iterable[str] = (),
     topological order among equals) starts the next one.
     ``keep_partition(partitions_def, key)`` filters each stage's partition keys (e.g. only some variants)."""
     excluded = {dg.AssetKey.from_user_string(k) if isinstance(k, str) else k for k in exclude}
-    order = [k for k in asset_graph.toposorted_asset_keys
-             if asset_graph.get(k).is_materializable and k not in excluded]
+    order = [k for k in asset_graph.toposorted_asset_keys if asset_graph.get(k).is_materializable and k not in excluded]
     chosen = set(order)
     parents = {k: {p for p in asset_graph.get(k).parent_keys if p in chosen} for k in order}
     # longest path to a sink: the ready asset with the most work behind it starts the next stage (the critical
@@ -48,8 +48,11 @@ def graph_stages(asset_graph, *, exclude: Iterable[str] = (),
         stages.append((kind, stage))
     out: list[Stage] = []
     for (_group, pd), keys in stages:
-        partitions = [None] if pd is None else [
-            p for p in _partition_keys(pd) if keep_partition is None or keep_partition(pd, p)]
+        partitions = (
+            [None]
+            if pd is None
+            else [p for p in _partition_keys(pd) if keep_partition is None or keep_partition(pd, p)]
+        )
         out.append(([k.to_user_string() for k in keys], partitions))
     return out
 
@@ -86,5 +89,8 @@ def per_dataset_assets(asset_graph) -> tuple[str, ...]:
     """The materializable assets partitioned by dataset alone (mining, ingest, pruning, judging), in graph order."""
     from rlhn_assets.partitions import dataset_pd
 
-    return tuple(k.to_user_string() for k in asset_graph.toposorted_asset_keys
-                 if asset_graph.get(k).is_materializable and asset_graph.get(k).partitions_def is dataset_pd)
+    return tuple(
+        k.to_user_string()
+        for k in asset_graph.toposorted_asset_keys
+        if asset_graph.get(k).is_materializable and asset_graph.get(k).partitions_def is dataset_pd
+    )

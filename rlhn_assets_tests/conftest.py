@@ -28,8 +28,12 @@ def make_resources(db_path, registry: DatasetRegistryResource | None = None) -> 
     from rlhn_assets.defs.resources import PRESETS
     from rlhn_assets.resources import JudgingBudgetResource
 
-    return {**PRESETS["local"], "duckdb": RLHNDuckDB(database=str(db_path)),
-            "registry": registry or DatasetRegistryResource(), "judging_budget": JudgingBudgetResource()}
+    return {
+        **PRESETS["local"],
+        "duckdb": RLHNDuckDB(database=str(db_path)),
+        "registry": registry or DatasetRegistryResource(),
+        "judging_budget": JudgingBudgetResource(),
+    }
 
 
 @pytest.fixture
@@ -52,8 +56,13 @@ def tmp_data(tmp_path) -> Path:
     repository ships, never a checkout's local state (experiment runs, model store, logs, caches), which made
     tests slow and order-dependent on a used checkout."""
     dst = tmp_path / "data"
-    shutil.copytree(DATA, dst, ignore=shutil.ignore_patterns(
-        "*.duckdb*", "cache", "models", "reports", "exports", "experiment", "logs", "leave_one_out.*"))
+    shutil.copytree(
+        DATA,
+        dst,
+        ignore=shutil.ignore_patterns(
+            "*.duckdb*", "cache", "models", "reports", "exports", "experiment", "logs", "leave_one_out.*"
+        ),
+    )
     return dst
 
 
@@ -85,4 +94,5 @@ def tiny_beir_copy(src: Path, dst: Path, *, queries: int = 12, extra_docs: int =
     with open(src / "queries.jsonl") as f, open(dst / "queries.jsonl", "w") as out:
         out.writelines(line for line in f if json.loads(line)["_id"] in set(keep_q))
     (dst / "qrels" / f"{split}.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(line + "\n" for q in keep_q for line in by_q[q]))
+        "query-id\tcorpus-id\tscore\n" + "".join(line + "\n" for q in keep_q for line in by_q[q])
+    )

@@ -56,15 +56,30 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
-        top = [{"token": "Yes", "logprob": -0.1, "bytes": list(b"Yes")},
-               {"token": "No", "logprob": -2.4, "bytes": list(b"No")}]
-        self._json(200, {
-            "id": "fake", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", "m"),
-            "choices": [{"index": 0, "finish_reason": "length",
-                         "message": {"role": "assistant", "content": "Yes"},
-                         "logprobs": {"content": [{"token": "Yes", "logprob": -0.1, "bytes": list(b"Yes"),
-                                                   "top_logprobs": top}]}}],
-            "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21}})
+        top = [
+            {"token": "Yes", "logprob": -0.1, "bytes": list(b"Yes")},
+            {"token": "No", "logprob": -2.4, "bytes": list(b"No")},
+        ]
+        self._json(
+            200,
+            {
+                "id": "fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "m"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "length",
+                        "message": {"role": "assistant", "content": "Yes"},
+                        "logprobs": {
+                            "content": [{"token": "Yes", "logprob": -0.1, "bytes": list(b"Yes"), "top_logprobs": top}]
+                        },
+                    }
+                ],
+                "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21},
+            },
+        )
 
 
 def main(argv: list[str]) -> None:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -66,27 +66,46 @@ def build_app(delay_s: float) -> Starlette:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "fake"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop", "logprobs": None}],
-            "usage": {"prompt_tokens": max(1, len(content) // 4), "completion_tokens": 5,
-                      "total_tokens": max(1, len(content) // 4) + 5},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": max(1, len(content) // 4),
+                "completion_tokens": 5,
+                "total_tokens": max(1, len(content) // 4) + 5,
+            },
         }
         return Response(json.dumps(payload), media_type="application/json")
 
     async def stats(request: Request) -> Response:
-        return Response(json.dumps({"total": state["total"], "in_flight": state["in_flight"],
-                                    "max_in_flight": state["max_in_flight"],
-                                    "by_content": dict(state["by_content"])}), media_type="application/json")
+        return Response(
+            json.dumps(
+                {
+                    "total": state["total"],
+                    "in_flight": state["in_flight"],
+                    "max_in_flight": state["max_in_flight"],
+                    "by_content": dict(state["by_content"]),
+                }
+            ),
+            media_type="application/json",
+        )
 
     async def reset(request: Request) -> Response:
         state.update(total=0, in_flight=0, max_in_flight=0, by_content=Counter())
         return Response("{}", media_type="application/json")
 
-    return Starlette(routes=[
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/stats", stats, methods=["GET"]),
-        Route("/reset", reset, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/stats", stats, methods=["GET"]),
+            Route("/reset", reset, methods=["POST"]),
+        ]
+    )
 
 
 @contextlib.contextmanager
@@ -94,8 +113,10 @@ def running_server(delay_s: float = 0.2, *, timeout_s: float = 30.0) -> Iterator
     """Start this server in a subprocess; yield its base URL (``http://127.0.0.1:<port>/v1``); stop it."""
     with tempfile.TemporaryDirectory(prefix="fake_openai_") as d:
         ready = os.path.join(d, "port")
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--delay", str(delay_s),
-                                 "--ready-file", ready], stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--delay", str(delay_s), "--ready-file", ready],
+            stdout=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + timeout_s
             while not os.path.exists(ready):
@@ -140,8 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     sock.listen(4096)
     port = sock.getsockname()[1]
 
-    config = uvicorn.Config(build_app(args.delay), log_level="warning", access_log=False,
-                            backlog=4096, timeout_keep_alive=30, lifespan="off")
+    config = uvicorn.Config(
+        build_app(args.delay),
+        log_level="warning",
+        access_log=False,
+        backlog=4096,
+        timeout_keep_alive=30,
+        lifespan="off",
+    )
     server = uvicorn.Server(config)
 
     async def serve() -> None:

@@ -24,8 +24,11 @@ def test_kappa_matches_sklearn_on_a_random_case():
     p = [x if rng.random() < 0.8 else not x for x in g]
     s = binary_scores(g, p)
     assert s.kappa == pytest.approx(cohen_kappa_score(g, p))
-    assert (s.precision, s.recall, s.f1) == (pytest.approx(precision_score(g, p)), pytest.approx(recall_score(g, p)),
-                                             pytest.approx(f1_score(g, p)))
+    assert (s.precision, s.recall, s.f1) == (
+        pytest.approx(precision_score(g, p)),
+        pytest.approx(recall_score(g, p)),
+        pytest.approx(f1_score(g, p)),
+    )
 
 
 def test_perfect_and_inverted():

@@ -37,8 +37,9 @@ def test_mining_reads_positives_only_and_may_use_a_grade_zero_passage_as_a_negat
     split = mining.load_beir(*FILES)
     assert split.qrels == {"q1": {"d1": 1}, "q3": {"d4": 2}}
     assert set(split.queries) == {"q1", "q3"}  # a query with no positive is not mined
-    spec = MiningSpec(corpus="", queries="", qrels="", output="", method="bm25", range_min=0, range_max=10,
-                      num_negatives=3)
+    spec = MiningSpec(
+        corpus="", queries="", qrels="", output="", method="bm25", range_min=0, range_max=10, num_negatives=3
+    )
     out = tmp_path / "mined.jsonl.gz"
     stats = mining.mine(spec, split, "tiny", out)
     rows = {r["query_id"]: r for r in map(json.loads, gzip.open(out, "rt"))}
@@ -77,8 +78,10 @@ def test_line_one_is_a_header_only_when_its_score_is_not_a_number(tmp_path, head
     assert beir_data.load(FILES[0], FILES[1], qrels).qrels == {"q1": {"d1": 1}, "q3": {"d4": 2}}
 
 
-@pytest.mark.parametrize("line, why", [("q1\td2", "expected 'query-id"), ("q1\td2\thigh", "not an integer"),
-                                       ("q1\td2\t1\textra", "expected 'query-id")])
+@pytest.mark.parametrize(
+    "line, why",
+    [("q1\td2", "expected 'query-id"), ("q1\td2\thigh", "not an integer"), ("q1\td2\t1\textra", "expected 'query-id")],
+)
 def test_malformed_qrels_fail_for_mining_too(tmp_path, line, why):
     qrels = tmp_path / "qrels.tsv"
     qrels.write_text(f"query-id\tcorpus-id\tscore\nq1\td1\t1\n{line}\n")

@@ -22,10 +22,23 @@ ALL = cascade.ALL
 
 def _paid_resources(db_path, tmp_path, budget: float, **tier_overrides) -> dict:
     paper = PRESETS["paper"]
-    tiers = {k: ReplayTier(**{**paper[k].model_dump(), "cache_path": str(tmp_path / "llm.duckdb"),
-                              "base_url": "http://replay.invalid/v1", **tier_overrides}) for k in ("tier1_judge", "tier2_judge")}
-    return {"duckdb": RLHNDuckDB(database=str(db_path)), "registry": DatasetRegistryResource(),
-            "judging_budget": JudgingBudgetResource(max_usd_per_dataset=budget, max_usd_per_run=budget), **tiers}
+    tiers = {
+        k: ReplayTier(
+            **{
+                **paper[k].model_dump(),
+                "cache_path": str(tmp_path / "llm.duckdb"),
+                "base_url": "http://replay.invalid/v1",
+                **tier_overrides,
+            }
+        )
+        for k in ("tier1_judge", "tier2_judge")
+    }
+    return {
+        "duckdb": RLHNDuckDB(database=str(db_path)),
+        "registry": DatasetRegistryResource(),
+        "judging_budget": JudgingBudgetResource(max_usd_per_dataset=budget, max_usd_per_run=budget),
+        **tiers,
+    }
 
 
 def _requests() -> int:
@@ -64,8 +77,9 @@ def test_within_budget_it_runs(db_path, tmp_path, instance):
     assert _check(result, "judging_within_budget").passed
     assert _requests() > 0
     with duckdb.connect(str(db_path), read_only=True) as c:
-        paid = c.execute("SELECT tier, paid, priced, usd_max > 0 FROM judging_estimates WHERE dataset = 'fiqa' "
-                         "ORDER BY tier").fetchall()
+        paid = c.execute(
+            "SELECT tier, paid, priced, usd_max > 0 FROM judging_estimates WHERE dataset = 'fiqa' ORDER BY tier"
+        ).fetchall()
     assert paid == [(1, True, True, True), (2, True, True, True)]
 
 
@@ -85,7 +99,9 @@ def test_the_tier_refuses_an_estimate_made_for_another_model(db_path, tmp_path, 
     other = {**res, "tier1_judge": ReplayTier(**{**res["tier1_judge"].model_dump(), "model": "gpt-4o-2024-11-20"})}
     r = _materialize(("tier1_judgments",), "fiqa", other, instance)
     assert not r.success
-    assert "re-materialize judging_cost_estimate[fiqa]" in r.get_step_failure_events()[0].event_specific_data.error.message
+    assert (
+        "re-materialize judging_cost_estimate[fiqa]" in r.get_step_failure_events()[0].event_specific_data.error.message
+    )
     assert _requests() == 0
 
 
@@ -113,22 +129,29 @@ def test_budget_rules():
 # ---------------------------------------------------------------------------------------------- automation
 def _defs_with(tiers: dict) -> dg.Definitions:
     loaded = dg.load_from_defs_folder(path_within_project=Path(cascade.__file__).parents[1] / "rlhn_assets")
-    return without_paid_automation(dg.Definitions(assets=loaded.assets, asset_checks=loaded.asset_checks,
-                                                  resources={**loaded.resources, **tiers}))
+    return without_paid_automation(
+        dg.Definitions(assets=loaded.assets, asset_checks=loaded.asset_checks, resources={**loaded.resources, **tiers})
+    )
 
 
 def _requested_after_upstream_update(defs: dg.Definitions, resources, instance) -> set[str]:
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     upstream = ("hard_negative_mining", "raw_bge", "pruned", "judging_cost_estimate")
     sel = dg.AssetSelection.assets(*upstream) | dg.AssetSelection.checks_for_assets(*upstream)
-    assert dg.materialize(list(defs.assets) + list(defs.asset_checks), selection=sel, partition_key="fiqa", resources=resources,
-                          instance=instance).success
+    assert dg.materialize(
+        list(defs.assets) + list(defs.asset_checks),
+        selection=sel,
+        partition_key="fiqa",
+        resources=resources,
+        instance=instance,
+    ).success
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     return {k.to_user_string() for k in defs.resolve_all_asset_keys() if tick.get_requested_partitions(k)}
 
 
-@pytest.mark.parametrize("preset,opt_in,expect_tier1", [("local", False, True), ("paper", False, False),
-                                                         ("paper", True, True)])
+@pytest.mark.parametrize(
+    "preset,opt_in,expect_tier1", [("local", False, True), ("paper", False, False), ("paper", True, True)]
+)
 def test_sensor_requests_a_paid_tier_only_when_opted_in(preset, opt_in, expect_tier1, resources, instance, monkeypatch):
     if opt_in:
         monkeypatch.setenv("RLHN_AUTOMATE_PAID_JUDGING", "1")

@@ -63,9 +63,18 @@ class _Inner:
         self.stats = JudgeStats()
 
     def judge(self, instances, progress=None):
-        out = [NegativeJudgment(i.instance_id, n.docid, k, "not_relevant" if self.scores[n.docid] is not None
-                                else "error", self.scores[n.docid], "key")
-               for i in instances for k, n in enumerate(i.negatives, 1)]
+        out = [
+            NegativeJudgment(
+                i.instance_id,
+                n.docid,
+                k,
+                "not_relevant" if self.scores[n.docid] is not None else "error",
+                self.scores[n.docid],
+                "key",
+            )
+            for i in instances
+            for k, n in enumerate(i.negatives, 1)
+        ]
         self.stats.count(out)
         return out
 
@@ -80,10 +89,20 @@ class _Encoder:
 
 def test_calibrated_judge_uses_llm_score_and_embeddings():
     # a calibrator that puts all its weight on the LLM score: P = sigmoid(4 * (score - 1.5))
-    cal = Calibrator(list(FEATURES), [4.0, 0, 0, 0, 0], 0.0, [1.5, 0, 0, 0, 0], [1, 1, 1, 1, 1],
-                     judge={"kind": "graded", "prompt": "graded-ref-v1"})
-    inst = Instance("q1", "query", (Passage("p", "", "near positive"),),
-                    (Passage("a", "", "near a"), Passage("b", "", "far b"), Passage("c", "", "far c")))
+    cal = Calibrator(
+        list(FEATURES),
+        [4.0, 0, 0, 0, 0],
+        0.0,
+        [1.5, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1],
+        judge={"kind": "graded", "prompt": "graded-ref-v1"},
+    )
+    inst = Instance(
+        "q1",
+        "query",
+        (Passage("p", "", "near positive"),),
+        (Passage("a", "", "near a"), Passage("b", "", "far b"), Passage("c", "", "far c")),
+    )
     inner = _Inner({"a": 2.8, "b": 0.2, "c": None})
     j = CalibratedJudge(inner, _Encoder(), cal, threshold_relevant=0.5, threshold_better=0.999)
     out = j.judge([inst])
@@ -93,8 +112,11 @@ def test_calibrated_judge_uses_llm_score_and_embeddings():
     assert j.stats.verdicts["worse"] == 1 and j.stats.verdicts["not_relevant"] == 1 and j.stats.verdicts["error"] == 1
     # fitted for another judge: refused
     with pytest.raises(ValueError, match="fitted for"):
-        CalibratedJudge(_Inner({}), _Encoder(), Calibrator(list(FEATURES), [0] * 5, 0, [0] * 5, [1] * 5,
-                                                           judge={"kind": "pointwise", "prompt": "plain-v1"}))
+        CalibratedJudge(
+            _Inner({}),
+            _Encoder(),
+            Calibrator(list(FEATURES), [0] * 5, 0, [0] * 5, [1] * 5, judge={"kind": "pointwise", "prompt": "plain-v1"}),
+        )
 
 
 def test_local_preset_points_at_a_matching_calibration():
@@ -107,10 +129,13 @@ def test_local_preset_points_at_a_matching_calibration():
     res = PRESETS["local"]["tier2_judge"]
     cal = res.load_calibrator()
     assert cal.fitted_on["file"].startswith("judge_eval/dl19/") and "tuning half" in cal.fitted_on["split"]
-    inner = res.one_token_judge_class()(SimpleNamespace(settings=SimpleNamespace(model=res.model, identity="gguf-sha256:x")),
-                                        family=res.pointwise_prompt)
+    inner = res.one_token_judge_class()(
+        SimpleNamespace(settings=SimpleNamespace(model=res.model, identity="gguf-sha256:x")),
+        family=res.pointwise_prompt,
+    )
     assert isinstance(inner, GradedLLMJudge)
-    judge = CalibratedJudge(inner, None, cal, threshold_relevant=res.threshold_relevant,
-                            threshold_better=res.threshold_better)
+    judge = CalibratedJudge(
+        inner, None, cal, threshold_relevant=res.threshold_relevant, threshold_better=res.threshold_better
+    )
     assert judge.prompt_version == f"graded-ref-v1+{cal.version}"
     assert res.describe()["calibration"] == res.calibration

@@ -53,9 +53,11 @@ def test_rule_reproduces_every_decision_of_the_papers_table12():
 
 def test_rule_reasons_counts_and_document_shape():
     all_scores = {"a": 0.50, "b": 0.40}
-    without = {"x": {"a": 0.52, "b": 0.41},   # better everywhere -> prune
-               "y": {"a": 0.45, "b": 0.40},   # average -2.5 points -> keep
-               "z": {"a": 0.53, "b": 0.385}}  # average +0.75 but in-domain b -1.5 -> keep
+    without = {
+        "x": {"a": 0.52, "b": 0.41},  # better everywhere -> prune
+        "y": {"a": 0.45, "b": 0.40},  # average -2.5 points -> keep
+        "z": {"a": 0.53, "b": 0.385},
+    }  # average +0.75 but in-domain b -1.5 -> keep
     rows = loo.recommend(all_scores, without, ["a", "b"], {"z": ["b"]}, {"x": 10, "y": 11, "z": 12}, loo.PruningRule())
     by = {r.dataset: r for r in rows}
     assert [by[d].keep for d in "xyz"] == [False, True, True]
@@ -74,8 +76,14 @@ def _materialize(keys, partition, resources, instance, config=None):
 
     d = defs()
     sel = dg.AssetSelection.assets(*keys) | dg.AssetSelection.checks_for_assets(*keys)
-    result = dg.materialize(list(d.assets) + list(d.asset_checks), selection=sel, partition_key=partition,
-                            resources=resources, instance=instance, run_config=config)
+    result = dg.materialize(
+        list(d.assets) + list(d.asset_checks),
+        selection=sel,
+        partition_key=partition,
+        resources=resources,
+        instance=instance,
+        run_config=config,
+    )
     assert result.success
     return result
 
@@ -88,8 +96,9 @@ def test_recommendation_feeds_pruned_and_a_manual_keep_wins(tmp_data, db_path, i
     resources = make_resources(db_path, DatasetRegistryResource(path=str(reg_path)))
     before = {n: dataset_fingerprint(load_registry(reg_path), n) for n in ("fiqa", "nq")}
     (tmp_data / "pruning").mkdir(exist_ok=True)
-    (tmp_data / "pruning" / "recommendation.json").write_text(json.dumps(
-        {"rule": "test rule", "datasets": {"fiqa": {"keep": False, "reason": "left out it helps"}}}))
+    (tmp_data / "pruning" / "recommendation.json").write_text(
+        json.dumps({"rule": "test rule", "datasets": {"fiqa": {"keep": False, "reason": "left out it helps"}}})
+    )
     after = {n: dataset_fingerprint(load_registry(reg_path), n) for n in ("fiqa", "nq")}
     assert after["fiqa"] != before["fiqa"] and after["nq"] == before["nq"]  # only fiqa's partitions re-run
 
@@ -111,7 +120,8 @@ def test_recommendation_feeds_pruned_and_a_manual_keep_wins(tmp_data, db_path, i
 
 @pytest.mark.slow
 def test_dataset_pruning_asset_trains_leave_one_out_models_and_writes_the_recommendation(
-        tmp_data, db_path, instance, monkeypatch, tmp_path):
+    tmp_data, db_path, instance, monkeypatch, tmp_path
+):
     from rlhn_assets.resources import DatasetRegistryResource
 
     monkeypatch.setenv("RLHN_DATA_DIR", str(tmp_data))
@@ -120,9 +130,18 @@ def test_dataset_pruning_asset_trains_leave_one_out_models_and_writes_the_recomm
     resources = make_resources(db_path, DatasetRegistryResource(path=str(tmp_data / "datasets.yaml")))
     for ds in ("msmarco_passage", "fiqa", "nq"):
         _materialize(["raw_bge"], ds, resources, instance)
-    config = {"ops": {"dataset_pruning": {"config": {
-        "train": {"max_steps": 2, "batch_size": 4, "hard_negatives": 2, "max_seq_length": 32},
-        "eval_sets": ["tiny"], "eval_max_seq_length": 64, "max_instances_per_dataset": 6}}}}
+    config = {
+        "ops": {
+            "dataset_pruning": {
+                "config": {
+                    "train": {"max_steps": 2, "batch_size": 4, "hard_negatives": 2, "max_seq_length": 32},
+                    "eval_sets": ["tiny"],
+                    "eval_max_seq_length": 64,
+                    "max_instances_per_dataset": 6,
+                }
+            }
+        }
+    }
     result = _materialize(["dataset_pruning"], None, resources, instance, config)
     md = result.asset_materializations_for_node("dataset_pruning")[0].metadata
     assert md["models_trained"].value == 4  # ALL + 3 leave-one-out
@@ -134,9 +153,13 @@ def test_dataset_pruning_asset_trains_leave_one_out_models_and_writes_the_recomm
     assert set(doc["datasets"]) == {"msmarco_passage", "fiqa", "nq"}
     assert doc["provenance"]["max_instances_per_dataset"] == 6
     assert (tmp_data / "pruning" / "leave_one_out.csv").read_text().count("\n") == 5
+
     def model_folders():  # the study's models live in the shared model store (lib/model_store.py)
-        return sorted(str(p.relative_to(tmp_data)) for p in (tmp_data / "models" / "retriever").glob("leave-one-out-*/seed-*/*")
-                      if p.name != "inputs")
+        return sorted(
+            str(p.relative_to(tmp_data))
+            for p in (tmp_data / "models" / "retriever").glob("leave-one-out-*/seed-*/*")
+            if p.name != "inputs"
+        )
 
     trained = model_folders()
     assert len(trained) == 4

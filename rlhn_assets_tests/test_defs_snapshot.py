@@ -53,8 +53,11 @@ def snapshot(defs: dg.Definitions) -> dict:
             "code_version": node.code_version,
             "kinds": sorted(node.kinds),
             "deps": sorted(k.to_user_string() for k in node.parent_keys),
-            "execution": "observable" if node.is_observable else
-                         "materializable" if node.is_materializable else "external",
+            "execution": "observable"
+            if node.is_observable
+            else "materializable"
+            if node.is_materializable
+            else "external",
         }
     jobs = {}
     for job in sorted(defs.resolve_all_job_defs(), key=lambda j: j.name):
@@ -91,16 +94,26 @@ def test_definitions_match_the_committed_snapshot():
         pytest.fail(f"{SNAPSHOT} is missing; create it with\n    {REFRESH}")
     committed = SNAPSHOT.read_text()
     if current != committed:
-        diff = "".join(difflib.unified_diff(committed.splitlines(True), current.splitlines(True),
-                                            "snapshots/defs.json (committed)", "definitions (now)"))
-        pytest.fail("the code location's definitions differ from the committed snapshot. If the change is "
-                    f"intended, refresh it and commit the file:\n    {REFRESH}\n\n{diff}")
+        diff = "".join(
+            difflib.unified_diff(
+                committed.splitlines(True),
+                current.splitlines(True),
+                "snapshots/defs.json (committed)",
+                "definitions (now)",
+            )
+        )
+        pytest.fail(
+            "the code location's definitions differ from the committed snapshot. If the change is "
+            f"intended, refresh it and commit the file:\n    {REFRESH}\n\n{diff}"
+        )
 
 
 def test_the_snapshot_sees_what_it_claims_to():
     """The snapshot would notice a change to each recorded field (so a refresh is never a silent no-op)."""
-    @dg.asset(group_name="g", code_version="7", kinds={"duckdb"},
-              partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
+
+    @dg.asset(
+        group_name="g", code_version="7", kinds={"duckdb"}, partitions_def=dg.StaticPartitionsDefinition(["a", "b"])
+    )
     def up():
         return 1
 
@@ -114,9 +127,14 @@ def test_the_snapshot_sees_what_it_claims_to():
 
     job = dg.define_asset_job("j", selection=["down"])
     snap = snapshot(dg.Definitions(assets=[up, down], asset_checks=[up_ok], jobs=[job]))
-    assert snap["assets"]["up"] == {"group": "g", "partitions": {"type": "static", "keys": ["a", "b"]},
-                                    "code_version": "7", "kinds": ["duckdb"], "deps": [],
-                                    "execution": "materializable"}
+    assert snap["assets"]["up"] == {
+        "group": "g",
+        "partitions": {"type": "static", "keys": ["a", "b"]},
+        "code_version": "7",
+        "kinds": ["duckdb"],
+        "deps": [],
+        "execution": "materializable",
+    }
     assert snap["assets"]["down"]["deps"] == ["up"] and snap["assets"]["down"]["code_version"] is None
     assert snap["asset_checks"] == ["up:up_ok"]
     assert snap["jobs"] == {"j": {"assets": ["down"], "checks": [], "partitions": None}}

@@ -31,8 +31,15 @@ def _defs():
 
 def test_stage_line_counts_and_progress(instance):
     seen = []
-    seconds, checks, counts = demo._run(_defs(), instance, ["slow_counter"], None, {"ops": {}},
-                                        progress=lambda elapsed, msg: seen.append(msg), progress_every=0.3)
+    seconds, checks, counts = demo._run(
+        _defs(),
+        instance,
+        ["slow_counter"],
+        None,
+        {"ops": {}},
+        progress=lambda elapsed, msg: seen.append(msg),
+        progress_every=0.3,
+    )
     assert counts == "slow_counter: instances 42, rows 7"
     assert checks == 0 and seconds >= 1.5
     assert "halfway through the slow counter" in seen, seen

@@ -13,8 +13,9 @@ from rlhn_assets.demo import DEMO_PID_TAG, release_dead_demo_runs
 
 def _started_run(instance, run_id: str, pid: int | None) -> None:
     tags = {DEMO_PID_TAG: str(pid)} if pid is not None else {}
-    instance.add_run(DagsterRun(job_name="__ephemeral_asset_job__", run_id=run_id,
-                                status=dg.DagsterRunStatus.STARTED, tags=tags))
+    instance.add_run(
+        DagsterRun(job_name="__ephemeral_asset_job__", run_id=run_id, status=dg.DagsterRunStatus.STARTED, tags=tags)
+    )
     instance.event_log_storage.set_concurrency_slots("llm_judge", 1)
     instance.event_log_storage.claim_concurrency_slot("llm_judge", run_id, "tier1_judgments")
 

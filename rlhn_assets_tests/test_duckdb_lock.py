@@ -19,15 +19,18 @@ from rlhn_assets.lib import db
 from rlhn_assets.lib.llm.cache import ResponseCache
 
 # Holds a DuckDB file open until its stdin closes (or 30 s pass, so a failing test never leaves it behind).
-_HOLDER = ("import duckdb, select, sys; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
-           "select.select([sys.stdin], [], [], 30); c.close()")
+_HOLDER = (
+    "import duckdb, select, sys; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
+    "select.select([sys.stdin], [], [], 30); c.close()"
+)
 
 
 @contextmanager
 def held(path, release_after_s: float | None = None):
     """Another process holds ``path`` while the block runs (or only for ``release_after_s`` seconds)."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     timer = None
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -122,8 +125,11 @@ def test_only_the_lock_conflict_is_retried(tmp_path, monkeypatch):
     with pytest.raises(duckdb.IOException, match=r"x\.duckdb.*Could not read block 7"):
         db.open_with_lock_retry(path, timeout_s=30)
     assert len(calls) == 1
-    assert db.is_lock_conflict(duckdb.IOException(
-        'IO Error: Could not set lock on file "/x.duckdb": Conflicting lock is held in python (PID 7)'))
+    assert db.is_lock_conflict(
+        duckdb.IOException(
+            'IO Error: Could not set lock on file "/x.duckdb": Conflicting lock is held in python (PID 7)'
+        )
+    )
     assert not db.is_lock_conflict(duckdb.IOException("IO Error: Could not read block 7"))
     assert not db.is_lock_conflict(ValueError("Could not set lock on file"))  # only DuckDB's IO error
 

@@ -11,17 +11,16 @@ import pytest
 
 # Not public API: the resolver behind the UI's Stale badges (rlhn_assets/defs/schedules.py uses it too).
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.instance.utils import RUNLESS_JOB_NAME
 from dagster._core.utils import make_new_run_id
 from dagster._time import get_current_datetime
 
 from rlhn_assets.definitions import defs
-from rlhn_assets.lib.relabel import VARIANTS
 from rlhn_assets.partitions import EVAL_SETS, MODELS
 from rlhn_assets.resources import RLHNDuckDB
 from rlhn_assets_tests.conftest import DATA, tiny_beir_copy
@@ -55,12 +54,16 @@ def _model_ancestors(graph, key: dg.AssetKey, partition: str) -> set[tuple[str, 
 def test_each_eval_partition_depends_on_its_own_model_only(graph):
     for pk in graph.get(dg.AssetKey("eval_scores")).partitions_def.get_partition_keys():
         model = pk.keys_by_dimension["model"]
-        expected = ({("base_retriever", "base")} if model == "base" else
-                    {("trained_retriever", model), ("trained_reranker", model)})
+        expected = (
+            {("base_retriever", "base")}
+            if model == "base"
+            else {("trained_retriever", model), ("trained_reranker", model)}
+        )
         assert _model_ancestors(graph, dg.AssetKey("eval_scores"), pk) == expected, pk
     # and downstream: one variant's training feeds exactly that variant's evaluations
-    children = graph.get_child_partition_keys_of_parent(RETRAINED, dg.AssetKey("trained_retriever"),
-                                                        dg.AssetKey("eval_model"))
+    children = graph.get_child_partition_keys_of_parent(
+        RETRAINED, dg.AssetKey("trained_retriever"), dg.AssetKey("eval_model")
+    )
     assert children == [RETRAINED]
 
 
@@ -68,8 +71,10 @@ def test_each_eval_partition_depends_on_its_own_model_only(graph):
 # check passed on that materialization, so each reported training comes with a passed check, as a real run records.
 # Reported under a fresh run id each (not public API): runless check evaluations all share run id "", and the check
 # store keeps one row per (check, run, partition).
-BLOCKING_CHECKS = {"trained_retriever": "trained_retriever_loads_and_scores",
-                   "trained_reranker": "trained_reranker_loads_and_scores"}
+BLOCKING_CHECKS = {
+    "trained_retriever": "trained_retriever_loads_and_scores",
+    "trained_reranker": "trained_reranker_loads_and_scores",
+}
 
 
 def _report(instance, name: str, partition: str, **metadata):
@@ -77,23 +82,40 @@ def _report(instance, name: str, partition: str, **metadata):
     instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=partition, metadata=metadata))
     if name in BLOCKING_CHECKS:
         [record] = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+        ).records
         evaluation = dg.AssetCheckEvaluation(
-            asset_key=key, check_name=BLOCKING_CHECKS[name], passed=True, partition=partition,
+            asset_key=key,
+            check_name=BLOCKING_CHECKS[name],
+            passed=True,
+            partition=partition,
             target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
-                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp))
-        instance.report_dagster_event(DagsterEvent(event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION.value,
-                                                   job_name=RUNLESS_JOB_NAME, event_specific_data=evaluation),
-                                      run_id=make_new_run_id())
+                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+            ),
+        )
+        instance.report_dagster_event(
+            DagsterEvent(
+                event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION.value,
+                job_name=RUNLESS_JOB_NAME,
+                event_specific_data=evaluation,
+            ),
+            run_id=make_new_run_id(),
+        )
 
 
 def _stale(instance, graph, name: str) -> set[str]:
-    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                          instance=instance, asset_graph=graph)
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=graph,
+    )
     resolver = CachingStaleStatusResolver(instance, graph, loading_context=view)
     key = dg.AssetKey(name)
-    return {str(p) for p in graph.get(key).partitions_def.get_partition_keys()
-            if resolver.get_status(key, p) == StaleStatus.STALE}
+    return {
+        str(p)
+        for p in graph.get(key).partitions_def.get_partition_keys()
+        if resolver.get_status(key, p) == StaleStatus.STALE
+    }
 
 
 def test_retraining_one_variant_stales_only_that_variants_evaluations(graph, instance):
@@ -122,7 +144,8 @@ def test_retraining_one_variant_stales_only_that_variants_evaluations(graph, ins
     assert _stale(instance, graph, "eval_scores") == {f"{e}|{RETRAINED}" for e in EVAL_SETS}
     tick = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=tick.cursor)
     assert {str(p) for p in tick.get_requested_partitions(dg.AssetKey("eval_scores"))} == {
-        f"{e}|{RETRAINED}" for e in EVAL_SETS}
+        f"{e}|{RETRAINED}" for e in EVAL_SETS
+    }
 
     # The model=base partitions follow base_retriever, and only it.
     for p in graph.get(dg.AssetKey("eval_scores")).partitions_def.get_partition_keys():
@@ -163,26 +186,43 @@ def test_eval_loads_the_model_recorded_by_the_upstream_materialization(tmp_path,
     loaded = []
     monkeypatch.setattr(embeddings, "load_model", lambda path=None: loaded.append(str(path)) or _FakeRetriever())
     monkeypatch.setattr(embeddings, "load_cross_encoder", lambda path: loaded.append(str(path)) or _FakeCrossEncoder())
-    monkeypatch.setattr(evaluation, "dense_search", lambda model, version, ds_, **kw: (
-        {q: {d: 1.0 / (i + 1) for i, d in enumerate(ds.corpus)} for q in ds.queries}, {}))
+    monkeypatch.setattr(
+        evaluation,
+        "dense_search",
+        lambda model, version, ds_, **kw: (
+            {q: {d: 1.0 / (i + 1) for i, d in enumerate(ds.corpus)} for q in ds.queries},
+            {},
+        ),
+    )
     resources = {"duckdb": RLHNDuckDB(database=str(db_path))}
     partition = dg.MultiPartitionKey({"eval_set": "cisi", "model": RETRAINED})
 
     # Without upstream materializations: a Failure that names what to materialize.
     result = dg.materialize([eval_model], partition_key=RETRAINED, instance=instance, raise_on_error=False)
     assert not result.success
-    assert f"materialize trained_retriever[{RETRAINED}] first" in str(result.get_step_failure_events()[0].event_specific_data.error)
-    result = dg.materialize([eval_scores], partition_key=partition, instance=instance, resources=resources,
-                            raise_on_error=False)
-    assert f"materialize eval_model[{RETRAINED}] first" in str(result.get_step_failure_events()[0].event_specific_data.error)
+    assert f"materialize trained_retriever[{RETRAINED}] first" in str(
+        result.get_step_failure_events()[0].event_specific_data.error
+    )
+    result = dg.materialize(
+        [eval_scores], partition_key=partition, instance=instance, resources=resources, raise_on_error=False
+    )
+    assert f"materialize eval_model[{RETRAINED}] first" in str(
+        result.get_step_failure_events()[0].event_specific_data.error
+    )
 
     for kind, (path, version) in recorded.items():
-        _report(instance, f"trained_{kind}", RETRAINED,
-                models=dg.MetadataValue.json([{"seed": 13, "path": str(path), "version": version}]))
+        _report(
+            instance,
+            f"trained_{kind}",
+            RETRAINED,
+            models=dg.MetadataValue.json([{"seed": 13, "path": str(path), "version": version}]),
+        )
     assert dg.materialize([eval_model], partition_key=RETRAINED, instance=instance).success
     assert dg.materialize([eval_scores], partition_key=partition, instance=instance, resources=resources).success
 
     assert loaded == [str(recorded["retriever"][0]), str(recorded["reranker"][0])]
     with resources["duckdb"].get_connection() as conn:
-        rows = conn.execute("SELECT stage, model_version, queries_scored, seed FROM eval_scores ORDER BY stage").fetchall()
+        rows = conn.execute(
+            "SELECT stage, model_version, queries_scored, seed FROM eval_scores ORDER BY stage"
+        ).fetchall()
     assert rows == [("reranker", recorded["reranker"][1], 3, 13), ("retriever", recorded["retriever"][1], 3, 13)]

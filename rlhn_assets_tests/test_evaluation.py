@@ -101,8 +101,10 @@ def test_load_small_set_and_list(tmp_path):
     assert doc_text(ds.corpus["d1"]) == "T one" and doc_text(ds.corpus["d2"]) == "two"
 
 
-@pytest.mark.parametrize("bad, why", [("q1\td2", "expected 'query-id"), ("q1\td2\thigh", "not an integer"),
-                                      ("q1 d2 1", "expected 'query-id")])
+@pytest.mark.parametrize(
+    "bad, why",
+    [("q1\td2", "expected 'query-id"), ("q1\td2\thigh", "not an integer"), ("q1 d2 1", "expected 'query-id")],
+)
 def test_malformed_qrels_line_names_file_and_line(tmp_path, bad, why):
     folder = _write_set(tmp_path / "bad", ["q1\td1\t1", bad])
     with pytest.raises(ValueError) as exc:
@@ -174,8 +176,12 @@ def test_evaluate_matches_hand_pytrec_eval(name):
 
 
 def test_rerank_with_stub_cross_encoder():
-    ds = BeirDataset("t", {"a": {"title": "", "text": "x"}, "b": {"title": "B", "text": "yy"},
-                           "c": {"title": "", "text": "zzz"}}, {"q": "query"}, {"q": {"c": 1}})
+    ds = BeirDataset(
+        "t",
+        {"a": {"title": "", "text": "x"}, "b": {"title": "B", "text": "yy"}, "c": {"title": "", "text": "zzz"}},
+        {"q": "query"},
+        {"q": {"c": 1}},
+    )
 
     class Stub:
         calls = []
@@ -213,8 +219,7 @@ def test_dense_search_matches_plain_sentence_transformers_on_scifact(tmp_path):
     texts = [(ds.corpus[d]["title"] + " " + ds.corpus[d]["text"]).strip() for d in doc_ids]
     qids = list(ds.queries)
     d_emb = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    q_emb = model.encode([ds.queries[q] for q in qids], batch_size=64, normalize_embeddings=True,
-                         convert_to_numpy=True)
+    q_emb = model.encode([ds.queries[q] for q in qids], batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     sims = q_emb @ d_emb.T
     plain = {}
     for row, qid in enumerate(qids):
@@ -222,9 +227,11 @@ def test_dense_search_matches_plain_sentence_transformers_on_scifact(tmp_path):
         plain[qid] = {doc_ids[i]: float(sims[row, i]) for i in top}
     ndcg, _, recall, _ = EvaluateRetrieval.evaluate(ds.qrels, plain, [10, 100], ignore_identical_ids=False)
 
-    print(f"\nSciFact test, base all-MiniLM-L6-v2: dense_search nDCG@10 {ours['ndcg@10']:.5f} "
-          f"Recall@100 {ours['recall@100']:.5f} MRR@10 {ours['mrr@10']:.5f} | plain path nDCG@10 "
-          f"{ndcg['NDCG@10']:.5f} Recall@100 {recall['Recall@100']:.5f} | cold call {info}")
+    print(
+        f"\nSciFact test, base all-MiniLM-L6-v2: dense_search nDCG@10 {ours['ndcg@10']:.5f} "
+        f"Recall@100 {ours['recall@100']:.5f} MRR@10 {ours['mrr@10']:.5f} | plain path nDCG@10 "
+        f"{ndcg['NDCG@10']:.5f} Recall@100 {recall['Recall@100']:.5f} | cold call {info}"
+    )
     assert abs(ours["ndcg@10"] - ndcg["NDCG@10"]) < 5e-4
     assert abs(ours["recall@100"] - recall["Recall@100"]) < 5e-4
     assert 0.55 < ours["ndcg@10"] < 0.75  # published all-MiniLM-L6-v2 SciFact nDCG@10 is ~0.65

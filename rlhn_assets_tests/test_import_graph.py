@@ -103,7 +103,8 @@ def test_the_package_import_graph_has_no_cycle():
     cycles = find_cycles(graph)
     detail = "\n".join(
         " <-> ".join(c) + "\n    " + "\n    ".join(f"{a} imports {b}" for a in c for b in sorted(graph[a] & set(c)))
-        for c in cycles)
+        for c in cycles
+    )
     assert not cycles, f"import cycles in {PACKAGE}/ (move what both sides need into a third module):\n{detail}"
 
 
@@ -114,16 +115,27 @@ def _write(root: Path, files: dict[str, str]) -> None:
         p.write_text(text)
 
 
-@pytest.mark.parametrize("b_imports_a", [
-    "from pkg.sub.a import X",  # module level
-    "def f():\n    from pkg.sub import a\n",  # function level, submodule through its package
-    "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import X\n",  # relative, type-only
-    "import pkg.sub.a.X as alias\n",  # a dotted name resolves to its module
-])
+@pytest.mark.parametrize(
+    "b_imports_a",
+    [
+        "from pkg.sub.a import X",  # module level
+        "def f():\n    from pkg.sub import a\n",  # function level, submodule through its package
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import X\n",  # relative, type-only
+        "import pkg.sub.a.X as alias\n",  # a dotted name resolves to its module
+    ],
+)
 def test_the_checker_sees_a_cycle_however_the_import_is_written(tmp_path, b_imports_a):
     root = tmp_path / "pkg"
-    _write(root, {"__init__.py": "", "sub/__init__.py": "", "sub/a.py": "from pkg.sub.b import Y\nX = 1\n",
-                  "sub/b.py": b_imports_a + "\nY = 2\n", "c.py": "import pkg.sub.a\n"})
+    _write(
+        root,
+        {
+            "__init__.py": "",
+            "sub/__init__.py": "",
+            "sub/a.py": "from pkg.sub.b import Y\nX = 1\n",
+            "sub/b.py": b_imports_a + "\nY = 2\n",
+            "c.py": "import pkg.sub.a\n",
+        },
+    )
     graph = import_graph(root)
     assert graph["pkg.c"] == {"pkg.sub.a"}
     assert find_cycles(graph) == [["pkg.sub.a", "pkg.sub.b"]]
@@ -131,8 +143,15 @@ def test_the_checker_sees_a_cycle_however_the_import_is_written(tmp_path, b_impo
 
 def test_the_checker_passes_an_acyclic_package(tmp_path):
     root = tmp_path / "pkg"
-    _write(root, {"__init__.py": "", "types.py": "X = 1\n", "a.py": "from pkg.types import X\n",
-                  "b.py": "from pkg import a, types\n"})
+    _write(
+        root,
+        {
+            "__init__.py": "",
+            "types.py": "X = 1\n",
+            "a.py": "from pkg.types import X\n",
+            "b.py": "from pkg import a, types\n",
+        },
+    )
     graph = import_graph(root)
     assert graph == {"pkg": set(), "pkg.types": set(), "pkg.a": {"pkg.types"}, "pkg.b": {"pkg.a", "pkg.types"}}
     assert find_cycles(graph) == []

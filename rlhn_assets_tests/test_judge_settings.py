@@ -14,14 +14,17 @@ from rlhn_assets.resources import ONE_TOKEN_PROMPTS, JudgeTierResource
 from rlhn_assets_tests.test_judges import GOOD, _client, _instance
 
 
-@pytest.mark.parametrize("field,value,allowed", [
-    ("kind", "pointwize", "'listwise', 'pointwise', 'graded' or 'embedding_margin'"),
-    ("mode", "offline", "'online' or 'batch'"),
-    ("scope", "flagged", "'instance' or 'flagged_negatives'"),
-    ("response_format_style", "json", "'json_schema', 'json_object_schema' or 'none'"),
-    ("prompt_family", "tier3", "'tier1', 'tier2' or 'scidocsrr'"),
-    ("pointwise_prompt", "plain-v2", "'pointwise-v1'"),
-])
+@pytest.mark.parametrize(
+    "field,value,allowed",
+    [
+        ("kind", "pointwize", "'listwise', 'pointwise', 'graded' or 'embedding_margin'"),
+        ("mode", "offline", "'online' or 'batch'"),
+        ("scope", "flagged", "'instance' or 'flagged_negatives'"),
+        ("response_format_style", "json", "'json_schema', 'json_object_schema' or 'none'"),
+        ("prompt_family", "tier3", "'tier1', 'tier2' or 'scidocsrr'"),
+        ("pointwise_prompt", "plain-v2", "'pointwise-v1'"),
+    ],
+)
 def test_an_unknown_value_names_the_field_and_the_allowed_values(field, value, allowed):
     with pytest.raises(ValidationError) as e:
         JudgeTierResource(tier=2, **{field: value})
@@ -29,21 +32,24 @@ def test_an_unknown_value_names_the_field_and_the_allowed_values(field, value, a
     assert field in msg and allowed in msg and repr(value) in msg
 
 
-@pytest.mark.parametrize("settings,needle", [
-    ({"kind": "pointwise", "threshold_relevant": 1.5}, "threshold_relevant = 1.5 is outside 0..1"),
-    ({"kind": "graded", "threshold_better": 3.5}, "threshold_better = 3.5 is outside 0..3"),
-    ({"kind": "graded", "calibration": "c.json", "threshold_better": 1.5}, "outside 0..1"),
-    ({"kind": "pointwise", "threshold_relevant": 0.8, "threshold_better": 0.5}, "must be >= threshold_relevant"),
-    ({"kind": "pointwise", "pointwise_prompt": "graded-v1"}, "not a pointwise prompt"),
-    ({"kind": "listwise", "pointwise_prompt": "plain-v1"}, "would ignore it"),
-    ({"kind": "listwise", "calibration": "c.json"}, "calibration applies to"),
-    ({"tier": 1, "scope": "flagged_negatives"}, "tier 2 only"),
-    ({"margin": 1.5}, "margin"),
-    ({"tier": 3}, "tier"),
-    ({"concurrency": 0}, "concurrency"),
-    ({"max_error_rate": 2.0}, "max_error_rate"),
-    ({"local_model": "qwen2.5-coder-0.5b", "mode": "batch"}, "local_model tier runs online"),
-])
+@pytest.mark.parametrize(
+    "settings,needle",
+    [
+        ({"kind": "pointwise", "threshold_relevant": 1.5}, "threshold_relevant = 1.5 is outside 0..1"),
+        ({"kind": "graded", "threshold_better": 3.5}, "threshold_better = 3.5 is outside 0..3"),
+        ({"kind": "graded", "calibration": "c.json", "threshold_better": 1.5}, "outside 0..1"),
+        ({"kind": "pointwise", "threshold_relevant": 0.8, "threshold_better": 0.5}, "must be >= threshold_relevant"),
+        ({"kind": "pointwise", "pointwise_prompt": "graded-v1"}, "not a pointwise prompt"),
+        ({"kind": "listwise", "pointwise_prompt": "plain-v1"}, "would ignore it"),
+        ({"kind": "listwise", "calibration": "c.json"}, "calibration applies to"),
+        ({"tier": 1, "scope": "flagged_negatives"}, "tier 2 only"),
+        ({"margin": 1.5}, "margin"),
+        ({"tier": 3}, "tier"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"max_error_rate": 2.0}, "max_error_rate"),
+        ({"local_model": "qwen2.5-coder-0.5b", "mode": "batch"}, "local_model tier runs online"),
+    ],
+)
 def test_inconsistent_or_out_of_range_settings_fail_when_built(settings, needle):
     with pytest.raises(ValidationError, match=None) as e:
         JudgeTierResource(**{"tier": 2, **settings})
@@ -68,9 +74,14 @@ def test_a_wrong_value_in_the_launchpad_fails_at_launch_before_any_step(resource
 
     d = defs()
     with pytest.raises(dg.DagsterInvalidConfigError) as e:
-        dg.materialize(list(d.assets), selection=dg.AssetSelection.assets("tier2_judgments"), partition_key="fiqa",
-                       resources=resources, instance=instance,
-                       run_config={"resources": {"tier2_judge": {"config": {"scope": "flagged"}}}})
+        dg.materialize(
+            list(d.assets),
+            selection=dg.AssetSelection.assets("tier2_judgments"),
+            partition_key="fiqa",
+            resources=resources,
+            instance=instance,
+            run_config={"resources": {"tier2_judge": {"config": {"scope": "flagged"}}}},
+        )
     assert "scope" in str(e.value) and "flagged_negatives" in str(e.value)
     assert instance.get_runs() == []  # refused before a run existed
 
@@ -78,11 +89,19 @@ def test_a_wrong_value_in_the_launchpad_fails_at_launch_before_any_step(resource
 JSON_GOOD = json.dumps({"thinking": "Doc (1): answers it. Doc (2): no.", "better": [1], "worse": []})
 
 
-@pytest.mark.parametrize("style,expected", [
-    ("json_schema", {"type": "json_schema", "json_schema": {"name": "verdict", "schema": prompts.LISTWISE_JSON_SCHEMA,
-                                                            "strict": True}}),
-    ("json_object_schema", {"type": "json_object", "schema": prompts.LISTWISE_JSON_SCHEMA}),
-])
+@pytest.mark.parametrize(
+    "style,expected",
+    [
+        (
+            "json_schema",
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "verdict", "schema": prompts.LISTWISE_JSON_SCHEMA, "strict": True},
+            },
+        ),
+        ("json_object_schema", {"type": "json_object", "schema": prompts.LISTWISE_JSON_SCHEMA}),
+    ],
+)
 def test_structured_listwise_asks_for_the_schema_and_reads_it(tmp_path, style, expected):
     client, seen = _client(tmp_path, [(JSON_GOOD, "stop")], response_format_style=style)
     judge = ListwiseLLMJudge(client, "tier1")

@@ -20,9 +20,12 @@ from rlhn_assets.lib.local_llm import LlamaServer, LocalLLMError
 FAKE = Path(__file__).parent / "fake_llama_server.py"
 
 # /proc/cpuinfo of a VM like the one where the native build crashed (AVX-512 + AMX), and of an old CPU
-AMX_CPUINFO = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu sse2 ssse3 sse4_1 "
-               "sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512bw avx512dq avx512vl avx512vbmi avx512_vnni avx512_bf16 amx_tile amx_int8 "
-               "amx_bf16\n")
+AMX_CPUINFO = (
+    "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu sse2 ssse3 sse4_1 "
+    "sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512bw avx512dq avx512vl avx512vbmi avx512_vnni "
+    "avx512_bf16 amx_tile amx_int8 "
+    "amx_bf16\n"
+)
 OLD_CPUINFO = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) E5520\nflags\t\t: fpu sse2 ssse3 sse4_1 sse4_2 popcnt\n"
 
 
@@ -41,12 +44,13 @@ def make_fake_build(profile: llama_build.BuildProfile, env: dict[str, str] | Non
     (d / "bin").mkdir(parents=True, exist_ok=True)
     exports = "".join(f"export {k}={v}\n" for k, v in (env or {}).items())
     server = d / "bin" / "llama-server"
-    server.write_text(f"#!/bin/sh\n{exports}exec {sys.executable} {FAKE} \"$@\"\n")
+    server.write_text(f'#!/bin/sh\n{exports}exec {sys.executable} {FAKE} "$@"\n')
     server.chmod(server.stat().st_mode | stat.S_IXUSR)
     import platform
 
-    (d / "build.json").write_text(json.dumps({"profile": profile.name, "requires": sorted(profile.requires),
-                                              "machine": platform.machine()}))
+    (d / "build.json").write_text(
+        json.dumps({"profile": profile.name, "requires": sorted(profile.requires), "machine": platform.machine()})
+    )
     b = llama_build.InstalledBuild.load(d)
     assert b is not None
     return b
@@ -174,8 +178,13 @@ def test_install_rebuilds_portable_when_no_setting_works(tmp_path, gguf, monkeyp
 
 def test_install_fails_clearly_when_nothing_works(tmp_path, gguf, monkeypatch):
     monkeypatch.setattr(llama_build, "profiles_for", lambda flags=None, machine=None: [V3])
-    monkeypatch.setattr(llama_build, "build", lambda profile, root=None, jobs=None, log=print: make_fake_build(
-        profile, {"FAKE_LLAMA_CRASH": "SIGILL", "FAKE_LLAMA_CRASH_ALWAYS": "1"}))
+    monkeypatch.setattr(
+        llama_build,
+        "build",
+        lambda profile, root=None, jobs=None, log=print: make_fake_build(
+            profile, {"FAKE_LLAMA_CRASH": "SIGILL", "FAKE_LLAMA_CRASH_ALWAYS": "1"}
+        ),
+    )
     monkeypatch.setattr(local_llm, "assemble_gguf", lambda name, cache_dir=None: gguf)
     with pytest.raises(llama_build.BuildError, match="no llama-server build works") as ei:
         llama_install.install(["fake"], log=lambda m: None)
@@ -191,8 +200,13 @@ def test_amx_cpu_gets_an_avx512_profile_without_amx():
     p = llama_build.choose_profile(llama_build.cpu_flags(AMX_CPUINFO), machine="x86_64")
     assert p.name == "x86-64-v4-vnni"
     args = set(p.cmake_args)
-    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX512=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
-            "-DGGML_AMX_BF16=OFF"} <= args
+    assert {
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_AVX512=ON",
+        "-DGGML_AMX_TILE=OFF",
+        "-DGGML_AMX_INT8=OFF",
+        "-DGGML_AMX_BF16=OFF",
+    } <= args
     # every profile after it is a fallback this CPU can also run, AVX2 without AVX-512 among them
     names = [q.name for q in llama_build.profiles_for(llama_build.cpu_flags(AMX_CPUINFO), machine="x86_64")]
     assert names == ["x86-64-v4-vnni", "x86-64-v4", "x86-64-v3", "x86-64-v2", "x86-64"]
@@ -229,7 +243,7 @@ def test_profile_can_be_forced(monkeypatch):
 def test_user_supplied_binary_gets_the_fallback_but_nothing_is_written_beside_it(tmp_path, gguf, monkeypatch):
     own = tmp_path / "opt" / "bin" / "llama-server"
     own.parent.mkdir(parents=True)
-    own.write_text(f"#!/bin/sh\nexport FAKE_LLAMA_CRASH=SIGILL\nexec {sys.executable} {FAKE} \"$@\"\n")
+    own.write_text(f'#!/bin/sh\nexport FAKE_LLAMA_CRASH=SIGILL\nexec {sys.executable} {FAKE} "$@"\n')
     own.chmod(0o755)
     monkeypatch.setenv("RLHN_LLAMA_SERVER", str(own))
     assert local_llm.find_llama_server() == own

@@ -25,15 +25,26 @@ BASE_URL = "http://stub.invalid/v1"
 
 
 def settings(**kw) -> EndpointSettings:
-    base = dict(model="judge-model", base_url=BASE_URL, concurrency=4, max_retries=3,
-                backoff_base_s=0.001, backoff_max_s=0.01, timeout_s=5.0, batch_poll_s=0.005)
+    base = dict(
+        model="judge-model",
+        base_url=BASE_URL,
+        concurrency=4,
+        max_retries=3,
+        backoff_base_s=0.001,
+        backoff_max_s=0.01,
+        timeout_s=5.0,
+        batch_poll_s=0.005,
+    )
     base.update(kw)
     return EndpointSettings(**base)
 
 
 def req(content: str, **kw) -> LLMRequest:
-    return LLMRequest(messages=({"role": "system", "content": "judge"}, {"role": "user", "content": content}),
-                      prompt_version=kw.pop("prompt_version", "v1"), **kw)
+    return LLMRequest(
+        messages=({"role": "system", "content": "judge"}, {"role": "user", "content": content}),
+        prompt_version=kw.pop("prompt_version", "v1"),
+        **kw,
+    )
 
 
 def completion(text: str, *, usage: bool = True, logprobs: list | None = None, finish: str = "stop") -> dict:
@@ -122,19 +133,40 @@ class FakeAPI:
 
     # ---- batch API
     def upload(self, request: httpx.Request) -> httpx.Response:
-        lines = [json.loads(ln) for ln in request.content.decode().splitlines()  # the JSONL part of the multipart
-                 if ln.startswith("{") and '"custom_id"' in ln]
+        lines = [
+            json.loads(ln)
+            for ln in request.content.decode().splitlines()  # the JSONL part of the multipart
+            if ln.startswith("{") and '"custom_id"' in ln
+        ]
         fid = f"file-in-{len(self.files)}"
         self.files[fid] = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
         self.batch_inputs[fid] = lines
-        return httpx.Response(200, json={"id": fid, "object": "file", "bytes": len(self.files[fid]), "created_at": 0,
-                                         "filename": "batch_input.jsonl", "purpose": "batch", "status": "processed"})
+        return httpx.Response(
+            200,
+            json={
+                "id": fid,
+                "object": "file",
+                "bytes": len(self.files[fid]),
+                "created_at": 0,
+                "filename": "batch_input.jsonl",
+                "purpose": "batch",
+                "status": "processed",
+            },
+        )
 
     def batch_obj(self, bid: str) -> dict:
         b = self.batches[bid]
-        return {"id": bid, "object": "batch", "endpoint": "/v1/chat/completions", "completion_window": "24h",
-                "created_at": 0, "input_file_id": b["input_file_id"], "status": b["status"],
-                "output_file_id": b.get("output_file_id"), "error_file_id": b.get("error_file_id")}
+        return {
+            "id": bid,
+            "object": "batch",
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "created_at": 0,
+            "input_file_id": b["input_file_id"],
+            "status": b["status"],
+            "output_file_id": b.get("output_file_id"),
+            "error_file_id": b.get("error_file_id"),
+        }
 
     def create_batch(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
@@ -163,11 +195,23 @@ class FakeAPI:
             if content in self.drop_from_output:
                 continue
             if content in self.error_lines:
-                err.append({"id": "r", "custom_id": line["custom_id"], "error": None,
-                            "response": {"status_code": 400, "body": {"error": {"message": "context too long"}}}})
+                err.append(
+                    {
+                        "id": "r",
+                        "custom_id": line["custom_id"],
+                        "error": None,
+                        "response": {"status_code": 400, "body": {"error": {"message": "context too long"}}},
+                    }
+                )
                 continue
-            out.append({"id": "r", "custom_id": line["custom_id"], "error": None,
-                        "response": {"status_code": 200, "request_id": "q", "body": self.answer(line["body"])}})
+            out.append(
+                {
+                    "id": "r",
+                    "custom_id": line["custom_id"],
+                    "error": None,
+                    "response": {"status_code": 200, "request_id": "q", "body": self.answer(line["body"])},
+                }
+            )
         for kind, rows in (("output", out), ("error", err)):
             if rows:
                 fid = f"file-{kind}-{bid}"
@@ -278,8 +322,11 @@ def test_missing_usage_counts_zero(api, cache):
 
 def test_logprobs_requested_parsed_and_cached(api, cache):
     api.logprobs = [
-        {"token": "Yes", "logprob": -0.1, "top_logprobs": [{"token": "Yes", "logprob": -0.1},
-                                                           {"token": "No", "logprob": -2.4}]},
+        {
+            "token": "Yes",
+            "logprob": -0.1,
+            "top_logprobs": [{"token": "Yes", "logprob": -0.1}, {"token": "No", "logprob": -2.4}],
+        },
         {"token": "!", "logprob": -0.5, "top_logprobs": [{"token": "!", "logprob": -0.5}]},
     ]
     client = make_client(api, cache)
@@ -296,11 +343,14 @@ def test_logprobs_requested_parsed_and_cached(api, cache):
 SCHEMA = {"type": "object", "properties": {"relevant": {"type": "boolean"}}, "required": ["relevant"]}
 
 
-@pytest.mark.parametrize("style,expected", [
-    ("json_schema", {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}),
-    ("json_object_schema", {"type": "json_object", "schema": SCHEMA}),
-    ("none", None),
-])
+@pytest.mark.parametrize(
+    "style,expected",
+    [
+        ("json_schema", {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}),
+        ("json_object_schema", {"type": "json_object", "schema": SCHEMA}),
+        ("none", None),
+    ],
+)
 def test_response_format_styles(api, cache, style, expected):
     client = make_client(api, cache, response_format_style=style, seed=7, max_tokens=64)
     client.complete_many([req("x", json_schema=SCHEMA), req("y")])
@@ -324,8 +374,9 @@ def test_request_key_contents():
     assert base == request_key(settings(api_key_env="OTHER"), req("x"))
     # the endpoint is part of a remote model's identity (test_model_identity.py); an explicit identity wins
     assert base != request_key(settings(base_url="http://elsewhere/v1"), req("x"))
-    assert request_key(settings(base_url="http://127.0.0.1:1/v1", model_identity="gguf-sha256:a"), req("x")) == \
-        request_key(settings(base_url="http://127.0.0.1:2/v1", model_identity="gguf-sha256:a"), req("x"))
+    assert request_key(
+        settings(base_url="http://127.0.0.1:1/v1", model_identity="gguf-sha256:a"), req("x")
+    ) == request_key(settings(base_url="http://127.0.0.1:2/v1", model_identity="gguf-sha256:a"), req("x"))
     assert base != request_key(s, req("x", attempt=1))
     assert base != request_key(s, req("x", prompt_version="v2"))
     assert base != request_key(settings(model="other"), req("x"))
@@ -333,8 +384,9 @@ def test_request_key_contents():
     assert base != request_key(settings(seed=1), req("x"))
     assert base != request_key(s, req("x", top_logprobs=5))
     assert base == request_key(s, req("x", max_tokens=s.max_tokens))  # effective max_tokens
-    assert request_key(settings(response_format_style="json_schema"), req("x", json_schema=SCHEMA)) != \
-        request_key(settings(response_format_style="json_object_schema"), req("x", json_schema=SCHEMA))
+    assert request_key(settings(response_format_style="json_schema"), req("x", json_schema=SCHEMA)) != request_key(
+        settings(response_format_style="json_object_schema"), req("x", json_schema=SCHEMA)
+    )
     assert len(base) == 64 and int(base, 16) >= 0
 
 
@@ -493,8 +545,16 @@ def test_cache_waits_for_the_file_lock_of_another_process(tmp_path):
     with ResponseCache(path) as c:  # creates the parent dir and the tables
         assert c.count() == 0
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
-                               "time.sleep(0.8); c.close()", str(path)], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
+            "time.sleep(0.8); c.close()",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(duckdb.IOException):

@@ -25,7 +25,7 @@ from rlhn_assets_tests.fake_openai_server import answer_text, get_stats, running
 ROOT = Path(__file__).resolve().parents[1]
 N = 60
 
-JUDGE_SCRIPT = textwrap.dedent('''
+JUDGE_SCRIPT = textwrap.dedent("""
     import json, sys
     from rlhn_assets.lib.llm.cache import ResponseCache
     from rlhn_assets.lib.llm.client import EndpointSettings, LLMClient, LLMRequest
@@ -44,7 +44,7 @@ JUDGE_SCRIPT = textwrap.dedent('''
     print(json.dumps({"stats": client.stats.as_dict(), "errors": sum(r.error is not None for r in out),
                       "http_backend": client.http_backend_in_use,
                       "texts": [r.text for r in out]}))
-''')
+""")
 
 
 def contents() -> list[str]:
@@ -52,11 +52,21 @@ def contents() -> list[str]:
 
 
 def expected_keys() -> set[str]:
-    s = EndpointSettings(model="fake-judge", base_url="http://ignored/v1", model_identity="fake-judge-weights",
-                         api_key_env="FAKE_JUDGE_KEY_UNSET",
-                         concurrency=4, max_retries=2, backoff_base_s=0.05, backoff_max_s=0.2, timeout_s=30)
-    return {request_key(s, LLMRequest(messages=({"role": "user", "content": c},), prompt_version="kr-v1"))
-            for c in contents()}
+    s = EndpointSettings(
+        model="fake-judge",
+        base_url="http://ignored/v1",
+        model_identity="fake-judge-weights",
+        api_key_env="FAKE_JUDGE_KEY_UNSET",
+        concurrency=4,
+        max_retries=2,
+        backoff_base_s=0.05,
+        backoff_max_s=0.2,
+        timeout_s=30,
+    )
+    return {
+        request_key(s, LLMRequest(messages=({"role": "user", "content": c},), prompt_version="kr-v1"))
+        for c in contents()
+    }
 
 
 def cached_contents(cache_path: Path) -> dict[str, str]:
@@ -80,8 +90,14 @@ def judge_env() -> dict:
 
 def run_judge(script: Path, base_url: str, cache_path: Path) -> dict:
     env = judge_env()
-    proc = subprocess.run([sys.executable, str(script), base_url, str(cache_path), str(N)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), base_url, str(cache_path), str(N)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -93,8 +109,13 @@ def test_sigkill_then_resume_asks_nothing_twice(server, tmp_path):
     env = judge_env()
 
     total0 = get_stats(server)["total"]
-    proc = subprocess.Popen([sys.executable, str(script), server, str(cache_path), str(N)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), server, str(cache_path), str(N)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # 4 in flight x 0.2 s = 20 requests/s: after 32 requests the writer has flushed at least twice (0.5 s timer)
     deadline = time.monotonic() + 60
     while get_stats(server)["total"] - total0 < 32:

@@ -32,8 +32,14 @@ def _instances(n=2, negs=3):
     for line in list(gzip.open(DATA / "raw/fiqa/rlhn_judge_sample.jsonl.gz", "rt"))[:n]:
         r = json.loads(line)
         p = lambda x: Passage(x["docid"], x.get("title") or "", x["text"][:600])  # noqa: E731
-        out.append(Instance(r["query_id"], r["query"], (p(r["positive_passages"][0]),),
-                            tuple(p(x) for x in r["negative_passages"][:negs])))
+        out.append(
+            Instance(
+                r["query_id"],
+                r["query"],
+                (p(r["positive_passages"][0]),),
+                tuple(p(x) for x in r["negative_passages"][:negs]),
+            )
+        )
     return out
 
 

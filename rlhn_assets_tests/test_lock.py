@@ -35,23 +35,29 @@ def _lock() -> dict[str, tuple[Version, list[str]]]:
 
 def _requirements(path_key: str) -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in (project["dependencies"] if path_key == "main"
-                                     else project["optional-dependencies"][path_key])]
+    return [
+        Requirement(r)
+        for r in (project["dependencies"] if path_key == "main" else project["optional-dependencies"][path_key])
+    ]
 
 
 def test_every_direct_dependency_is_locked_at_an_allowed_version():
     pins = _lock()
     assert len(pins) > 50  # it read the lock
     reqs = _requirements("main") + _requirements("dev")
-    constraints = [Requirement(line) for line in (ROOT / "constraints.txt").read_text().splitlines()
-                   if line.strip() and not line.startswith("#")]
+    constraints = [
+        Requirement(line)
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for req in reqs + constraints:
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not in requirements.lock: run `make lock`"
         version = pins[name][0]
         assert req.specifier.contains(version, prereleases=True), (
             f"requirements.lock pins {req.name}=={version}, outside {req} (pyproject.toml / constraints.txt): "
-            "run `make lock`")
+            "run `make lock`"
+        )
 
 
 def test_every_pin_has_a_hash_and_torch_is_the_cpu_build():

@@ -1,6 +1,5 @@
 """The hard-negative mining stage on real SciFact data."""
 
-import dataclasses
 import gzip
 import json
 import random
@@ -15,8 +14,11 @@ from rlhn_assets_tests.conftest import DATA
 
 @pytest.fixture(scope="module")
 def split():
-    return mining.load_beir(DATA / "eval/scifact/corpus.jsonl.gz", DATA / "eval/scifact/queries.jsonl",
-                            DATA / "eval/scifact/qrels/train.tsv")
+    return mining.load_beir(
+        DATA / "eval/scifact/corpus.jsonl.gz",
+        DATA / "eval/scifact/queries.jsonl",
+        DATA / "eval/scifact/qrels/train.tsv",
+    )
 
 
 def _read(path):
@@ -41,8 +43,9 @@ def test_bundled_scifact_file_was_mined_with_registry_settings_and_excludes_posi
 
 
 def test_bm25_mining_excludes_labelled_positives_and_respects_window(split, tmp_path):
-    spec = MiningSpec(corpus="", queries="", qrels="", output="", method="bm25", range_min=2, range_max=12,
-                      num_negatives=5)
+    spec = MiningSpec(
+        corpus="", queries="", qrels="", output="", method="bm25", range_min=2, range_max=12, num_negatives=5
+    )
     out = tmp_path / "mined.jsonl.gz"
     stats = mining.mine(spec, split, "scifact", out)
     rows = _read(out)
@@ -53,6 +56,7 @@ def test_bm25_mining_excludes_labelled_positives_and_respects_window(split, tmp_
         assert len(r["negative_passages"]) == 5
     # The window really is ranks 2..11 after removing positives: recompute one query by hand.
     from rank_bm25 import BM25Okapi
+
     doc_ids = sorted(split.corpus)
     bm25 = BM25Okapi([mining._tokens(mining.passage_text(split.corpus[d])) for d in doc_ids], k1=0.9, b=0.4)
     r = rows[0]
@@ -63,11 +67,22 @@ def test_bm25_mining_excludes_labelled_positives_and_respects_window(split, tmp_
 
 
 def test_random_sampling_is_seeded_and_in_rank_order():
-    spec = MiningSpec(corpus="", queries="", qrels="", output="", range_min=0, range_max=10, num_negatives=3,
-                      sampling="random", seed=7)
+    spec = MiningSpec(
+        corpus="",
+        queries="",
+        qrels="",
+        output="",
+        range_min=0,
+        range_max=10,
+        num_negatives=3,
+        sampling="random",
+        seed=7,
+    )
     scores = np.linspace(1, 0, 20)
-    picks = [mining.select_negatives(spec, list(range(20)), scores, {0}, random.Random(7), mining.MiningStats())
-             for _ in range(2)]
+    picks = [
+        mining.select_negatives(spec, list(range(20)), scores, {0}, random.Random(7), mining.MiningStats())
+        for _ in range(2)
+    ]
     assert picks[0] == picks[1] and picks[0] == sorted(picks[0]) and 0 not in picks[0]
     assert all(1 <= c <= 10 for c in picks[0])
 

@@ -23,8 +23,10 @@ PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 
 
 def _pg_bin() -> Path | None:
-    found = sorted((Path(p) for p in glob.glob(PG_BIN_GLOB) if (Path(p) / "initdb").exists()),
-                   key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    found = sorted(
+        (Path(p) for p in glob.glob(PG_BIN_GLOB) if (Path(p) / "initdb").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
     if found:
         return found[-1]
     initdb = shutil.which("initdb")
@@ -77,8 +79,19 @@ def postgres():
 
     try:
         run(pg_bin / "initdb", "-D", data, "-U", user, "--auth=trust", "-E", "UTF8", "--no-sync")
-        run(pg_bin / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-t", "60", "start",
-            "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off")
+        run(
+            pg_bin / "pg_ctl",
+            "-D",
+            data,
+            "-l",
+            root / "server.log",
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off",
+        )
     except subprocess.CalledProcessError as e:
         log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
         shutil.rmtree(root, ignore_errors=True)
@@ -92,8 +105,9 @@ def postgres():
         conn.close()
         yield {"host": "127.0.0.1", "port": port, "user": user, "db": db, "bin": pg_bin}
     finally:
-        subprocess.run([*prefix, str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*prefix, str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -104,9 +118,14 @@ def test_postgres_instance_stores_run_and_materialization(postgres, tmp_path, tm
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(settings.PROJECT_ROOT / "deploy" / "dagster.postgres.yaml", home / "dagster.yaml")
-    for k, v in {"DAGSTER_PG_HOST": postgres["host"], "DAGSTER_PG_PORT": str(postgres["port"]),
-                 "DAGSTER_PG_USER": postgres["user"], "DAGSTER_PG_PASSWORD": "unused-trust-auth",
-                 "DAGSTER_PG_DB": postgres["db"], "DAGSTER_HOME": str(home)}.items():
+    for k, v in {
+        "DAGSTER_PG_HOST": postgres["host"],
+        "DAGSTER_PG_PORT": str(postgres["port"]),
+        "DAGSTER_PG_USER": postgres["user"],
+        "DAGSTER_PG_PASSWORD": "unused-trust-auth",
+        "DAGSTER_PG_DB": postgres["db"],
+        "DAGSTER_HOME": str(home),
+    }.items():
         monkeypatch.setenv(k, v)
 
     from rlhn_assets.defs.ingest.assets import raw_bge
@@ -118,9 +137,14 @@ def test_postgres_instance_stores_run_and_materialization(postgres, tmp_path, tm
         assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
         t0 = time.monotonic()
-        result = dg.materialize([raw_bge], partition_key="fiqa", instance=instance,
-                                resources=make_resources(tmp_path / "pg_test.duckdb",
-                                                         DatasetRegistryResource(path=str(tmp_data / "datasets.yaml"))))
+        result = dg.materialize(
+            [raw_bge],
+            partition_key="fiqa",
+            instance=instance,
+            resources=make_resources(
+                tmp_path / "pg_test.duckdb", DatasetRegistryResource(path=str(tmp_data / "datasets.yaml"))
+            ),
+        )
         assert result.success
         print(f"materialize raw_bge[fiqa] against PostgreSQL storage: {time.monotonic() - t0:.1f} s")
 
@@ -135,18 +159,20 @@ def test_postgres_instance_stores_run_and_materialization(postgres, tmp_path, tm
         assert instance.schedule_storage.all_instigator_state() == []
 
     # And straight from the database, so nothing could have come from a local SQLite file.
-    conn = psycopg2.connect(host=postgres["host"], port=postgres["port"], user=postgres["user"],
-                            dbname=postgres["db"])
+    conn = psycopg2.connect(host=postgres["host"], port=postgres["port"], user=postgres["user"], dbname=postgres["db"])
     try:
         cur = conn.cursor()
         cur.execute("SELECT status FROM runs WHERE run_id = %s", [result.run_id])
         assert cur.fetchall() == [("SUCCESS",)]
-        cur.execute("SELECT count(*) FROM event_logs WHERE run_id = %s AND dagster_event_type = "
-                    "'ASSET_MATERIALIZATION' AND asset_key LIKE %s AND partition = 'fiqa'",
-                    [result.run_id, '%raw_bge%'])
+        cur.execute(
+            "SELECT count(*) FROM event_logs WHERE run_id = %s AND dagster_event_type = "
+            "'ASSET_MATERIALIZATION' AND asset_key LIKE %s AND partition = 'fiqa'",
+            [result.run_id, "%raw_bge%"],
+        )
         assert cur.fetchone()[0] == 1
-        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_name IN ('instigators', 'jobs', "
-                    "'job_ticks')")
+        cur.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('instigators', 'jobs', 'job_ticks')"
+        )
         assert cur.fetchone()[0] == 3  # schedule storage tables exist
     finally:
         conn.close()

@@ -22,9 +22,11 @@ def test_resolve_precision(monkeypatch):
 
 def test_bf16_embeddings_close_to_fp32_and_cached_apart(tmp_path):
     model = embeddings.load_model()
-    texts = ["Vitamin D deficiency is associated with multiple sclerosis.",
-             "The mitochondrial genome encodes 13 proteins of the respiratory chain.",
-             "Aspirin reduces the risk of colorectal cancer in long-term users."]
+    texts = [
+        "Vitamin D deficiency is associated with multiple sclerosis.",
+        "The mitochondrial genome encodes 13 proteins of the respiratory chain.",
+        "Aspirin reduces the risk of colorectal cancer in long-term users.",
+    ]
     fp32, hit = encode_cached(model, "v", texts, tmp_path, precision="fp32")
     assert not hit
     bf16, hit = encode_cached(model, "v", texts, tmp_path, precision="bf16")

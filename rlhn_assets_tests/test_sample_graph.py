@@ -11,14 +11,17 @@ import yaml
 from rlhn_assets_tests.conftest import tiny_beir_copy
 
 TEST_TRAIN = {"max_steps": 1, "batch_size": 4, "hard_negatives": 2, "max_seq_length": 32}
-TEST_CONFIG = {"ops": {
-    "pruned": {"config": {"max_instances": 2, "max_negatives_per_instance": 4}},
-    "dataset_pruning": {"config": {"train": TEST_TRAIN, "eval_max_seq_length": 64, "max_instances_per_dataset": 4,
-                                   "apply": False}},
-    "trained_retriever": {"config": TEST_TRAIN},
-    "trained_reranker": {"config": TEST_TRAIN},
-    "eval_scores": {"config": {"max_seq_length": 64, "rerank_top_k": 10}},
-}}
+TEST_CONFIG = {
+    "ops": {
+        "pruned": {"config": {"max_instances": 2, "max_negatives_per_instance": 4}},
+        "dataset_pruning": {
+            "config": {"train": TEST_TRAIN, "eval_max_seq_length": 64, "max_instances_per_dataset": 4, "apply": False}
+        },
+        "trained_retriever": {"config": TEST_TRAIN},
+        "trained_reranker": {"config": TEST_TRAIN},
+        "eval_scores": {"config": {"max_seq_length": 64, "rerank_top_k": 10}},
+    }
+}
 
 
 @pytest.mark.llm
@@ -46,9 +49,22 @@ def test_whole_sample_graph_materializes_with_every_asset_check_passing(tmp_data
 
     assert set(timings) == {",".join(k) for k, _ in demo.stages(variants)}
     assert checks >= 40  # every materialization ran its checks, and _run raised on any failure
-    for asset in ("hard_negative_mining", "raw_bge", "pruned", "tier1_judgments", "tier2_judgments",
-                  "judging_cost_estimate", "relabeled", "trained_retriever", "trained_reranker", "base_retriever",
-                  "eval_model", "eval_scores", "comparison_report", "dataset_pruning"):
+    for asset in (
+        "hard_negative_mining",
+        "raw_bge",
+        "pruned",
+        "tier1_judgments",
+        "tier2_judgments",
+        "judging_cost_estimate",
+        "relabeled",
+        "trained_retriever",
+        "trained_reranker",
+        "base_retriever",
+        "eval_model",
+        "eval_scores",
+        "comparison_report",
+        "dataset_pruning",
+    ):
         assert instance.get_latest_materialization_event(dg.AssetKey(asset)) is not None, asset
     report = (tmp_data / "reports" / "comparison.md").read_text()
     assert "| eval set | base | default | s2_rlhn |" in report and "**Avg**" in report

@@ -38,19 +38,22 @@ def test_nightly_backfill_requests_missing_then_nothing_then_stale(tmp_data, db_
     registry = DatasetRegistryResource(path=str(reg_path))
     d = defs()
     resources = {**d.resources, "duckdb": RLHNDuckDB(database=str(db_path)), "registry": registry}
-    d = dg.Definitions(assets=d.assets, asset_checks=d.asset_checks, schedules=d.schedules, jobs=d.jobs,
-                       resources=resources)
+    d = dg.Definitions(
+        assets=d.assets, asset_checks=d.asset_checks, schedules=d.schedules, jobs=d.jobs, resources=resources
+    )
     assert nightly_backfill.default_status == dg.DefaultScheduleStatus.STOPPED
     assert nightly_backfill.cron_schedule == "0 2 * * *"
 
     from rlhn_assets.defs.sources.assets import raw_dataset_files as source
+
     observe([source], instance=instance, resources={"registry": registry})
     sel = dg.AssetSelection.assets(*PER_DATASET_ASSETS) | dg.AssetSelection.checks_for_assets(*PER_DATASET_ASSETS)
     all_assets = list(d.assets) + list(d.asset_checks)
 
     def materialize(ds):
-        assert dg.materialize(all_assets, selection=sel, partition_key=ds, resources=resources,
-                              instance=instance).success
+        assert dg.materialize(
+            all_assets, selection=sel, partition_key=ds, resources=resources, instance=instance
+        ).success
 
     # One dataset materialized, the others never: one run per missing dataset, with all six assets.
     materialize("fiqa")
@@ -58,14 +61,25 @@ def test_nightly_backfill_requests_missing_then_nothing_then_stale(tmp_data, db_
     assert _requests(d, instance) == {ds: expected_all for ds in DATASETS if ds != "fiqa"}
 
     # A partial partition: only the missing assets of that dataset.
-    assert dg.materialize(all_assets, selection=dg.AssetSelection.assets("hard_negative_mining", "raw_bge"),
-                          partition_key="nq", resources=resources, instance=instance).success
+    assert dg.materialize(
+        all_assets,
+        selection=dg.AssetSelection.assets("hard_negative_mining", "raw_bge"),
+        partition_key="nq",
+        resources=resources,
+        instance=instance,
+    ).success
     got = _requests(d, instance)
     assert got["nq"] == sorted(["pruned", "tier1_judgments", "judging_cost_estimate", "tier2_judgments"])
 
     # A dataset with a run in progress is left alone.
-    instance.add_run(dg.DagsterRun(job_name="some_job", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED,
-                                   tags={"dagster/partition": "nq"}))
+    instance.add_run(
+        dg.DagsterRun(
+            job_name="some_job",
+            run_id=str(uuid.uuid4()),
+            status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/partition": "nq"},
+        )
+    )
     assert "nq" not in _requests(d, instance)
 
     # Everything materialized: nothing to do.

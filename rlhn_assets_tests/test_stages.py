@@ -70,4 +70,7 @@ def test_grouping_on_a_toy_graph():
     assert plan[0] == (["a1", "a2"], ["x", "y"])
     assert {tuple(k) for k, _ in plan[1:3]} == {("summary",), ("b1",)}
     assert plan[-1] == (["report"], [None])
-    assert graph_stages(graph, exclude=["summary"], keep_partition=lambda _pd, key: key == "x")[0] == (["a1", "a2"], ["x"])
+    assert graph_stages(graph, exclude=["summary"], keep_partition=lambda _pd, key: key == "x")[0] == (
+        ["a1", "a2"],
+        ["x"],
+    )

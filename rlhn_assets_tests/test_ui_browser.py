@@ -43,8 +43,10 @@ CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-
 
 
 def _missing(reason: str):
-    msg = (f"browser test needs {reason} (Debian: `apt-get install chromium`, "
-           f"`pip install -e '.[dev]'`; `.ci/run` does both)")
+    msg = (
+        f"browser test needs {reason} (Debian: `apt-get install chromium`, "
+        f"`pip install -e '.[dev]'`; `.ci/run` does both)"
+    )
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"CI is set, so a missing browser is an error: {msg}", pytrace=False)
     pytest.skip(msg)
@@ -75,11 +77,11 @@ def _instance_yaml(home: Path) -> str:
     RUNNING automation sensor must not start runs of its own in the middle of the test."""
     cfg = yaml.safe_load((ROOT / "dagster.yaml").read_text())
     cfg["storage"] = {"sqlite": {"base_dir": str(home / "storage")}}
-    cfg.setdefault("local_artifact_storage", {"module": "dagster._core.storage.root",
-                                              "class": "LocalArtifactStorage"})
+    cfg.setdefault("local_artifact_storage", {"module": "dagster._core.storage.root", "class": "LocalArtifactStorage"})
     cfg["local_artifact_storage"]["config"] = {"base_dir": str(home / "artifacts")}
-    cfg.setdefault("compute_logs", {"module": "dagster._core.storage.local_compute_log_manager",
-                                    "class": "LocalComputeLogManager"})
+    cfg.setdefault(
+        "compute_logs", {"module": "dagster._core.storage.local_compute_log_manager", "class": "LocalComputeLogManager"}
+    )
     cfg["compute_logs"]["config"] = {"base_dir": str(home / "logs")}
     cfg["auto_materialize"] = {"enabled": False, "use_sensors": False}
     cfg["telemetry"] = {"enabled": False}
@@ -94,8 +96,9 @@ def _tail(path: Path, n: int = 60) -> str:
 
 
 def _graphql(url: str, query: str) -> dict:
-    req = urllib.request.Request(url + "/graphql", data=json.dumps({"query": query}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)
 
@@ -103,8 +106,10 @@ def _graphql(url: str, query: str) -> dict:
 def _wait_until_loaded(url: str, proc: subprocess.Popen, log: Path) -> None:
     """Until the webserver answers and the code location is loaded (or failed to load)."""
     deadline = time.monotonic() + SERVER_TIMEOUT_S
-    query = ("{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-             "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
+    query = (
+        "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+        "locationOrLoadError { __typename ... on PythonError { message } } } } } }"
+    )
     last = "no answer"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -161,16 +166,18 @@ def dagster_ui(chromium, tmp_path, tmp_data):
     home.mkdir()
     (home / "dagster.yaml").write_text(_instance_yaml(home))
     port = _free_port()
-    env = {**os.environ,
-           "DAGSTER_HOME": str(home),
-           "RLHN_DATA_DIR": str(tmp_data),
-           "RLHN_DUCKDB": str(tmp_data / "rlhn.duckdb"),
-           "RLHN_CACHE_DIR": str(tmp_path / "cache"),
-           "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1",
-           # dg warns when the active venv differs from the project's
-           "VIRTUAL_ENV": str(VENV_BIN.parent),
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "RLHN_DATA_DIR": str(tmp_data),
+        "RLHN_DUCKDB": str(tmp_data / "rlhn.duckdb"),
+        "RLHN_CACHE_DIR": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # dg warns when the active venv differs from the project's
+        "VIRTUAL_ENV": str(VENV_BIN.parent),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for var in ("RLHN_REGISTRY",):  # everything must come from the private copy
         env.pop(var, None)
     dg_cli = VENV_BIN / "dg" if (VENV_BIN / "dg").exists() else shutil.which("dg")
@@ -178,9 +185,15 @@ def dagster_ui(chromium, tmp_path, tmp_data):
         pytest.fail(f"no `dg` next to {sys.executable} or on PATH (dagster-dg-cli is in `.[dev]`)", pytrace=False)
     log = tmp_path / "dg_dev.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(dg_cli), "dev", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(dg_cli), "dev", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_until_loaded(url, proc, log)
@@ -252,12 +265,15 @@ def expected_partition_metadata(data_dir: Path, partition: str) -> tuple[int, st
         n = conn.execute("SELECT count(*) FROM raw_instances WHERE dataset = ?", [partition]).fetchone()[0]
         query = conn.execute(
             """SELECT q.query FROM raw_instances i JOIN raw_queries q USING (dataset, query_id)
-               WHERE i.dataset = ? ORDER BY i.instance_id LIMIT 1""", [partition]).fetchone()[0]
+               WHERE i.dataset = ? ORDER BY i.instance_id LIMIT 1""",
+            [partition],
+        ).fetchone()[0]
     return int(n), query
 
 
-def check_partition_page(page, url: str, asset: str, partition: str, run_id: str, instances: int,
-                         first_query: str) -> None:
+def check_partition_page(
+    page, url: str, asset: str, partition: str, run_id: str, instances: int, first_query: str
+) -> None:
     from playwright.sync_api import expect
 
     page.goto(f"{url}/assets/{asset}?view=partitions&partition={partition}", wait_until="domcontentloaded")
@@ -283,8 +299,9 @@ def test_materialize_one_partition_from_the_ui(chromium, dagster_ui, tmp_path):
     url, data_dir, log = dagster_ui
     t0 = time.monotonic()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        browser = pw.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 900})
             # the "Join the Dagster community" dialog opens on 127.0.0.1 for a new instance; it is dismissed
@@ -303,8 +320,9 @@ def test_materialize_one_partition_from_the_ui(chromium, dagster_ui, tmp_path):
                 except Exception as shot_error:  # noqa: BLE001 - the original failure matters more
                     shot = f"(no screenshot: {shot_error})"
                 if isinstance(e, Exception):
-                    raise AssertionError(f"{e}\n\nscreenshot: {shot}\npage: {page.url}\n"
-                                         f"dg dev log ({log}):\n{_tail(log, 40)}") from e
+                    raise AssertionError(
+                        f"{e}\n\nscreenshot: {shot}\npage: {page.url}\ndg dev log ({log}):\n{_tail(log, 40)}"
+                    ) from e
                 raise
         finally:
             browser.close()

@@ -4,7 +4,6 @@ Each check is per partition (it has the asset's partitions_def) and blocking: an
 positive, a duplicated id or a passage that is both positive and negative would poison judging and
 training downstream."""
 
-
 import dagster as dg
 
 from rlhn_assets.lib import invariants
@@ -42,16 +41,26 @@ def _result(violations: int, examples: list[str], what: str) -> dg.AssetCheckRes
 def build_instance_checks(asset: dg.AssetsDefinition, table: str) -> list[dg.AssetChecksDefinition]:
     name = asset.key.path[-1]
 
-    @dg.asset_check(asset=asset, name=f"{name}_every_instance_has_a_positive", partitions_def=dataset_pd,
-                    blocking=True, description="Every instance has at least one positive passage.")
+    @dg.asset_check(
+        asset=asset,
+        name=f"{name}_every_instance_has_a_positive",
+        partitions_def=dataset_pd,
+        blocking=True,
+        description="Every instance has at least one positive passage.",
+    )
     def has_positive(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
         with duckdb.get_connection() as conn:
-            return _result(*_each(context, lambda ds: invariants.without_positive(conn, table, ds)),
-                           "instances without a positive")
+            return _result(
+                *_each(context, lambda ds: invariants.without_positive(conn, table, ds)), "instances without a positive"
+            )
 
-    @dg.asset_check(asset=asset, name=f"{name}_unique_ids", partitions_def=dataset_pd, blocking=True,
-                    description="Instance, query and passage ids are unique per dataset, and every referenced "
-                                "passage exists.")
+    @dg.asset_check(
+        asset=asset,
+        name=f"{name}_unique_ids",
+        partitions_def=dataset_pd,
+        blocking=True,
+        description="Instance, query and passage ids are unique per dataset, and every referenced passage exists.",
+    )
     def unique_ids(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
         with duckdb.get_connection() as conn:
             parts = {
@@ -59,7 +68,8 @@ def build_instance_checks(asset: dg.AssetsDefinition, table: str) -> list[dg.Ass
                 "duplicate query ids": _each(context, lambda ds: invariants.duplicate_query_ids(conn, ds)),
                 "duplicate passage ids": _each(context, lambda ds: invariants.duplicate_passage_ids(conn, ds)),
                 "instances referencing a missing passage": _each(
-                    context, lambda ds: invariants.dangling_passage_refs(conn, table, ds)),
+                    context, lambda ds: invariants.dangling_passage_refs(conn, table, ds)
+                ),
             }
         total = sum(n for n, _ in parts.values())
         return dg.AssetCheckResult(
@@ -70,11 +80,18 @@ def build_instance_checks(asset: dg.AssetsDefinition, table: str) -> list[dg.Ass
             | {"examples": ", ".join(e for _, ex in parts.values() for e in ex) or "-"},
         )
 
-    @dg.asset_check(asset=asset, name=f"{name}_no_passage_both_positive_and_negative", partitions_def=dataset_pd,
-                    blocking=True, description="No passage is both a positive and a negative of one instance.")
+    @dg.asset_check(
+        asset=asset,
+        name=f"{name}_no_passage_both_positive_and_negative",
+        partitions_def=dataset_pd,
+        blocking=True,
+        description="No passage is both a positive and a negative of one instance.",
+    )
     def no_overlap(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
         with duckdb.get_connection() as conn:
-            return _result(*_each(context, lambda ds: invariants.positive_also_negative(conn, table, ds)),
-                           "instances with a passage both positive and negative")
+            return _result(
+                *_each(context, lambda ds: invariants.positive_also_negative(conn, table, ds)),
+                "instances with a passage both positive and negative",
+            )
 
     return [has_positive, unique_ids, no_overlap]

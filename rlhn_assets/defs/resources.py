@@ -20,11 +20,20 @@ PRESETS: dict[str, dict[str, JudgeTierResource]] = {
     "local": {
         "tier1_judge": JudgeTierResource(tier=1, kind="embedding_margin", margin=0.12),
         "tier2_judge": JudgeTierResource(
-            tier=2, kind="graded", pointwise_prompt="graded-ref-v1", model="qwen2.5-coder-1.5b-instruct",
-            local_model="qwen2.5-coder-1.5b", calibration="calibration/dl19-qwen2.5-coder-1.5b-graded-ref-v1.json",
+            tier=2,
+            kind="graded",
+            pointwise_prompt="graded-ref-v1",
+            model="qwen2.5-coder-1.5b-instruct",
+            local_model="qwen2.5-coder-1.5b",
+            calibration="calibration/dl19-qwen2.5-coder-1.5b-graded-ref-v1.json",
             # P(relevant) >= 0.8 = `better` (relabeled by default); 0.5..0.8 = `worse` (removed by HN-Remove).
-            temperature=0.0, concurrency=1, threshold_relevant=0.5, threshold_better=0.8, max_error_rate=0.05,
-            scope="flagged_negatives"),
+            temperature=0.0,
+            concurrency=1,
+            threshold_relevant=0.5,
+            threshold_better=0.8,
+            max_error_rate=0.05,
+            scope="flagged_negatives",
+        ),
     },
     # The previous default (DL19 round 1): margin 0.20 -> 1.5B pointwise yes/no, P(yes) >= 0.5: kappa 0.157 tuning,
     # 0.246 held out, 0.212 overall, 78% of negatives to the LLM, 1.14 s/call. The 1.5B's P(yes) rises only weakly
@@ -32,9 +41,17 @@ PRESETS: dict[str, dict[str, JudgeTierResource]] = {
     "local_pointwise": {
         "tier1_judge": JudgeTierResource(tier=1, kind="embedding_margin", margin=0.20),
         "tier2_judge": JudgeTierResource(
-            tier=2, kind="pointwise", model="qwen2.5-coder-1.5b-instruct", local_model="qwen2.5-coder-1.5b",
-            temperature=0.0, concurrency=1, threshold_relevant=0.5, threshold_better=0.8, max_error_rate=0.05,
-            scope="flagged_negatives"),
+            tier=2,
+            kind="pointwise",
+            model="qwen2.5-coder-1.5b-instruct",
+            local_model="qwen2.5-coder-1.5b",
+            temperature=0.0,
+            concurrency=1,
+            threshold_relevant=0.5,
+            threshold_better=0.8,
+            max_error_rate=0.05,
+            scope="flagged_negatives",
+        ),
     },
     # Twice as fast per call (0.53 vs 1.14 s): margin 0.12 -> Qwen2.5-Coder-0.5B pointwise. The 0.5B's P(yes)
     # spans only 0.12-0.48 and does not separate the human labels: at 0.1 it keeps every flag (kappa 0.170 =
@@ -42,17 +59,41 @@ PRESETS: dict[str, dict[str, JudgeTierResource]] = {
     "local_fast": {
         "tier1_judge": JudgeTierResource(tier=1, kind="embedding_margin", margin=0.12),
         "tier2_judge": JudgeTierResource(
-            tier=2, kind="pointwise", model="qwen2.5-coder-0.5b-instruct", local_model="qwen2.5-coder-0.5b",
-            temperature=0.0, concurrency=1, threshold_relevant=0.1, threshold_better=0.45, max_error_rate=0.05,
-            scope="flagged_negatives"),
+            tier=2,
+            kind="pointwise",
+            model="qwen2.5-coder-0.5b-instruct",
+            local_model="qwen2.5-coder-0.5b",
+            temperature=0.0,
+            concurrency=1,
+            threshold_relevant=0.1,
+            threshold_better=0.45,
+            max_error_rate=0.05,
+            scope="flagged_negatives",
+        ),
     },
     "paper": {
         "tier1_judge": JudgeTierResource(
-            tier=1, kind="listwise", prompt_family="tier1", model="gpt-4o-mini-2024-07-18", temperature=0.1,
-            max_tokens=4096, concurrency=16, price_in_per_m=0.15, price_out_per_m=0.60),
+            tier=1,
+            kind="listwise",
+            prompt_family="tier1",
+            model="gpt-4o-mini-2024-07-18",
+            temperature=0.1,
+            max_tokens=4096,
+            concurrency=16,
+            price_in_per_m=0.15,
+            price_out_per_m=0.60,
+        ),
         "tier2_judge": JudgeTierResource(
-            tier=2, kind="listwise", prompt_family="tier2", model="gpt-4o-2024-11-20", temperature=0.1,
-            max_tokens=4096, concurrency=16, price_in_per_m=2.50, price_out_per_m=10.00),
+            tier=2,
+            kind="listwise",
+            prompt_family="tier2",
+            model="gpt-4o-2024-11-20",
+            temperature=0.1,
+            max_tokens=4096,
+            concurrency=16,
+            price_in_per_m=2.50,
+            price_out_per_m=10.00,
+        ),
     },
 }
 
@@ -61,6 +102,7 @@ def judging_budget() -> JudgingBudgetResource:
     """The budget gate's limits: RLHN_JUDGING_BUDGET_USD (per dataset), RLHN_JUDGING_BUDGET_USD_PER_RUN
     (default: the per-dataset one), RLHN_JUDGING_BUDGET_BASIS (max | typical). Default 0 USD: no paid call
     until someone sets a budget."""
+
     def usd(name: str, default: str) -> float:
         raw = os.environ.get(name, default)
         try:
@@ -69,9 +111,11 @@ def judging_budget() -> JudgingBudgetResource:
             raise ValueError(f"{name}={raw!r}: expected a number of USD, e.g. 25") from None
 
     per_dataset = usd("RLHN_JUDGING_BUDGET_USD", "0")
-    return JudgingBudgetResource(max_usd_per_dataset=per_dataset,
-                                 max_usd_per_run=usd("RLHN_JUDGING_BUDGET_USD_PER_RUN", str(per_dataset)),
-                                 basis=os.environ.get("RLHN_JUDGING_BUDGET_BASIS", "max"))
+    return JudgingBudgetResource(
+        max_usd_per_dataset=per_dataset,
+        max_usd_per_run=usd("RLHN_JUDGING_BUDGET_USD_PER_RUN", str(per_dataset)),
+        basis=os.environ.get("RLHN_JUDGING_BUDGET_BASIS", "max"),
+    )
 
 
 def preset_name() -> str:

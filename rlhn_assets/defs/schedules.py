@@ -33,22 +33,34 @@ from rlhn_assets.partitions import dataset_pd
 # is defined while the graph is being loaded; test_stages.py fails if it drifts from the graph (every asset
 # partitioned by dataset alone, rlhn_assets/stages.per_dataset_assets).
 PER_DATASET_ASSETS: tuple[str, ...] = (
-    "hard_negative_mining", "raw_bge", "pruned", "tier1_judgments", "judging_cost_estimate", "tier2_judgments")
+    "hard_negative_mining",
+    "raw_bge",
+    "pruned",
+    "tier1_judgments",
+    "judging_cost_estimate",
+    "tier2_judgments",
+)
 NIGHTLY_TAG = "rlhn/nightly_backfill"
-_IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-                dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+_IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 nightly_backfill_job = dg.define_asset_job(
     "nightly_backfill_job",
     selection=dg.AssetSelection.assets(*PER_DATASET_ASSETS),
     partitions_def=dataset_pd,
     description="The dataset-partitioned stages (mining, ingest, pruning, judging) with their checks; launched by "
-                "the nightly_backfill schedule with only the missing or stale assets of one dataset per run.",
+    "the nightly_backfill schedule with only the missing or stale assets of one dataset per run.",
 )
 
 
-def partitions_needing_work(instance: dg.DagsterInstance, asset_graph, asset_keys: Iterable[dg.AssetKey],
-                            partition_keys: Sequence[str]) -> dict[str, list[dg.AssetKey]]:
+def partitions_needing_work(
+    instance: dg.DagsterInstance, asset_graph, asset_keys: Iterable[dg.AssetKey], partition_keys: Sequence[str]
+) -> dict[str, list[dg.AssetKey]]:
     """{partition: [asset keys whose partition is MISSING or STALE]} (partitions with nothing to do left out)."""
     keys = list(asset_keys)
     out: dict[str, list[dg.AssetKey]] = {}
@@ -79,12 +91,13 @@ def partitions_in_progress(instance: dg.DagsterInstance) -> set[str]:
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description="02:00 UTC: one run per dataset whose per-dataset assets are missing or stale (only those assets); "
-                "nothing for fresh datasets or datasets with a run in progress. Off by default.",
+    "nothing for fresh datasets or datasets with a run in progress. Off by default.",
 )
 def nightly_backfill(context: dg.ScheduleEvaluationContext):
     keys = [dg.AssetKey(k) for k in PER_DATASET_ASSETS]
-    todo = partitions_needing_work(context.instance, context.repository_def.asset_graph, keys,
-                                   dataset_pd.get_partition_keys())
+    todo = partitions_needing_work(
+        context.instance, context.repository_def.asset_graph, keys, dataset_pd.get_partition_keys()
+    )
     busy = partitions_in_progress(context.instance)
     requests = []
     for pk, asset_keys in todo.items():
@@ -92,9 +105,12 @@ def nightly_backfill(context: dg.ScheduleEvaluationContext):
             context.log.info(f"{pk}: a run is in progress; skipped tonight")
             continue
         context.log.info(f"{pk}: {', '.join(k.to_user_string() for k in asset_keys)}")
-        requests.append(dg.RunRequest(run_key=pk, partition_key=pk, asset_selection=asset_keys,
-                                      tags={NIGHTLY_TAG: "true"}))
+        requests.append(
+            dg.RunRequest(run_key=pk, partition_key=pk, asset_selection=asset_keys, tags={NIGHTLY_TAG: "true"})
+        )
     if not requests:
-        return dg.SkipReason("every per-dataset partition is materialized and fresh"
-                             + (f" or in progress ({', '.join(sorted(busy & set(todo)))})" if busy & set(todo) else ""))
+        return dg.SkipReason(
+            "every per-dataset partition is materialized and fresh"
+            + (f" or in progress ({', '.join(sorted(busy & set(todo)))})" if busy & set(todo) else "")
+        )
     return requests

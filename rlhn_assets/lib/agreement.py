@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from rlhn_assets.lib.judging.judges import Instance, Passage
 
@@ -78,8 +78,15 @@ def load_judge_eval(path: Path) -> LabeledSet:
     return LabeledSet(instances, grades, skipped)
 
 
-def bootstrap_ci(gold: Sequence[int], pred: Sequence[int], groups: Sequence[str], *, n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(
+    gold: Sequence[int],
+    pred: Sequence[int],
+    groups: Sequence[str],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap confidence intervals of kappa, precision, recall and F1, resampling *queries*
     (``groups``: the query of each judged negative) with replacement, since a query's negatives are not
     independent. Deterministic for a given seed. ``{"kappa": (lo, hi), "precision": ..., "recall": ..., "f1": ...}``."""
@@ -108,8 +115,10 @@ def bootstrap_ci(gold: Sequence[int], pred: Sequence[int], groups: Sequence[str]
         pe = (pos / n) * (prd / n) + (1 - pos / n) * (1 - prd / n)
         kappa = np.where(pe == 1.0, 1.0, (po - pe) / (1 - pe))
     lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {name: (float(np.percentile(v, lo_q)), float(np.percentile(v, hi_q)))
-            for name, v in (("kappa", kappa), ("precision", precision), ("recall", recall), ("f1", f1))}
+    return {
+        name: (float(np.percentile(v, lo_q)), float(np.percentile(v, hi_q)))
+        for name, v in (("kappa", kappa), ("precision", precision), ("recall", recall), ("f1", f1))
+    }
 
 
 def score_aucs(gold: Sequence[int], scores: Sequence[float | None]) -> dict[str, float | None]:

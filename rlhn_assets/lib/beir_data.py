@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 CORPUS_FILES = ("corpus.jsonl", "corpus.jsonl.gz")
 
@@ -134,7 +134,9 @@ def load(corpus: Path, queries: Path, qrels: Path) -> BeirData:
     missing = [q for q in judgments if q not in texts]
     if missing:
         q = missing[0]
-        raise ValueError(f"{qrels}:{first_line[q]}: query {q!r} is not in {queries}"
-                         + (f" ({len(missing)} such queries)" if len(missing) > 1 else ""))
+        raise ValueError(
+            f"{qrels}:{first_line[q]}: query {q!r} is not in {queries}"
+            + (f" ({len(missing)} such queries)" if len(missing) > 1 else "")
+        )
     # judgments in the query order of the queries file, for stable output
     return BeirData(corpus=docs, queries=texts, qrels={q: judgments[q] for q in texts})

@@ -9,8 +9,8 @@ import contextlib
 import functools
 import hashlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """"fp32" or "bf16" for ``precision`` in PRECISIONS on ``device`` ("cpu", "cuda", "mps", ...)."""
+    """ "fp32" or "bf16" for ``precision`` in PRECISIONS on ``device`` ("cpu", "cuda", "mps", ...)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -102,9 +102,16 @@ def texts_hash(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def encode_cached(model, model_version: str, texts: Sequence[str], cache_dir: Path | None, *,
-                  batch_size: int = 64, progress: Callable[[str], None] | None = None,
-                  precision: str = "fp32") -> tuple[np.ndarray, bool]:
+def encode_cached(
+    model,
+    model_version: str,
+    texts: Sequence[str],
+    cache_dir: Path | None,
+    *,
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+    precision: str = "fp32",
+) -> tuple[np.ndarray, bool]:
     """L2-normalized float32 embeddings of ``texts``; returns (embeddings, cache_hit).
 
     The cache key holds the resolved precision, so bf16 and fp32 embeddings never stand in for each other."""
@@ -117,8 +124,13 @@ def encode_cached(model, model_version: str, texts: Sequence[str], cache_dir: Pa
     if progress:
         progress(f"encoding {len(texts):,} texts (batch {batch_size})")
     with inference_precision(resolved, str(getattr(model, "device", "cpu"))):
-        emb = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+        emb = model.encode(
+            list(texts),
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

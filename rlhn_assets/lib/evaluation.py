@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -63,9 +63,14 @@ def list_eval_sets(root: Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and corpus_file(p) is not None
-                  and (p / "queries.jsonl").is_file() and (p / "qrels" / "test.tsv").is_file())
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir()
+        and corpus_file(p) is not None
+        and (p / "queries.jsonl").is_file()
+        and (p / "qrels" / "test.tsv").is_file()
+    )
 
 
 def doc_text(doc: dict) -> str:
@@ -87,9 +92,18 @@ def corpus_hash(ds: BeirDataset) -> str:
 # ----------------------------------------------------------------------------------------------- search
 
 
-def dense_search(model, model_version: str, ds: BeirDataset, *, top_k: int = 100, cache_dir: Path | None = None,
-                 batch_size: int = 64, progress: Callable[[str], None] | None = None,
-                 query_chunk: int = 1024, precision: str = "fp32") -> tuple[dict[str, dict[str, float]], dict]:
+def dense_search(
+    model,
+    model_version: str,
+    ds: BeirDataset,
+    *,
+    top_k: int = 100,
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+    query_chunk: int = 1024,
+    precision: str = "fp32",
+) -> tuple[dict[str, dict[str, float]], dict]:
     """Exact cosine-similarity search of every query over the full corpus.
 
     Corpus embeddings go through ``encode_cached`` (keyed by ``model_version`` and the passage texts), so
@@ -103,16 +117,28 @@ def dense_search(model, model_version: str, ds: BeirDataset, *, top_k: int = 100
     doc_ids = list(ds.corpus)
     qids = list(ds.queries)
     t0 = time.perf_counter()
-    doc_emb, hit = encode_cached(model, model_version, [doc_text(ds.corpus[d]) for d in doc_ids], cache_dir,
-                                 batch_size=batch_size, progress=progress, precision=precision)
+    doc_emb, hit = encode_cached(
+        model,
+        model_version,
+        [doc_text(ds.corpus[d]) for d in doc_ids],
+        cache_dir,
+        batch_size=batch_size,
+        progress=progress,
+        precision=precision,
+    )
     corpus_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     device = str(getattr(model, "device", "cpu"))
     resolved = resolve_precision(precision, device)
     if qids:
         with inference_precision(resolved, device):
-            q_emb = model.encode([ds.queries[q] for q in qids], batch_size=batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+            q_emb = model.encode(
+                [ds.queries[q] for q in qids],
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            ).astype(np.float32)
     else:
         q_emb = np.zeros((0, doc_emb.shape[1] if doc_emb.ndim == 2 else 0), dtype=np.float32)
     query_seconds = time.perf_counter() - t1
@@ -123,16 +149,18 @@ def dense_search(model, model_version: str, ds: BeirDataset, *, top_k: int = 100
     if k > 0 and qids:
         docs_t = torch.from_numpy(np.ascontiguousarray(doc_emb))
         for start in range(0, len(qids), query_chunk):
-            q_t = torch.from_numpy(np.ascontiguousarray(q_emb[start:start + query_chunk]))
+            q_t = torch.from_numpy(np.ascontiguousarray(q_emb[start : start + query_chunk]))
             scores, idx = torch.topk(q_t @ docs_t.T, k, dim=1, largest=True, sorted=True)
-            for qid, row_s, row_i in zip(qids[start:start + query_chunk], scores.tolist(), idx.tolist()):
+            for qid, row_s, row_i in zip(qids[start : start + query_chunk], scores.tolist(), idx.tolist()):
                 results[qid] = {doc_ids[i]: float(s) for i, s in zip(row_i, row_s)}
     else:
         results = {q: {} for q in qids}
     search_seconds = time.perf_counter() - t2
     if progress:
-        progress(f"dense search: {len(qids):,} queries x {len(doc_ids):,} passages, top {k} "
-                 f"(corpus {'cache hit' if hit else f'encoded in {corpus_seconds:.1f}s'}, search {search_seconds:.2f}s)")
+        progress(
+            f"dense search: {len(qids):,} queries x {len(doc_ids):,} passages, top {k} "
+            f"(corpus {'cache hit' if hit else f'encoded in {corpus_seconds:.1f}s'}, search {search_seconds:.2f}s)"
+        )
     info = {
         "corpus_cache_hit": hit,
         "precision": resolved,
@@ -147,8 +175,15 @@ def dense_search(model, model_version: str, ds: BeirDataset, *, top_k: int = 100
     return results, info
 
 
-def rerank(cross_encoder, ds: BeirDataset, results: dict[str, dict[str, float]], *, top_k: int = 100,
-           batch_size: int = 32, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+def rerank(
+    cross_encoder,
+    ds: BeirDataset,
+    results: dict[str, dict[str, float]],
+    *,
+    top_k: int = 100,
+    batch_size: int = 32,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, float]]:
     """Re-score each query's ``top_k`` best candidates with a CrossEncoder (``predict`` on (query, passage)).
 
     Candidates below ``top_k`` are dropped; queries without text in ``ds`` are skipped.

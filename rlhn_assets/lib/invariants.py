@@ -13,35 +13,42 @@ def _count_and_examples(conn: duckdb.DuckDBPyConnection, sql: str, params: list)
 
 def without_positive(conn, table: str, dataset: str) -> tuple[int, list[str]]:
     return _count_and_examples(
-        conn, f"SELECT instance_id FROM {table} WHERE dataset = ? AND len(positive_ids) = 0", [dataset])
+        conn, f"SELECT instance_id FROM {table} WHERE dataset = ? AND len(positive_ids) = 0", [dataset]
+    )
 
 
 def duplicate_instance_ids(conn, table: str, dataset: str) -> tuple[int, list[str]]:
     return _count_and_examples(
-        conn, f"SELECT instance_id FROM {table} WHERE dataset = ? GROUP BY instance_id HAVING count(*) > 1",
-        [dataset])
+        conn, f"SELECT instance_id FROM {table} WHERE dataset = ? GROUP BY instance_id HAVING count(*) > 1", [dataset]
+    )
 
 
 def duplicate_passage_ids(conn, dataset: str) -> tuple[int, list[str]]:
     return _count_and_examples(
-        conn, "SELECT docid FROM raw_passages WHERE dataset = ? GROUP BY docid HAVING count(*) > 1", [dataset])
+        conn, "SELECT docid FROM raw_passages WHERE dataset = ? GROUP BY docid HAVING count(*) > 1", [dataset]
+    )
 
 
 def duplicate_query_ids(conn, dataset: str) -> tuple[int, list[str]]:
     return _count_and_examples(
-        conn, "SELECT query_id FROM raw_queries WHERE dataset = ? GROUP BY query_id HAVING count(*) > 1",
-        [dataset])
+        conn, "SELECT query_id FROM raw_queries WHERE dataset = ? GROUP BY query_id HAVING count(*) > 1", [dataset]
+    )
 
 
 def dangling_passage_refs(conn, table: str, dataset: str) -> tuple[int, list[str]]:
     return _count_and_examples(
-        conn, f"""SELECT DISTINCT i.instance_id FROM (
+        conn,
+        f"""SELECT DISTINCT i.instance_id FROM (
                     SELECT instance_id, unnest(positive_ids || negative_ids) AS docid FROM {table} WHERE dataset = ?
                   ) i ANTI JOIN (SELECT docid FROM raw_passages WHERE dataset = ?) p USING (docid)""",
-        [dataset, dataset])
+        [dataset, dataset],
+    )
 
 
 def positive_also_negative(conn, table: str, dataset: str) -> tuple[int, list[str]]:
     return _count_and_examples(
-        conn, f"""SELECT instance_id FROM {table} WHERE dataset = ?
-                  AND len(list_intersect(positive_ids, negative_ids)) > 0""", [dataset])
+        conn,
+        f"""SELECT instance_id FROM {table} WHERE dataset = ?
+                  AND len(list_intersect(positive_ids, negative_ids)) > 0""",
+        [dataset],
+    )

@@ -26,9 +26,11 @@ class PruningRule:
     in_domain_tolerance: float = 0.010  # nDCG@10 (1.0 point)
 
     def describe(self) -> str:
-        return (f"prune when leaving the dataset out changes average nDCG@10 by >= "
-                f"{-self.avg_tolerance * 100:+.1f} points and lowers none of its in-domain eval sets by more "
-                f"than {self.in_domain_tolerance * 100:.1f} points; keep otherwise")
+        return (
+            f"prune when leaving the dataset out changes average nDCG@10 by >= "
+            f"{-self.avg_tolerance * 100:+.1f} points and lowers none of its in-domain eval sets by more "
+            f"than {self.in_domain_tolerance * 100:.1f} points; keep otherwise"
+        )
 
 
 @dataclass
@@ -59,9 +61,14 @@ def in_domain_sets(dataset: str, configured: tuple[str, ...], eval_sets: list[st
     return [e for e in wanted if e in eval_sets]
 
 
-def recommend(all_scores: dict[str, float], without: dict[str, dict[str, float]], eval_sets: list[str],
-              in_domain: dict[str, list[str]], train_queries: dict[str, int], rule: PruningRule
-              ) -> list[LeaveOneOutRow]:
+def recommend(
+    all_scores: dict[str, float],
+    without: dict[str, dict[str, float]],
+    eval_sets: list[str],
+    in_domain: dict[str, list[str]],
+    train_queries: dict[str, int],
+    rule: PruningRule,
+) -> list[LeaveOneOutRow]:
     """One row per left-out dataset (in the order of ``without``), with the rule's decision and reason."""
     avg_all = average(all_scores, eval_sets)
     rows = []
@@ -76,15 +83,28 @@ def recommend(all_scores: dict[str, float], without: dict[str, dict[str, float]]
         elif hurt_own:
             keep = True
             reason = "in-domain: leaving it out lowers " + ", ".join(
-                f"{e} by {-d * 100:.1f} points" for e, d in hurt_own.items())
+                f"{e} by {-d * 100:.1f} points" for e, d in hurt_own.items()
+            )
         else:
             keep = False
             reason = f"leaving it out changes the average by {d_avg * 100:+.1f} points" + (
-                "; in-domain " + ", ".join(f"{e} {d * 100:+.1f}" for e, d in own.items()) if own else "")
-        rows.append(LeaveOneOutRow(
-            dataset=ds, train_queries=train_queries.get(ds, 0), scores=dict(scores), average=avg,
-            delta_average=d_avg, deltas=deltas, up_1pt=sum(d > 0.01 + EPS for d in deltas.values()),
-            down_1pt=sum(d < -0.01 - EPS for d in deltas.values()), in_domain=own, keep=keep, reason=reason))
+                "; in-domain " + ", ".join(f"{e} {d * 100:+.1f}" for e, d in own.items()) if own else ""
+            )
+        rows.append(
+            LeaveOneOutRow(
+                dataset=ds,
+                train_queries=train_queries.get(ds, 0),
+                scores=dict(scores),
+                average=avg,
+                delta_average=d_avg,
+                deltas=deltas,
+                up_1pt=sum(d > 0.01 + EPS for d in deltas.values()),
+                down_1pt=sum(d < -0.01 - EPS for d in deltas.values()),
+                in_domain=own,
+                keep=keep,
+                reason=reason,
+            )
+        )
     return rows
 
 
@@ -93,17 +113,28 @@ def recommendation_doc(rows: list[LeaveOneOutRow], rule: PruningRule, provenance
     return {
         "rule": rule.describe(),
         "provenance": provenance,
-        "datasets": {r.dataset: {"keep": r.keep, "reason": r.reason,
-                                 "delta_average_ndcg@10": round(r.delta_average, 4)} for r in rows},
+        "datasets": {
+            r.dataset: {"keep": r.keep, "reason": r.reason, "delta_average_ndcg@10": round(r.delta_average, 4)}
+            for r in rows
+        },
     }
 
 
-def to_markdown(eval_sets: list[str], base: dict[str, float] | None, all_scores: dict[str, float],
-                all_queries: int, rows: list[LeaveOneOutRow], rule: PruningRule) -> str:
+def to_markdown(
+    eval_sets: list[str],
+    base: dict[str, float] | None,
+    all_scores: dict[str, float],
+    all_queries: int,
+    rows: list[LeaveOneOutRow],
+    rule: PruningRule,
+) -> str:
     """A table shaped like the paper's Table 12: one row per setting, nDCG@10 per eval set, the average,
     its delta vs ALL, how many eval sets moved by more than +-1 point, and the decision."""
     head = ["setting (train queries)"] + eval_sets + ["Avg", "Δ Avg", "+1pt", "−1pt", "keep?", "why"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "|".join("---:" for _ in eval_sets) + "|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|---|" + "|".join("---:" for _ in eval_sets) + "|---:|---:|---:|---:|---|---|",
+    ]
 
     def cells(scores: dict[str, float]) -> list[str]:
         return [f"{scores[e]:.3f}" for e in eval_sets] + [f"**{average(scores, eval_sets):.3f}**"]
@@ -112,9 +143,20 @@ def to_markdown(eval_sets: list[str], base: dict[str, float] | None, all_scores:
         lines.append("| base model (0) | " + " | ".join(cells(base) + ["", "", "", "", ""]) + " |")
     lines.append(f"| ALL ({all_queries:,}) | " + " | ".join(cells(all_scores) + ["", "", "", "", ""]) + " |")
     for r in rows:
-        lines.append(f"| w/o {r.dataset} ({r.train_queries:,}) | " + " | ".join(
-            cells(r.scores) + [f"{r.delta_average * 100:+.1f}", str(r.up_1pt), str(r.down_1pt),
-                               "yes" if r.keep else "**no**", r.reason]) + " |")
+        lines.append(
+            f"| w/o {r.dataset} ({r.train_queries:,}) | "
+            + " | ".join(
+                cells(r.scores)
+                + [
+                    f"{r.delta_average * 100:+.1f}",
+                    str(r.up_1pt),
+                    str(r.down_1pt),
+                    "yes" if r.keep else "**no**",
+                    r.reason,
+                ]
+            )
+            + " |"
+        )
     return f"Rule: {rule.describe()}.\n\n" + "\n".join(lines)
 
 
@@ -124,11 +166,17 @@ def write_csv(rows: list[LeaveOneOutRow], all_scores: dict[str, float], eval_set
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["setting", "train_queries"] + eval_sets + ["avg", "delta_avg", "keep", "reason"])
-        w.writerow(["ALL", ""] + [f"{all_scores[e]:.4f}" for e in eval_sets]
-                   + [f"{average(all_scores, eval_sets):.4f}", "", "", ""])
+        w.writerow(
+            ["ALL", ""]
+            + [f"{all_scores[e]:.4f}" for e in eval_sets]
+            + [f"{average(all_scores, eval_sets):.4f}", "", "", ""]
+        )
         for r in rows:
-            w.writerow([f"w/o {r.dataset}", r.train_queries] + [f"{r.scores[e]:.4f}" for e in eval_sets]
-                       + [f"{r.average:.4f}", f"{r.delta_average:.4f}", r.keep, r.reason])
+            w.writerow(
+                [f"w/o {r.dataset}", r.train_queries]
+                + [f"{r.scores[e]:.4f}" for e in eval_sets]
+                + [f"{r.average:.4f}", f"{r.delta_average:.4f}", r.keep, r.reason]
+            )
 
 
 def delta_chart_png(rows: list[LeaveOneOutRow]) -> bytes:

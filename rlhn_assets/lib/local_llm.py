@@ -35,9 +35,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -450,7 +450,7 @@ class LlamaServer:
             return None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def start(self, timeout: float = 120) -> "LlamaServer":
+    def start(self, timeout: float = 120) -> LlamaServer:
         """Launch the server and block until ``/health`` reports ok; on a crash at start retry once with the
         fallback settings. Raises LocalLLMError naming the binary, the flags tried, how each ended, the log tail."""
         from rlhn_assets.lib import llama_build
@@ -472,13 +472,22 @@ class LlamaServer:
             self.attempts.append({"args": [*self.extra_args, *settings_args], **outcome, "log": str(self.log_path)})
             if outcome["ok"]:
                 if i > 0 and sha:  # the fallback was needed: record it so later starts skip the crash
-                    llama_build.record_smoke(binary, sha, {"ok": True, "args": list(settings_args),
-                                                           "tried": self.attempts, "source": "LlamaServer.start"})
+                    llama_build.record_smoke(
+                        binary,
+                        sha,
+                        {
+                            "ok": True,
+                            "args": list(settings_args),
+                            "tried": self.attempts,
+                            "source": "LlamaServer.start",
+                        },
+                    )
                 return self
             if not outcome.get("retryable"):
                 break
-        tried = "\n".join(f"  {' '.join(a['args']) or '(default settings)'}: {a['ended']} (log {a['log']})"
-                          for a in self.attempts)
+        tried = "\n".join(
+            f"  {' '.join(a['args']) or '(default settings)'}: {a['ended']} (log {a['log']})" for a in self.attempts
+        )
         raise LocalLLMError(
             f"llama-server could not start.\nbinary: {binary}\nmodel: {self.model_path}\nflags tried:\n{tried}\n"
             f"command: {' '.join(self.command())}\nlog ({self.log_path}):\n{self.log_tail()}\n"
@@ -520,7 +529,11 @@ class LlamaServer:
                         name = signal.Signals(-rc).name
                     except ValueError:
                         name = f"signal {-rc}"
-                    return {"ok": False, "retryable": True, "ended": f"killed by {name} (exit code {rc}) during startup"}
+                    return {
+                        "ok": False,
+                        "retryable": True,
+                        "ended": f"killed by {name} (exit code {rc}) during startup",
+                    }
                 return {"ok": False, "retryable": False, "ended": f"exited with code {rc} during startup"}
             h = self.health(timeout=1.0)
             if h and h.get("status") == "ok":
@@ -528,7 +541,11 @@ class LlamaServer:
                 return {"ok": True, "ended": f"healthy after {self.load_seconds:.1f} s"}
             if time.monotonic() > deadline:
                 self.stop()
-                return {"ok": False, "retryable": True, "ended": f"not healthy after {timeout:.0f} s (last /health: {h})"}
+                return {
+                    "ok": False,
+                    "retryable": True,
+                    "ended": f"not healthy after {timeout:.0f} s (last /health: {h})",
+                }
             time.sleep(0.2)
 
     def stop(self, timeout: float = 10) -> None:
@@ -559,7 +576,7 @@ class LlamaServer:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
-    def __enter__(self) -> "LlamaServer":
+    def __enter__(self) -> LlamaServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

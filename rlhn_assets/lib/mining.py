@@ -17,9 +17,9 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -40,8 +40,9 @@ def load_beir(corpus: Path, queries: Path, qrels: Path) -> BeirSplit:
     negatives either), and a query without a positive is not mined."""
     data = beir_data.load(corpus, queries, qrels)
     positives = data.positives()
-    return BeirSplit(corpus=data.corpus, queries={q: t for q, t in data.queries.items() if q in positives},
-                     qrels=positives)
+    return BeirSplit(
+        corpus=data.corpus, queries={q: t for q, t in data.queries.items() if q in positives}, qrels=positives
+    )
 
 
 def passage_text(doc: dict) -> str:
@@ -66,9 +67,17 @@ class MiningStats:
     cache_hit: bool = False
 
 
-def score_candidates(spec: MiningSpec, split: BeirSplit, doc_ids: list[str], qids: list[str], *,
-                     model=None, model_version: str = "", cache_dir: Path | None = None,
-                     progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, bool]:
+def score_candidates(
+    spec: MiningSpec,
+    split: BeirSplit,
+    doc_ids: list[str],
+    qids: list[str],
+    *,
+    model=None,
+    model_version: str = "",
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, bool]:
     """Query x corpus score matrix (cosine for dense, BM25 otherwise)."""
     texts = [passage_text(split.corpus[d]) for d in doc_ids]
     if spec.method == "bm25":
@@ -80,15 +89,14 @@ def score_candidates(spec: MiningSpec, split: BeirSplit, doc_ids: list[str], qid
     from rlhn_assets.lib.embeddings import encode_cached, load_model
 
     model = model or load_model()
-    doc_emb, hit = encode_cached(model, model_version, texts, cache_dir, batch_size=spec.batch_size,
-                                 progress=progress)
-    q_emb, _ = encode_cached(model, model_version, [split.queries[q] for q in qids], None,
-                             batch_size=spec.batch_size)
+    doc_emb, hit = encode_cached(model, model_version, texts, cache_dir, batch_size=spec.batch_size, progress=progress)
+    q_emb, _ = encode_cached(model, model_version, [split.queries[q] for q in qids], None, batch_size=spec.batch_size)
     return q_emb @ doc_emb.T, hit
 
 
-def select_negatives(spec: MiningSpec, ranked: list[int], scores: np.ndarray, positives: set[int],
-                     rng: random.Random, stats: MiningStats) -> list[int]:
+def select_negatives(
+    spec: MiningSpec, ranked: list[int], scores: np.ndarray, positives: set[int], rng: random.Random, stats: MiningStats
+) -> list[int]:
     """From candidates in rank order, drop positives, keep the window, apply the margin, sample N."""
     pos_score = min(float(scores[p]) for p in positives)
     window: list[int] = []
@@ -111,8 +119,17 @@ def select_negatives(spec: MiningSpec, ranked: list[int], scores: np.ndarray, po
     return window[: spec.num_negatives]
 
 
-def mine(spec: MiningSpec, split: BeirSplit, subset: str, output: Path, *, model=None, model_version: str = "",
-         cache_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> MiningStats:
+def mine(
+    spec: MiningSpec,
+    split: BeirSplit,
+    subset: str,
+    output: Path,
+    *,
+    model=None,
+    model_version: str = "",
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> MiningStats:
     stats = MiningStats()
     doc_ids = sorted(split.corpus)
     index = {d: i for i, d in enumerate(doc_ids)}
@@ -122,9 +139,9 @@ def mine(spec: MiningSpec, split: BeirSplit, subset: str, output: Path, *, model
             qids.append(q)
         else:
             stats.queries_skipped_no_positive_in_corpus += 1
-    scores, stats.cache_hit = score_candidates(spec, split, doc_ids, qids, model=model,
-                                               model_version=model_version, cache_dir=cache_dir,
-                                               progress=progress)
+    scores, stats.cache_hit = score_candidates(
+        spec, split, doc_ids, qids, model=model, model_version=model_version, cache_dir=cache_dir, progress=progress
+    )
     rng = random.Random(spec.seed)
     depth = min(len(doc_ids), spec.range_max + max(len(split.qrels[q]) for q in qids) + 1) if qids else 0
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +161,10 @@ def mine(spec: MiningSpec, split: BeirSplit, subset: str, output: Path, *, model
             rec = {
                 "query_id": q,
                 "query": split.queries[q],
-                "positive_passages": [dict(docid=doc_ids[p], **split.corpus[doc_ids[p]])
-                                      for p in sorted(positives, key=lambda p: doc_ids[p])],
+                "positive_passages": [
+                    dict(docid=doc_ids[p], **split.corpus[doc_ids[p]])
+                    for p in sorted(positives, key=lambda p: doc_ids[p])
+                ],
                 "negative_passages": [dict(docid=doc_ids[c], **split.corpus[doc_ids[c]]) for c in negs],
                 "subset": subset,
             }

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 # Bump when the training recipe changes in a way the settings do not show (loss wiring, row building): it is part
 # of every input key, so models trained by older code are not reused.
@@ -25,8 +25,13 @@ def input_key(kind: str, settings: dict, base_model_version: str, instances: Ite
     """sha256 over the training inputs of one model (``instances``: TrainingInstance-like, with ``query``,
     ``positives``, ``negatives``)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"kind": kind, "settings": settings, "base_model": base_model_version,
-                         "code": TRAINING_CODE_VERSION}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {"kind": kind, "settings": settings, "base_model": base_model_version, "code": TRAINING_CODE_VERSION},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     for inst in instances:
         h.update(b"\x00Q" + inst.query.encode("utf-8", errors="replace"))
         for p in inst.positives:
@@ -49,8 +54,9 @@ class ModelStore:
             shutil.rmtree(d)
         return d
 
-    def publish(self, kind: str, variant: str, seed: int, staged: Path, data_version: str, key: str,
-                summary: dict) -> Path:
+    def publish(
+        self, kind: str, variant: str, seed: int, staged: Path, data_version: str, key: str, summary: dict
+    ) -> Path:
         """Move ``staged`` to its content-addressed folder and record ``key`` -> it; returns the folder."""
         seed_dir = self._seed_dir(kind, variant, seed)
         final = seed_dir / data_version[:16]

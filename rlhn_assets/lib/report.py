@@ -16,9 +16,10 @@ import io
 import json
 import math
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,7 @@ REF = "default"
 BASE = "base"
 TIER2_VERDICTS = ("better", "worse", "not_relevant", "error")
 SETTING_KEYS = ("max_seq_length", "hard_negatives", "batch_size", "learning_rate", "epochs", "scale")
-CSV_HEADER = ("stage", "model", "eval_set", "metric", "mean", "std", "n_seeds", "delta_vs_default", "ci_low",
-              "ci_high")
+CSV_HEADER = ("stage", "model", "eval_set", "metric", "mean", "std", "n_seeds", "delta_vs_default", "ci_low", "ci_high")
 
 # (stage, model, eval_set, seed, ndcg@10, recall@100, mrr@10); seed None = a model without seeds (base)
 ScoreRow = tuple[str, str, str, "int | None", "float | None", "float | None", "float | None"]
@@ -46,25 +46,33 @@ def model_sort_key(m: str) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------------- DuckDB helpers
 def has_table(conn, table: str) -> bool:
     # information_schema: tables and views, of the main and temp schemas
-    return conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = $1",
-                        [table]).fetchall()[0][0] > 0
+    return (
+        conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = $1", [table]).fetchall()[0][0]
+        > 0
+    )
 
 
 def has_column(conn, table: str, column: str) -> bool:
-    return conn.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = $1 AND column_name = $2",
-                        [table, column]).fetchall()[0][0] > 0
+    return (
+        conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = $1 AND column_name = $2",
+            [table, column],
+        ).fetchall()[0][0]
+        > 0
+    )
 
 
 # ------------------------------------------------------------------------------------------ 1. mean ± std
 @dataclass(frozen=True)
 class Stat:
     """A metric over seeds: mean, sample std (ddof=1; None with one seed) and the number of seeds."""
+
     mean: float
     std: float | None
     n: int
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Stat":
+    def of(cls, values: Sequence[float]) -> Stat:
         a = np.asarray(values, dtype=float)
         return cls(float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None, len(a))
 
@@ -73,6 +81,7 @@ class Stat:
 class StageSummary:
     """One stage's table: ``cells[(model, eval_set | 'Avg', metric)]``. ``eval_sets`` are the sets every shown
     model was evaluated on (the average is over those only); ``dropped_eval_sets`` the others."""
+
     stage: str
     models: list[str]
     eval_sets: list[str]
@@ -112,9 +121,11 @@ def summarize_scores(rows: Iterable[ScoreRow]) -> dict[str, StageSummary]:
                 if not common:
                     continue
                 seeds = set.intersection(*(set(by[stage][m][e]) for e in common))
-                per_seed = [sum(by[stage][m][e][s][i] for e in common) / len(common)
-                            for s in sorted(seeds, key=lambda s: (s is None, s))
-                            if all(by[stage][m][e][s][i] is not None for e in common)]
+                per_seed = [
+                    sum(by[stage][m][e][s][i] for e in common) / len(common)
+                    for s in sorted(seeds, key=lambda s: (s is None, s))
+                    if all(by[stage][m][e][s][i] is not None for e in common)
+                ]
                 if per_seed:
                     cells[(m, AVG, metric)] = Stat.of(per_seed)
         out[stage] = StageSummary(stage, models, common, [e for e in all_sets if e not in common], cells)
@@ -126,6 +137,7 @@ def summarize_scores(rows: Iterable[ScoreRow]) -> dict[str, StageSummary]:
 class Delta:
     """``model`` − ``ref`` in nDCG@10 points on one eval set (or 'Avg'), with its 95% CI (None without
     per-query data: then ``delta`` is the difference of the seed means)."""
+
     model: str
     ref: str
     eval_set: str
@@ -143,8 +155,9 @@ class Delta:
         return self.has_ci and (self.ci_low > 0 or self.ci_high < 0)
 
 
-def paired_query_diffs(conn, stage: str, ref: str, eval_sets: Sequence[str] | None = None
-                       ) -> dict[tuple[str, str], np.ndarray]:
+def paired_query_diffs(
+    conn, stage: str, ref: str, eval_sets: Sequence[str] | None = None
+) -> dict[tuple[str, str], np.ndarray]:
     """{(model, eval_set): per-query nDCG@10 difference model − ref}, over the queries both have, each query's
     value first averaged over the model's seeds (pooling seeds: one paired value per query). The averaging and
     the pairing run in DuckDB; only one float per (model, query) comes back."""
@@ -152,15 +165,21 @@ def paired_query_diffs(conn, stage: str, ref: str, eval_sets: Sequence[str] | No
         return {}
     # with seeds on both sides, only the per-query rows behind a current eval_scores row count (not a seed
     # whose summary row is gone); files without the per-query seed column average whatever rows there are
-    behind = ("SEMI JOIN eval_scores s ON s.eval_set = q.eval_set AND s.model = q.model AND s.stage = q.stage "
-              "AND s.seed IS NOT DISTINCT FROM q.seed"
-              if has_column(conn, "eval_per_query", "seed") and has_column(conn, "eval_scores", "seed") else "")
-    rows = conn.execute(f"""
+    behind = (
+        "SEMI JOIN eval_scores s ON s.eval_set = q.eval_set AND s.model = q.model AND s.stage = q.stage "
+        "AND s.seed IS NOT DISTINCT FROM q.seed"
+        if has_column(conn, "eval_per_query", "seed") and has_column(conn, "eval_scores", "seed")
+        else ""
+    )
+    rows = conn.execute(
+        f"""
         WITH pq AS (SELECT q.eval_set, q.model, q.query_id, avg(q.ndcg_at_10) AS v FROM eval_per_query q {behind}
                     WHERE q.stage = $1 AND q.ndcg_at_10 IS NOT NULL GROUP BY ALL)
         SELECT m.model, m.eval_set, list(m.v - r.v ORDER BY m.query_id)
         FROM pq m JOIN pq r ON r.model = $2 AND r.eval_set = m.eval_set AND r.query_id = m.query_id
-        WHERE m.model <> $2 GROUP BY ALL""", [stage, ref]).fetchall()
+        WHERE m.model <> $2 GROUP BY ALL""",
+        [stage, ref],
+    ).fetchall()
     keep = None if eval_sets is None else set(eval_sets)
     return {(m, e): np.asarray(d, dtype=float) for m, e, d in rows if keep is None or e in keep}
 
@@ -175,12 +194,13 @@ def bootstrap_means(diffs: np.ndarray, *, n_boot: int = 2000, seed: int = 0, str
     chunk = max(1, 1_000_000 // max(n, 1))  # bounded memory on large eval sets
     for start in range(0, n_boot, chunk):
         k = min(chunk, n_boot - start)
-        out[start:start + k] = diffs[rng.integers(0, n, size=(k, n))].mean(axis=1)
+        out[start : start + k] = diffs[rng.integers(0, n, size=(k, n))].mean(axis=1)
     return out
 
 
-def bootstrap_deltas(diffs: Mapping[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0
-                     ) -> dict[str, tuple[float, float, float, int]]:
+def bootstrap_deltas(
+    diffs: Mapping[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, tuple[float, float, float, int]]:
     """{eval_set | 'Avg': (delta, ci_low, ci_high, n_queries)} in points (×100) from one model's per-query
     differences per eval set. Percentile CI (2.5 / 97.5) of the mean difference; 'Avg' resamples queries
     independently within each eval set per draw and averages the eval-set means (the eval sets are fixed, as in
@@ -198,14 +218,24 @@ def bootstrap_deltas(diffs: Mapping[str, np.ndarray], *, n_boot: int = 2000, see
     if draws:
         avg = np.mean([b for _, b, _ in draws], axis=0)
         lo, hi = np.percentile(avg, [2.5, 97.5])
-        out[AVG] = (100 * float(np.mean([m for m, _, _ in draws])), 100 * float(lo), 100 * float(hi),
-                    sum(n for _, _, n in draws))
+        out[AVG] = (
+            100 * float(np.mean([m for m, _, _ in draws])),
+            100 * float(lo),
+            100 * float(hi),
+            sum(n for _, _, n in draws),
+        )
     return out
 
 
-def compute_deltas(summary: StageSummary, diffs: Mapping[tuple[str, str], np.ndarray], ref: str,
-                   models: Sequence[str] | None = None, *, n_boot: int = 2000, seed: int = 0
-                   ) -> dict[tuple[str, str], Delta]:
+def compute_deltas(
+    summary: StageSummary,
+    diffs: Mapping[tuple[str, str], np.ndarray],
+    ref: str,
+    models: Sequence[str] | None = None,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[tuple[str, str], Delta]:
     """{(model, eval_set | 'Avg'): Delta vs ``ref``} over the summary's common eval sets. A model without
     per-query data on some eval set gets the difference of the seed means there and no CI (and no Avg CI)."""
     out: dict[tuple[str, str], Delta] = {}
@@ -247,6 +277,7 @@ def delta_sentence(d: Delta) -> str:
 class JudgeSummary:
     """One dataset's cascade (paper §2.1): tier-1 verdicts per negative, the negatives tier 1 flagged
     (better / worse: what forwards an instance to tier 2), and tier 2's verdicts on what it re-judged."""
+
     dataset: str
     tier1_negatives: int = 0
     tier1_verdicts: dict[str, int] = field(default_factory=dict)
@@ -260,6 +291,7 @@ class JudgeSummary:
 class VariantEffect:
     """What a variant did to one dataset's pruned instances (paper §3): instances kept / dropped, negatives
     removed from the kept instances, and passages that were negatives and are now positives."""
+
     dataset: str
     variant: str
     pruned: int
@@ -285,7 +317,8 @@ def judge_summary(conn) -> list[JudgeSummary]:
         return []
     out: dict[str, JudgeSummary] = {}
     for ds, tier, verdict, n in conn.execute(
-            "SELECT dataset, tier, verdict, count(*) FROM judgments GROUP BY ALL ORDER BY ALL").fetchall():
+        "SELECT dataset, tier, verdict, count(*) FROM judgments GROUP BY ALL ORDER BY ALL"
+    ).fetchall():
         s = out.setdefault(ds, JudgeSummary(ds))
         if tier == 1:
             s.tier1_negatives += n
@@ -294,8 +327,9 @@ def judge_summary(conn) -> list[JudgeSummary]:
         elif tier == 2:
             s.tier2_negatives += n
             s.tier2_verdicts[verdict] = n
-    for ds, n in conn.execute("SELECT dataset, count(DISTINCT instance_id) FROM judgments WHERE tier = 2 "
-                              "GROUP BY 1").fetchall():
+    for ds, n in conn.execute(
+        "SELECT dataset, count(DISTINCT instance_id) FROM judgments WHERE tier = 2 GROUP BY 1"
+    ).fetchall():
         out[ds].tier2_instances = n
     return [out[d] for d in sorted(out)]
 
@@ -314,8 +348,10 @@ def variant_effects(conn) -> list[VariantEffect]:
               FROM relabeled_instances r JOIN pruned_instances p USING (dataset, instance_id) GROUP BY ALL)
         SELECT e.dataset, e.variant, p.n, e.kept, p.n - e.kept, e.removed, e.relabeled
         FROM e JOIN p USING (dataset)""").fetchall()
-    return sorted((VariantEffect(*(r[:2]), *(int(x) for x in r[2:])) for r in rows),
-                  key=lambda v: (v.dataset, model_sort_key(v.variant)))
+    return sorted(
+        (VariantEffect(*(r[:2]), *(int(x) for x in r[2:])) for r in rows),
+        key=lambda v: (v.dataset, model_sort_key(v.variant)),
+    )
 
 
 def _clip(s: str | None, n: int) -> str:
@@ -329,7 +365,8 @@ def relabel_examples(conn, n: int = 5, variant: str = "s2_rlhn", max_chars: int 
     need = ("relabeled_instances", "pruned_instances", "judgments", "raw_queries", "raw_passages")
     if n <= 0 or not all(has_table(conn, t) for t in need):
         return []
-    rows = conn.execute("""
+    rows = conn.execute(
+        """
         WITH moved AS (
             SELECT r.dataset, r.instance_id, r.query_id,
                    unnest(list_filter(r.positive_ids, lambda x: NOT list_contains(p.positive_ids, x))) AS docid
@@ -343,7 +380,9 @@ def relabel_examples(conn, n: int = 5, variant: str = "s2_rlhn", max_chars: int 
         SELECT m.dataset, m.instance_id, m.query_id, q.query, m.docid, ps.title, ps.text, t2.score
         FROM moved m LEFT JOIN t2 USING (dataset, instance_id, docid)
         LEFT JOIN queries q USING (dataset, query_id) LEFT JOIN passages ps USING (dataset, docid)
-        ORDER BY t2.score DESC NULLS LAST, m.dataset, m.instance_id, m.docid LIMIT $2""", [variant, n]).fetchall()
+        ORDER BY t2.score DESC NULLS LAST, m.dataset, m.instance_id, m.docid LIMIT $2""",
+        [variant, n],
+    ).fetchall()
     out = []
     for ds, iid, qid, query, docid, title, text, score in rows:
         passage = f"{title}: {text}" if title else (text or "")
@@ -374,7 +413,8 @@ def training_runs(conn) -> list[TrainingRun]:
         SELECT kind, variant, seed, queries, train_rows, steps, final_loss, seconds, settings_json,
                training_set_sizes_json
         FROM trained_models
-        QUALIFY row_number() OVER (PARTITION BY kind, variant, seed ORDER BY trained_at DESC NULLS LAST) = 1""").fetchall()
+        QUALIFY row_number() OVER (PARTITION BY kind, variant, seed
+                                   ORDER BY trained_at DESC NULLS LAST) = 1""").fetchall()
 
     def js(s):
         try:
@@ -383,15 +423,23 @@ def training_runs(conn) -> list[TrainingRun]:
             return {}
 
     runs = [TrainingRun(*r[:8], js(r[8]), js(r[9])) for r in rows]
-    return sorted(runs, key=lambda r: (STAGES.index(r.kind) if r.kind in STAGES else 9, r.kind,
-                                       model_sort_key(r.variant), r.seed is None, r.seed or 0))
+    return sorted(
+        runs,
+        key=lambda r: (
+            STAGES.index(r.kind) if r.kind in STAGES else 9,
+            r.kind,
+            model_sort_key(r.variant),
+            r.seed is None,
+            r.seed or 0,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------------- the report
 @dataclass
 class Report:
     summaries: dict[str, StageSummary]
-    deltas: dict[str, dict[tuple[str, str], Delta]]          # stage -> vs default (every model, base too)
+    deltas: dict[str, dict[tuple[str, str], Delta]]  # stage -> vs default (every model, base too)
     deltas_vs_base: dict[str, dict[tuple[str, str], Delta]]  # stage -> default vs base ("does training work")
     judge: list[JudgeSummary] = field(default_factory=list)
     effects: list[VariantEffect] = field(default_factory=list)
@@ -406,12 +454,23 @@ def build_report(conn, *, n_boot: int = 2000, boot_seed: int = 0, n_examples: in
     summaries = summarize_scores(load_scores(conn))
     deltas, vs_base = {}, {}
     for stage, s in summaries.items():
-        deltas[stage] = compute_deltas(s, paired_query_diffs(conn, stage, REF, s.eval_sets), REF,
-                                       n_boot=n_boot, seed=boot_seed)
-        vs_base[stage] = compute_deltas(s, paired_query_diffs(conn, stage, BASE, s.eval_sets), BASE, [REF],
-                                        n_boot=n_boot, seed=boot_seed)
-    return Report(summaries, deltas, vs_base, judge_summary(conn), variant_effects(conn),
-                  relabel_examples(conn, n_examples), training_runs(conn), n_boot, boot_seed)
+        deltas[stage] = compute_deltas(
+            s, paired_query_diffs(conn, stage, REF, s.eval_sets), REF, n_boot=n_boot, seed=boot_seed
+        )
+        vs_base[stage] = compute_deltas(
+            s, paired_query_diffs(conn, stage, BASE, s.eval_sets), BASE, [REF], n_boot=n_boot, seed=boot_seed
+        )
+    return Report(
+        summaries,
+        deltas,
+        vs_base,
+        judge_summary(conn),
+        variant_effects(conn),
+        relabel_examples(conn, n_examples),
+        training_runs(conn),
+        n_boot,
+        boot_seed,
+    )
 
 
 def report_metadata(rep: Report) -> dict[str, float | int]:
@@ -458,12 +517,14 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
 
     def numeric(i):
-        return i > 0 and all(isinstance(r[i], (int, float)) or str(r[i]) == "–" or str(r[i])[:1] in "+−-0123456789"
-                             for r in rows)
+        return i > 0 and all(
+            isinstance(r[i], (int, float)) or str(r[i]) == "–" or str(r[i])[:1] in "+−-0123456789" for r in rows
+        )
 
-    return (["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if numeric(i) else "---"
-                                                               for i in range(len(headers))) + "|"]
-            + ["| " + " | ".join(esc(v) for v in r) + " |" for r in rows])
+    return [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---:" if numeric(i) else "---" for i in range(len(headers))) + "|",
+    ] + ["| " + " | ".join(esc(v) for v in r) + " |" for r in rows]
 
 
 def _fmt(v: Any, spec: str = "") -> str:
@@ -479,29 +540,38 @@ def to_markdown(rep: Report, header: Mapping[str, Any] | None = None) -> str:
     for stage, s in rep.summaries.items():
         out.append(f"### {stage.capitalize()}\n")
         if s.dropped_eval_sets:
-            out.append(f"_Eval sets not every model has, left out (and out of Avg): "
-                       f"{', '.join(s.dropped_eval_sets)}._\n")
+            out.append(
+                f"_Eval sets not every model has, left out (and out of Avg): {', '.join(s.dropped_eval_sets)}._\n"
+            )
         if not s.eval_sets:
             out.append("_No eval set is shared by every model._\n")
             continue
         for metric in METRICS:
             n_usual = {m: (s.cells[(m, AVG, metric)].n if (m, AVG, metric) in s.cells else None) for m in s.models}
             out.append(f"#### {stage.capitalize()} {METRIC_LABELS[metric]} (mean ± std over seeds)\n")
-            rows = [[f"**{e}**" if e == AVG else e] + [_cell(s.cells.get((m, e, metric)), n_usual[m])
-                                                        for m in s.models] for e in s.eval_sets + [AVG]]
+            rows = [
+                [f"**{e}**" if e == AVG else e] + [_cell(s.cells.get((m, e, metric)), n_usual[m]) for m in s.models]
+                for e in s.eval_sets + [AVG]
+            ]
             rows.append(["seeds"] + [_fmt(n_usual[m]) for m in s.models])
             out += _table(["eval set"] + s.models, rows) + [""]
         deltas = rep.deltas.get(stage, {})
         others = [m for m in s.models if m != REF]
         if REF in s.models and others:
             out.append(f"#### {stage.capitalize()} nDCG@10 vs {REF}, points, 95% CI\n")
-            out.append(f"Paired bootstrap over queries (B = {rep.n_boot}, seed {rep.boot_seed}): each query's "
-                       "nDCG@10 is averaged over a model's seeds, the per-query differences are resampled; "
-                       "Avg resamples within every eval set and averages. The interval covers query sampling; "
-                       "seed-to-seed spread is the ± std above. * = the interval excludes 0.\n")
-            out += _table(["eval set"] + others,
-                          [[f"**{e}**" if e == AVG else e] + [_delta_cell(deltas.get((m, e))) for m in others]
-                           for e in s.eval_sets + [AVG]]) + [""]
+            out.append(
+                f"Paired bootstrap over queries (B = {rep.n_boot}, seed {rep.boot_seed}): each query's "
+                "nDCG@10 is averaged over a model's seeds, the per-query differences are resampled; "
+                "Avg resamples within every eval set and averages. The interval covers query sampling; "
+                "seed-to-seed spread is the ± std above. * = the interval excludes 0.\n"
+            )
+            out += _table(
+                ["eval set"] + others,
+                [
+                    [f"**{e}**" if e == AVG else e] + [_delta_cell(deltas.get((m, e))) for m in others]
+                    for e in s.eval_sets + [AVG]
+                ],
+            ) + [""]
         sentences = [delta_sentence(deltas[(m, AVG)]) for m in others if m != BASE and (m, AVG) in deltas]
         vs_base = rep.deltas_vs_base.get(stage, {})
         sentences += [delta_sentence(vs_base[(REF, e)]) for e in s.eval_sets + [AVG] if (REF, e) in vs_base]
@@ -519,23 +589,51 @@ def _judge_markdown(rep: Report) -> list[str]:
         return out
     out.append("### What the judge did\n")
     if rep.judge:
-        out.append("Tier 1 judges every negative; an instance with a negative flagged `better`/`worse` (or an "
-                   "`error`, by default) goes to tier 2, whose verdict is final (paper §2.1).\n")
-        out += _table(["dataset", "tier-1 negatives", "tier-1 flagged (better+worse)", "tier-1 errors",
-                       "instances to tier 2", "tier-2 negatives"] + [f"tier-2 {v}" for v in TIER2_VERDICTS],
-                      [[j.dataset, j.tier1_negatives, j.tier1_flagged, j.tier1_verdicts.get("error", 0),
-                        j.tier2_instances, j.tier2_negatives] + [j.tier2_verdicts.get(v, 0) for v in TIER2_VERDICTS]
-                       for j in rep.judge]) + [""]
+        out.append(
+            "Tier 1 judges every negative; an instance with a negative flagged `better`/`worse` (or an "
+            "`error`, by default) goes to tier 2, whose verdict is final (paper §2.1).\n"
+        )
+        out += _table(
+            [
+                "dataset",
+                "tier-1 negatives",
+                "tier-1 flagged (better+worse)",
+                "tier-1 errors",
+                "instances to tier 2",
+                "tier-2 negatives",
+            ]
+            + [f"tier-2 {v}" for v in TIER2_VERDICTS],
+            [
+                [
+                    j.dataset,
+                    j.tier1_negatives,
+                    j.tier1_flagged,
+                    j.tier1_verdicts.get("error", 0),
+                    j.tier2_instances,
+                    j.tier2_negatives,
+                ]
+                + [j.tier2_verdicts.get(v, 0) for v in TIER2_VERDICTS]
+                for j in rep.judge
+            ],
+        ) + [""]
     if rep.effects:
-        out.append("Per variant, against the pruned instances (paper §3): instances kept and dropped, negatives "
-                   "removed from the kept instances, former negatives now positives.\n")
-        out += _table(["dataset", "variant", "kept", "dropped", "negatives removed", "relabeled as positives"],
-                      [[v.dataset, v.variant, v.kept, v.dropped, v.negatives_removed, v.relabeled_positives]
-                       for v in rep.effects]) + [""]
+        out.append(
+            "Per variant, against the pruned instances (paper §3): instances kept and dropped, negatives "
+            "removed from the kept instances, former negatives now positives.\n"
+        )
+        out += _table(
+            ["dataset", "variant", "kept", "dropped", "negatives removed", "relabeled as positives"],
+            [
+                [v.dataset, v.variant, v.kept, v.dropped, v.negatives_removed, v.relabeled_positives]
+                for v in rep.effects
+            ],
+        ) + [""]
     if rep.examples:
         out.append("Relabeled pairs in `s2_rlhn` (former negative now a positive), highest tier-2 score first:\n")
-        out += _table(["dataset", "query", "former negative", "tier-2 score"],
-                      [[x.dataset, x.query, x.passage, _fmt(x.tier2_score, ".3f")] for x in rep.examples])
+        out += _table(
+            ["dataset", "query", "former negative", "tier-2 score"],
+            [[x.dataset, x.query, x.passage, _fmt(x.tier2_score, ".3f")] for x in rep.examples],
+        )
         out.append("")
     return out
 
@@ -544,11 +642,23 @@ def _runs_markdown(runs: Sequence[TrainingRun]) -> list[str]:
     if not runs:
         return []
     out = ["### Training runs\n"]
-    out += _table(["kind", "variant", "seed", "queries", "per dataset", "train rows", "steps", "final loss",
-                   "seconds"],
-                  [[r.kind, r.variant, _fmt(r.seed), _fmt(r.queries),
-                    ", ".join(f"{k} {n}" for k, n in sorted(r.sizes.items())) or "–", _fmt(r.train_rows),
-                    _fmt(r.steps), _fmt(r.final_loss, ".4f"), _fmt(r.seconds, ".0f")] for r in runs]) + [""]
+    out += _table(
+        ["kind", "variant", "seed", "queries", "per dataset", "train rows", "steps", "final loss", "seconds"],
+        [
+            [
+                r.kind,
+                r.variant,
+                _fmt(r.seed),
+                _fmt(r.queries),
+                ", ".join(f"{k} {n}" for k, n in sorted(r.sizes.items())) or "–",
+                _fmt(r.train_rows),
+                _fmt(r.steps),
+                _fmt(r.final_loss, ".4f"),
+                _fmt(r.seconds, ".0f"),
+            ]
+            for r in runs
+        ],
+    ) + [""]
     groups: dict[str, list[str]] = {}
     for r in runs:
         key = ", ".join(f"{k} {r.settings[k]}" for k in SETTING_KEYS if k in r.settings)
@@ -593,13 +703,19 @@ def write_csv(rep: Report, path: Path) -> None:
         w = csv.writer(fh)
         w.writerow(CSV_HEADER)
         for stage, m, e, metric, mean, std, n, delta, lo, hi in csv_rows(rep):
-            w.writerow([stage, m, e, metric, f(mean, ".6f"), f(std, ".6f"), n, f(delta, ".4f"), f(lo, ".4f"),
-                        f(hi, ".4f")])
+            w.writerow(
+                [stage, m, e, metric, f(mean, ".6f"), f(std, ".6f"), n, f(delta, ".4f"), f(lo, ".4f"), f(hi, ".4f")]
+            )
 
 
 # ------------------------------------------------------------------------------------------------- charts
-def grouped_bar_png(panels: list[tuple[str, list[str], dict[str, list[float]]]], *, ylabel: str = "",
-                    hlines: tuple[tuple[float, str], ...] = (), panel_width: float = 7.0) -> bytes:
+def grouped_bar_png(
+    panels: list[tuple[str, list[str], dict[str, list[float]]]],
+    *,
+    ylabel: str = "",
+    hlines: tuple[tuple[float, str], ...] = (),
+    panel_width: float = 7.0,
+) -> bytes:
     """Grouped bars, one panel per (title, group labels, {series label: one value per group})."""
     import matplotlib
 
@@ -650,8 +766,10 @@ def chart_png(rep: Report) -> bytes:
                 if delta:
                     ds = [rep.deltas.get(s.stage, {}).get((m, e)) for e in groups]
                     ys = [d.delta if d else 0.0 for d in ds]
-                    err = [[d.delta - d.ci_low if d and d.has_ci else 0 for d in ds],
-                           [d.ci_high - d.delta if d and d.has_ci else 0 for d in ds]]
+                    err = [
+                        [d.delta - d.ci_low if d and d.has_ci else 0 for d in ds],
+                        [d.ci_high - d.delta if d and d.has_ci else 0 for d in ds],
+                    ]
                 else:
                     cs = [s.cells.get((m, e, "ndcg_at_10")) for e in groups]
                     ys = [c.mean if c else 0.0 for c in cs]

@@ -4,7 +4,6 @@ from pathlib import Path
 import dagster as dg
 
 from rlhn_assets.conditions import PIPELINE
-
 from rlhn_assets.defs.mining.assets import hard_negative_mining
 from rlhn_assets.lib.ingest import DEFAULT_MAX_PASSAGE_CHARS, IngestError, ingest_dataset
 from rlhn_assets.lib.markdown import md_table
@@ -21,18 +20,25 @@ def instance_summary_metadata(conn, instances_table: str, dataset: str) -> dict:
     n, nq, pos_mean, neg_mean, pos_total, neg_total = conn.execute(
         f"""SELECT count(*), count(DISTINCT query_id), avg(len(positive_ids)), avg(len(negative_ids)),
                    coalesce(sum(len(positive_ids)), 0), coalesce(sum(len(negative_ids)), 0)
-            FROM {instances_table} WHERE dataset = ?""", [dataset]).fetchall()[0]
+            FROM {instances_table} WHERE dataset = ?""",
+        [dataset],
+    ).fetchall()[0]
     lengths = conn.execute(
         """SELECT count(*), min(length(text)), avg(length(text)), quantile_cont(length(text), 0.5),
                   quantile_cont(length(text), 0.95), max(length(text))
            FROM raw_passages WHERE dataset = ? AND docid IN (
-             SELECT unnest(positive_ids || negative_ids) FROM """ + instances_table + " WHERE dataset = ?)",
-        [dataset, dataset]).fetchall()[0]
+             SELECT unnest(positive_ids || negative_ids) FROM """
+        + instances_table
+        + " WHERE dataset = ?)",
+        [dataset, dataset],
+    ).fetchall()[0]
     preview = conn.execute(
         f"""SELECT i.instance_id, q.query, len(i.positive_ids), len(i.negative_ids), p.text
             FROM {instances_table} i JOIN raw_queries q USING (dataset, query_id)
             LEFT JOIN raw_passages p ON p.dataset = i.dataset AND p.docid = i.positive_ids[1]
-            WHERE i.dataset = ? ORDER BY i.instance_id LIMIT 5""", [dataset]).fetchall()
+            WHERE i.dataset = ? ORDER BY i.instance_id LIMIT 5""",
+        [dataset],
+    ).fetchall()
     return {
         "dagster/row_count": dg.MetadataValue.int(int(n)),
         "instances": dg.MetadataValue.int(int(n)),
@@ -42,11 +48,15 @@ def instance_summary_metadata(conn, instances_table: str, dataset: str) -> dict:
         "negatives_total": dg.MetadataValue.int(int(neg_total)),
         "positives_per_query_mean": dg.MetadataValue.float(round(float(pos_mean or 0), 3)),
         "negatives_per_query_mean": dg.MetadataValue.float(round(float(neg_mean or 0), 3)),
-        "passage_length_chars": dg.MetadataValue.md(md_table(
-            ["min", "mean", "p50", "p95", "max"],
-            [[lengths[1] or 0, round(lengths[2] or 0, 1), lengths[3] or 0, lengths[4] or 0, lengths[5] or 0]])),
-        "preview": dg.MetadataValue.md(md_table(
-            ["instance_id", "query", "#pos", "#neg", "first positive"], preview, max_chars=60)),
+        "passage_length_chars": dg.MetadataValue.md(
+            md_table(
+                ["min", "mean", "p50", "p95", "max"],
+                [[lengths[1] or 0, round(lengths[2] or 0, 1), lengths[3] or 0, lengths[4] or 0, lengths[5] or 0]],
+            )
+        ),
+        "preview": dg.MetadataValue.md(
+            md_table(["instance_id", "query", "#pos", "#neg", "first positive"], preview, max_chars=60)
+        ),
     }
 
 
@@ -64,8 +74,9 @@ def instance_summary_metadata(conn, instances_table: str, dataset: str) -> dict:
         "Parquet, streaming. Bad rows go to `raw_quarantine` with file, line and reason."
     ),
 )
-def raw_bge(context: dg.AssetExecutionContext, config: IngestConfig, duckdb: RLHNDuckDB,
-            registry: DatasetRegistryResource) -> dg.MaterializeResult:
+def raw_bge(
+    context: dg.AssetExecutionContext, config: IngestConfig, duckdb: RLHNDuckDB, registry: DatasetRegistryResource
+) -> dg.MaterializeResult:
     reg = registry.load()
     ds = reg.get(context.partition_key)
     files = []
@@ -78,27 +89,37 @@ def raw_bge(context: dg.AssetExecutionContext, config: IngestConfig, duckdb: RLH
     t0 = time.perf_counter()
     with duckdb.get_connection() as conn:
         try:
-            stats = ingest_dataset(conn, ds.name, files, max_passage_chars=config.max_passage_chars,
-                                   progress=context.log.info)
+            stats = ingest_dataset(
+                conn, ds.name, files, max_passage_chars=config.max_passage_chars, progress=context.log.info
+            )
         except IngestError as e:
             raise dg.Failure(description=f"dataset {ds.name!r}: {e}") from e
         metadata = instance_summary_metadata(conn, "raw_instances", ds.name)
         quarantine_preview = conn.execute(
             """SELECT source_file, line_no, reason, detail FROM raw_quarantine WHERE dataset = ?
-               ORDER BY source_file, line_no LIMIT 10""", [ds.name]).fetchall()
+               ORDER BY source_file, line_no LIMIT 10""",
+            [ds.name],
+        ).fetchall()
     seconds = time.perf_counter() - t0
-    context.log.info(f"{ds.name}: {stats.instances:,} instances, {stats.quarantined_rows:,} rows and "
-                     f"{stats.quarantined_passages:,} passages quarantined in {seconds:.1f}s")
-    metadata.update({
-        "files": dg.MetadataValue.md("\n".join(f"- `{p}` ({fmt})" for p, _, fmt in files)),
-        "rows_read": dg.MetadataValue.int(stats.lines_read),
-        "quarantined_rows": dg.MetadataValue.int(stats.quarantined_rows),
-        "quarantined_passages": dg.MetadataValue.int(stats.quarantined_passages),
-        "quarantine_rate": dg.MetadataValue.float(round(stats.quarantine_rate, 5)),
-        "quarantine_by_reason": dg.MetadataValue.md(md_table(
-            ["reason", "count"], sorted(stats.quarantine_by_reason.items(), key=lambda kv: -kv[1]))),
-        "quarantine_preview": dg.MetadataValue.md(md_table(["file", "line", "reason", "detail"], quarantine_preview)),
-        "seconds": dg.MetadataValue.float(round(seconds, 2)),
-        "instances_per_second": dg.MetadataValue.float(round(stats.lines_read / seconds, 1) if seconds else 0.0),
-    })
+    context.log.info(
+        f"{ds.name}: {stats.instances:,} instances, {stats.quarantined_rows:,} rows and "
+        f"{stats.quarantined_passages:,} passages quarantined in {seconds:.1f}s"
+    )
+    metadata.update(
+        {
+            "files": dg.MetadataValue.md("\n".join(f"- `{p}` ({fmt})" for p, _, fmt in files)),
+            "rows_read": dg.MetadataValue.int(stats.lines_read),
+            "quarantined_rows": dg.MetadataValue.int(stats.quarantined_rows),
+            "quarantined_passages": dg.MetadataValue.int(stats.quarantined_passages),
+            "quarantine_rate": dg.MetadataValue.float(round(stats.quarantine_rate, 5)),
+            "quarantine_by_reason": dg.MetadataValue.md(
+                md_table(["reason", "count"], sorted(stats.quarantine_by_reason.items(), key=lambda kv: -kv[1]))
+            ),
+            "quarantine_preview": dg.MetadataValue.md(
+                md_table(["file", "line", "reason", "detail"], quarantine_preview)
+            ),
+            "seconds": dg.MetadataValue.float(round(seconds, 2)),
+            "instances_per_second": dg.MetadataValue.float(round(stats.lines_read / seconds, 1) if seconds else 0.0),
+        }
+    )
     return dg.MaterializeResult(metadata=metadata)

@@ -1,13 +1,11 @@
 import json
 import time
-from pathlib import Path
 
 import dagster as dg
 
+from rlhn_assets import settings
 from rlhn_assets.conditions import PIPELINE
 from rlhn_assets.defs.sources.assets import raw_dataset_files
-
-from rlhn_assets import settings
 from rlhn_assets.partitions import dataset_pd
 from rlhn_assets.resources import DatasetRegistryResource
 
@@ -52,14 +50,26 @@ def hard_negative_mining(context: dg.AssetExecutionContext, registry: DatasetReg
         previous = json.loads(sidecar.read_text())
         if previous.get("fingerprint") == fingerprint:
             context.log.info(f"{output.name} is up to date (settings, inputs and model unchanged)")
-            return dg.MaterializeResult(metadata={"status": "up to date", "output": str(output),
-                                                  **{k: v for k, v in previous.get("stats", {}).items()}})
+            return dg.MaterializeResult(
+                metadata={
+                    "status": "up to date",
+                    "output": str(output),
+                    **{k: v for k, v in previous.get("stats", {}).items()},
+                }
+            )
 
     t0 = time.perf_counter()
     split = mining.load_beir(*inputs)
     context.log.info(f"mining {len(split.queries):,} queries against {len(split.corpus):,} passages ({spec.method})")
-    stats = mining.mine(spec, split, ds.name, output, model_version=model_version,
-                        cache_dir=settings.cache_dir() / "embeddings", progress=context.log.info)
+    stats = mining.mine(
+        spec,
+        split,
+        ds.name,
+        output,
+        model_version=model_version,
+        cache_dir=settings.cache_dir() / "embeddings",
+        progress=context.log.info,
+    )
     seconds = time.perf_counter() - t0
     stats_doc = {
         "queries": stats.queries,
@@ -70,8 +80,25 @@ def hard_negative_mining(context: dg.AssetExecutionContext, registry: DatasetReg
         "positives_skipped": stats.positives_skipped_in_window,
         "margin_skipped": stats.margin_skipped,
     }
-    sidecar.write_text(json.dumps({"fingerprint": fingerprint, "method": spec.method,
-                                   "window": [spec.range_min, spec.range_max],
-                                   "num_negatives": spec.num_negatives, "stats": stats_doc}, indent=2) + "\n")
-    return dg.MaterializeResult(metadata={"status": "mined", "output": str(output), "seconds": round(seconds, 1),
-                                          "embedding_cache_hit": stats.cache_hit, **stats_doc})
+    sidecar.write_text(
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "method": spec.method,
+                "window": [spec.range_min, spec.range_max],
+                "num_negatives": spec.num_negatives,
+                "stats": stats_doc,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "status": "mined",
+            "output": str(output),
+            "seconds": round(seconds, 1),
+            "embedding_cache_hit": stats.cache_hit,
+            **stats_doc,
+        }
+    )

@@ -1,7 +1,6 @@
 import dagster as dg
 
 from rlhn_assets.conditions import PIPELINE
-
 from rlhn_assets.defs.ingest.assets import instance_summary_metadata, raw_bge
 from rlhn_assets.lib.pruning import RECOMMENDATION_FILE, decide, load_recommendation, prune_dataset
 from rlhn_assets.partitions import dataset_pd
@@ -30,8 +29,9 @@ class PruneConfig(dg.Config):
         "pruned-away dataset materializes an empty partition whose metadata says why. Table `pruned_instances`."
     ),
 )
-def pruned(context: dg.AssetExecutionContext, config: PruneConfig, duckdb: RLHNDuckDB,
-           registry: DatasetRegistryResource) -> dg.MaterializeResult:
+def pruned(
+    context: dg.AssetExecutionContext, config: PruneConfig, duckdb: RLHNDuckDB, registry: DatasetRegistryResource
+) -> dg.MaterializeResult:
     reg = registry.load()
     try:
         recommendation = load_recommendation(reg.data_dir / RECOMMENDATION_FILE)
@@ -44,24 +44,33 @@ def pruned(context: dg.AssetExecutionContext, config: PruneConfig, duckdb: RLHND
         with duckdb.get_connection() as conn:
             stats = prune_dataset(conn, ds.name, decision, config.max_negatives_per_instance, config.max_instances)
             metadata = instance_summary_metadata(conn, "pruned_instances", ds.name)
-        context.log.info(f"{ds.name}: {'kept' if decision.kept else 'PRUNED'} ({decision.decided_by}: "
-                         f"{decision.reason}); {stats.kept_instances:,}/{stats.raw_instances:,} instances")
-        metadata.update({
-            "kept": dg.MetadataValue.bool(decision.kept),
-            "decided_by": dg.MetadataValue.text(decision.decided_by),
-            "decision_reason": dg.MetadataValue.text(decision.reason),
-            "raw_instances": dg.MetadataValue.int(stats.raw_instances),
-            "duplicates_removed": dg.MetadataValue.int(stats.duplicates_removed),
-            "overlap_negatives_removed": dg.MetadataValue.int(stats.overlap_negatives_removed),
-            "capped_negatives_removed": dg.MetadataValue.int(stats.capped_negatives_removed),
-            "max_negatives_per_instance": dg.MetadataValue.text(str(config.max_negatives_per_instance)),
-            "max_instances": dg.MetadataValue.text(str(config.max_instances)),
-            "sampled_away": dg.MetadataValue.int(stats.sampled_away),
-        })
+        context.log.info(
+            f"{ds.name}: {'kept' if decision.kept else 'PRUNED'} ({decision.decided_by}: "
+            f"{decision.reason}); {stats.kept_instances:,}/{stats.raw_instances:,} instances"
+        )
+        metadata.update(
+            {
+                "kept": dg.MetadataValue.bool(decision.kept),
+                "decided_by": dg.MetadataValue.text(decision.decided_by),
+                "decision_reason": dg.MetadataValue.text(decision.reason),
+                "raw_instances": dg.MetadataValue.int(stats.raw_instances),
+                "duplicates_removed": dg.MetadataValue.int(stats.duplicates_removed),
+                "overlap_negatives_removed": dg.MetadataValue.int(stats.overlap_negatives_removed),
+                "capped_negatives_removed": dg.MetadataValue.int(stats.capped_negatives_removed),
+                "max_negatives_per_instance": dg.MetadataValue.text(str(config.max_negatives_per_instance)),
+                "max_instances": dg.MetadataValue.text(str(config.max_instances)),
+                "sampled_away": dg.MetadataValue.int(stats.sampled_away),
+            }
+        )
         results[key] = metadata
     if len(results) == 1:
         return dg.MaterializeResult(metadata=next(iter(results.values())))
     # Several partitions in one run: one materialization event, with a per-dataset summary.
-    return dg.MaterializeResult(metadata={
-        f"{k}_{m}": v for k, md in results.items() for m, v in md.items()
-        if m in ("instances", "kept", "decided_by")})
+    return dg.MaterializeResult(
+        metadata={
+            f"{k}_{m}": v
+            for k, md in results.items()
+            for m, v in md.items()
+            if m in ("instances", "kept", "decided_by")
+        }
+    )

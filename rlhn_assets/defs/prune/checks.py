@@ -8,9 +8,12 @@ from rlhn_assets.resources import RLHNDuckDB
 pruned_has_positive, pruned_unique_ids, pruned_no_overlap = build_instance_checks(pruned, "pruned_instances")
 
 
-@dg.asset_check(asset=pruned, partitions_def=dataset_pd, blocking=True,
-                description="The pruning decision of the partition is recorded, and a pruned-away dataset "
-                            "has no instances left.")
+@dg.asset_check(
+    asset=pruned,
+    partitions_def=dataset_pd,
+    blocking=True,
+    description="The pruning decision of the partition is recorded, and a pruned-away dataset has no instances left.",
+)
 def pruned_decision_applied(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
     problems, lines, total = [], [], 0
     with duckdb.get_connection() as conn:
@@ -22,5 +25,9 @@ def pruned_decision_applied(context: dg.AssetCheckExecutionContext, duckdb: RLHN
             lines.append(line)
             if not (len(rows) == 1 and (rows[0][0] or n == 0)):
                 problems.append(line)
-    return dg.AssetCheckResult(passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
-                               description="; ".join(problems or lines), metadata={"instances": total})
+    return dg.AssetCheckResult(
+        passed=not problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description="; ".join(problems or lines),
+        metadata={"instances": total},
+    )

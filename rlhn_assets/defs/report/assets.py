@@ -31,21 +31,25 @@ class ReportConfig(dg.Config):
         "data/reports/comparison.{md,csv,png}."
     ),
 )
-def comparison_report(context: dg.AssetExecutionContext, config: ReportConfig,
-                      duckdb: RLHNDuckDB) -> dg.MaterializeResult:
+def comparison_report(
+    context: dg.AssetExecutionContext, config: ReportConfig, duckdb: RLHNDuckDB
+) -> dg.MaterializeResult:
     t0 = time.perf_counter()
     with duckdb.get_connection() as conn:
-        if not report.has_table(conn, "eval_scores") or not conn.execute(
-                "SELECT count(*) FROM eval_scores").fetchall()[0][0]:
+        if (
+            not report.has_table(conn, "eval_scores")
+            or not conn.execute("SELECT count(*) FROM eval_scores").fetchall()[0][0]
+        ):
             raise dg.Failure("no eval_scores yet: materialize eval_scores first")
-        rep = report.build_report(conn, n_boot=config.n_bootstrap, boot_seed=config.bootstrap_seed,
-                                  n_examples=config.examples)
+        rep = report.build_report(
+            conn, n_boot=config.n_bootstrap, boot_seed=config.bootstrap_seed, n_examples=config.examples
+        )
     host = provenance.machine()
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "code version": provenance.code_version(),
         "machine": f"{host['cores']} CPUs ({host['cpu']}), load average {host['load_avg_1m']:.2f} (1 min) / "
-                   f"{host['load_avg_5m']:.2f} (5 min)",
+        f"{host['load_avg_5m']:.2f} (5 min)",
         "run": f"Dagster run {context.run_id}",
         "settings": f"bootstrap B = {config.n_bootstrap}, seed {config.bootstrap_seed}; CI level 95%",
     }
@@ -57,13 +61,15 @@ def comparison_report(context: dg.AssetExecutionContext, config: ReportConfig,
     png = report.chart_png(rep)
     (out / "comparison.png").write_bytes(png)
     context.log.info("\n" + md)
-    return dg.MaterializeResult(metadata={
-        "comparison": dg.MetadataValue.md(md),
-        "chart": dg.MetadataValue.md(report.png_markdown(png)),
-        "report_markdown": dg.MetadataValue.path(str(out / "comparison.md")),
-        "report_csv": dg.MetadataValue.path(str(out / "comparison.csv")),
-        "report_png": dg.MetadataValue.path(str(out / "comparison.png")),
-        "training_runs": len(rep.runs),
-        "seconds": round(time.perf_counter() - t0, 2),
-        **report.report_metadata(rep),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "comparison": dg.MetadataValue.md(md),
+            "chart": dg.MetadataValue.md(report.png_markdown(png)),
+            "report_markdown": dg.MetadataValue.path(str(out / "comparison.md")),
+            "report_csv": dg.MetadataValue.path(str(out / "comparison.csv")),
+            "report_png": dg.MetadataValue.path(str(out / "comparison.png")),
+            "training_runs": len(rep.runs),
+            "seconds": round(time.perf_counter() - t0, 2),
+            **report.report_metadata(rep),
+        }
+    )

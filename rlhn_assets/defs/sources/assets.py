@@ -16,7 +16,9 @@ from rlhn_assets.resources import DatasetRegistryResource
     ),
     automation_condition=dg.AutomationCondition.cron_tick_passed("*/10 * * * *"),
 )
-def raw_dataset_files(context: dg.AssetExecutionContext, registry: DatasetRegistryResource) -> dg.DataVersionsByPartition:
+def raw_dataset_files(
+    context: dg.AssetExecutionContext, registry: DatasetRegistryResource
+) -> dg.DataVersionsByPartition:
     reg = registry.load()
     keys = context.partition_keys if context.has_partition_key_range or context.has_partition_key else reg.names
     return dg.DataVersionsByPartition({k: dataset_fingerprint(reg, k) for k in keys if k in reg.names})

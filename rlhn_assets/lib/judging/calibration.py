@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Calibrator:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "Calibrator":
+    def load(cls, path: Path) -> Calibrator:
         try:
             d = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
@@ -69,8 +69,15 @@ class Calibrator:
         return c
 
 
-def fit(rows: Sequence[Sequence[float]], labels: Sequence[int], *, features: Sequence[str] = FEATURES,
-        judge: dict | None = None, fitted_on: dict | None = None, c: float = 1.0) -> Calibrator:
+def fit(
+    rows: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    *,
+    features: Sequence[str] = FEATURES,
+    judge: dict | None = None,
+    fitted_on: dict | None = None,
+    c: float = 1.0,
+) -> Calibrator:
     """L2-regularised logistic regression on standardised features (scikit-learn)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -83,10 +90,16 @@ def fit(rows: Sequence[Sequence[float]], labels: Sequence[int], *, features: Seq
     mean = x.mean(axis=0)
     std = np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
     model = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / std, y)
-    return Calibrator(list(features), [float(v) for v in model.coef_[0]], float(model.intercept_[0]),
-                      [float(v) for v in mean], [float(v) for v in std], judge or {},
-                      {**(fitted_on or {}), "rows": int(len(y)), "positives": int(y.sum())},
-                      time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return Calibrator(
+        list(features),
+        [float(v) for v in model.coef_[0]],
+        float(model.intercept_[0]),
+        [float(v) for v in mean],
+        [float(v) for v in std],
+        judge or {},
+        {**(fitted_on or {}), "rows": int(len(y)), "positives": int(y.sum())},
+        time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
 
 
 def embedding_features(encoder, instances) -> dict[tuple[str, str], tuple[float, float, float, float]]:
@@ -99,10 +112,20 @@ def embedding_features(encoder, instances) -> dict[tuple[str, str], tuple[float,
         for p in inst.positives + inst.negatives:
             texts.setdefault(p.docid, passage_text({"title": p.title, "text": p.text}))
     ids = list(texts)
-    p_emb = encoder.encode([texts[i] for i in ids], batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                           show_progress_bar=False)
-    q_emb = encoder.encode([inst.query for inst in instances], batch_size=64, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
+    p_emb = encoder.encode(
+        [texts[i] for i in ids],
+        batch_size=64,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=False,
+    )
+    q_emb = encoder.encode(
+        [inst.query for inst in instances],
+        batch_size=64,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=False,
+    )
     row = {d: i for i, d in enumerate(ids)}
     out = {}
     for qi, inst in enumerate(instances):
@@ -121,14 +144,17 @@ class CalibratedJudge:
     threshold_better. The inner judge's LLM requests (and their cache keys) are unchanged; the calibrator's
     version is part of this judge's ``prompt_version``, which the verdicts record."""
 
-    def __init__(self, inner, encoder, calibrator: Calibrator, *, threshold_relevant: float = 0.5,
-                 threshold_better: float = 0.8):
+    def __init__(
+        self, inner, encoder, calibrator: Calibrator, *, threshold_relevant: float = 0.5, threshold_better: float = 0.8
+    ):
         if calibrator.features != list(FEATURES):
             raise ValueError(f"calibrator features {calibrator.features} != {list(FEATURES)}")
         want = calibrator.judge
         if want and (want.get("kind"), want.get("prompt")) != (inner.kind, inner.prompt_version):
-            raise ValueError(f"the calibration was fitted for {want}, not for a {inner.kind} judge with prompt "
-                             f"{inner.prompt_version}")
+            raise ValueError(
+                f"the calibration was fitted for {want}, not for a {inner.kind} judge with prompt "
+                f"{inner.prompt_version}"
+            )
         self.inner, self.encoder, self.calibrator = inner, encoder, calibrator
         self.threshold_relevant, self.threshold_better = threshold_relevant, threshold_better
         self.kind = f"{inner.kind}+calibrated"
@@ -153,8 +179,11 @@ class CalibratedJudge:
                 out.append(j)
                 continue
             v = "better" if p >= self.threshold_better else "worse" if p >= self.threshold_relevant else "not_relevant"
-            out.append(dataclasses.replace(j, verdict=v, score=round(p, 6),
-                                           detail=f"raw score {j.score:.4g}; {self.calibrator.version}"))
+            out.append(
+                dataclasses.replace(
+                    j, verdict=v, score=round(p, 6), detail=f"raw score {j.score:.4g}; {self.calibrator.version}"
+                )
+            )
         # the inner judge counted its raw verdicts of this call: replace them by the calibrated ones
         for j in raw:
             self.stats.verdicts[j.verdict] -= 1

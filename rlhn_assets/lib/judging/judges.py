@@ -17,14 +17,20 @@ covered: counted, never read as "no false negatives".
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 
 from rlhn_assets.lib.judging import prompts
-from rlhn_assets.lib.judging.parsing import (VerdictParseError, expected_grade, parse_listwise, parse_listwise_json,
-                                             yes_probability)
+from rlhn_assets.lib.judging.parsing import (
+    VerdictParseError,
+    expected_grade,
+    parse_listwise,
+    parse_listwise_json,
+    yes_probability,
+)
 
 Verdict = Literal["better", "worse", "not_relevant", "error"]
 VERDICTS = ("better", "worse", "not_relevant", "error")
@@ -86,8 +92,9 @@ class Judge(Protocol):
     prompt_version: str
     stats: JudgeStats
 
-    def judge(self, instances: Sequence[Instance],
-              progress: Callable[[str], None] | None = None) -> list[NegativeJudgment]: ...
+    def judge(
+        self, instances: Sequence[Instance], progress: Callable[[str], None] | None = None
+    ) -> list[NegativeJudgment]: ...
 
 
 def _account(stats: JudgeStats, responses) -> None:
@@ -100,15 +107,22 @@ def _account(stats: JudgeStats, responses) -> None:
         stats.tokens_out += r.tokens_out or 0
 
 
-def listwise_calls(inst: Instance, family: str, docs_per_call: int = prompts.MAX_DOCS_PER_CALL, *,
-                   structured: bool = False) -> list[tuple[int, prompts.RenderedListwise]]:
+def listwise_calls(
+    inst: Instance, family: str, docs_per_call: int = prompts.MAX_DOCS_PER_CALL, *, structured: bool = False
+) -> list[tuple[int, prompts.RenderedListwise]]:
     """(offset of the first negative, rendered call) for each chunk of <= 25 negatives."""
     pos = [(p.title, p.text) for p in inst.positives]
     out = []
     for off in range(0, len(inst.negatives), docs_per_call):
-        chunk = inst.negatives[off: off + docs_per_call]
-        out.append((off, prompts.render_listwise(family, inst.query, pos, [(n.docid, n.title, n.text) for n in chunk],
-                                                 structured=structured)))
+        chunk = inst.negatives[off : off + docs_per_call]
+        out.append(
+            (
+                off,
+                prompts.render_listwise(
+                    family, inst.query, pos, [(n.docid, n.title, n.text) for n in chunk], structured=structured
+                ),
+            )
+        )
     return out
 
 
@@ -119,8 +133,15 @@ class ListwiseLLMJudge:
 
     kind = "listwise"
 
-    def __init__(self, client, family: str = "tier1", *, max_parse_retries: int = 2,
-                 docs_per_call: int = prompts.MAX_DOCS_PER_CALL, family_by_instance: Callable[[Instance], str] | None = None):
+    def __init__(
+        self,
+        client,
+        family: str = "tier1",
+        *,
+        max_parse_retries: int = 2,
+        docs_per_call: int = prompts.MAX_DOCS_PER_CALL,
+        family_by_instance: Callable[[Instance], str] | None = None,
+    ):
         self.client = client
         self.family = family
         self.family_by_instance = family_by_instance
@@ -153,8 +174,15 @@ class ListwiseLLMJudge:
                 if progress:
                     progress(f"re-asking {len(pending)} unparsable/truncated answers (attempt {attempt + 1})")
             schema = prompts.LISTWISE_JSON_SCHEMA if self.structured else None
-            reqs = [LLMRequest(messages=items[i][2].messages, prompt_version=items[i][2].prompt_version,
-                               json_schema=schema, attempt=attempt) for i in pending]
+            reqs = [
+                LLMRequest(
+                    messages=items[i][2].messages,
+                    prompt_version=items[i][2].prompt_version,
+                    json_schema=schema,
+                    attempt=attempt,
+                )
+                for i in pending
+            ]
             responses = self.client.complete_many(reqs, progress=progress)
             _account(self.stats, responses)
             still = []
@@ -170,25 +198,33 @@ class ListwiseLLMJudge:
                     still.append(i)
                     continue
                 try:
-                    v = (parse_listwise_json if self.structured else parse_listwise)(resp.text or "",
-                                                                                      len(rendered.docids))
+                    v = (parse_listwise_json if self.structured else parse_listwise)(
+                        resp.text or "", len(rendered.docids)
+                    )
                 except VerdictParseError as e:
                     last_problem[i] = f"unparsable answer: {e}"
                     still.append(i)
                     continue
                 better, worse = set(v.better), set(v.worse)
                 results[i] = [
-                    NegativeJudgment(inst.instance_id, docid, off + k,
-                                     "better" if k in better else "worse" if k in worse else "not_relevant",
-                                     None, resp.key,
-                                     f"out-of-range indices {list(v.out_of_range)}" if v.out_of_range else None)
+                    NegativeJudgment(
+                        inst.instance_id,
+                        docid,
+                        off + k,
+                        "better" if k in better else "worse" if k in worse else "not_relevant",
+                        None,
+                        resp.key,
+                        f"out-of-range indices {list(v.out_of_range)}" if v.out_of_range else None,
+                    )
                     for k, docid in enumerate(rendered.docids, 1)
                 ]
             pending = still
         for i in pending:  # gave up: every negative of the call is an error verdict
             inst, off, rendered = items[i]
-            results[i] = [NegativeJudgment(inst.instance_id, d, off + k, "error", None, None, last_problem.get(i))
-                          for k, d in enumerate(rendered.docids, 1)]
+            results[i] = [
+                NegativeJudgment(inst.instance_id, d, off + k, "error", None, None, last_problem.get(i))
+                for k, d in enumerate(rendered.docids, 1)
+            ]
         out = [j for i in range(len(items)) for j in results[i]]
         self.stats.instances += len(instances)
         self.stats.negatives += len(out)
@@ -206,8 +242,16 @@ class PointwiseLLMJudge:
     families = prompts.POINTWISE_PROMPTS
     default_family = prompts.POINTWISE_VERSION
 
-    def __init__(self, client, *, threshold_relevant: float = 0.5, threshold_better: float = 0.9,
-                 top_logprobs: int = 10, max_parse_retries: int = 1, family: str | None = None):
+    def __init__(
+        self,
+        client,
+        *,
+        threshold_relevant: float = 0.5,
+        threshold_better: float = 0.9,
+        top_logprobs: int = 10,
+        max_parse_retries: int = 1,
+        family: str | None = None,
+    ):
         lo, hi = self.score_range
         if not lo <= threshold_relevant <= threshold_better <= hi:
             raise ValueError(f"need {lo:g} <= threshold_relevant <= threshold_better <= {hi:g}")
@@ -258,8 +302,16 @@ class PointwiseLLMJudge:
                 break
             if attempt:
                 self.stats.parse_retries += len(pending)
-            reqs = [LLMRequest(messages=items[i][3], prompt_version=self.prompt_version, max_tokens=1,
-                               top_logprobs=self.top_logprobs, attempt=attempt) for i in pending]
+            reqs = [
+                LLMRequest(
+                    messages=items[i][3],
+                    prompt_version=self.prompt_version,
+                    max_tokens=1,
+                    top_logprobs=self.top_logprobs,
+                    attempt=attempt,
+                )
+                for i in pending
+            ]
             responses = self.client.complete_many(reqs, progress=progress)
             _account(self.stats, responses)
             still = []
@@ -345,10 +397,20 @@ class EmbeddingMarginJudge:
         ids = list(texts)
         if progress:
             progress(f"embedding {len(ids):,} passages and {len(instances):,} queries")
-        p_emb = self.encoder.encode([texts[i] for i in ids], batch_size=self.batch_size, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=False)
-        q_emb = self.encoder.encode([inst.query for inst in instances], batch_size=self.batch_size,
-                                    normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        p_emb = self.encoder.encode(
+            [texts[i] for i in ids],
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        q_emb = self.encoder.encode(
+            [inst.query for inst in instances],
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
         row = {d: i for i, d in enumerate(ids)}
         out = []
         for qi, inst in enumerate(instances):
@@ -357,7 +419,9 @@ class EmbeddingMarginJudge:
             for k, n in enumerate(inst.negatives, 1):
                 s = float(np.dot(p_emb[row[n.docid]], q))
                 ratio = s / best_pos if best_pos > 0 else 0.0
-                out.append(NegativeJudgment(inst.instance_id, n.docid, k, self.verdict_for(s, best_pos), round(ratio, 6)))
+                out.append(
+                    NegativeJudgment(inst.instance_id, n.docid, k, self.verdict_for(s, best_pos), round(ratio, 6))
+                )
         self.stats.instances += len(instances)
         self.stats.negatives += len(out)
         self.stats.count(out)

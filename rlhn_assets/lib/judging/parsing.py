@@ -53,8 +53,11 @@ def parse_listwise(response: str, n_docs: int) -> ListwiseVerdict:
     better = _indices(better_m.group(1)) if better_m else []
     worse = [i for i in (_indices(worse_m.group(1)) if worse_m else []) if i not in better]
     out = tuple(i for i in better + worse if not 1 <= i <= n_docs)
-    return ListwiseVerdict(better=tuple(i for i in better if 1 <= i <= n_docs),
-                           worse=tuple(i for i in worse if 1 <= i <= n_docs), out_of_range=out)
+    return ListwiseVerdict(
+        better=tuple(i for i in better if 1 <= i <= n_docs),
+        worse=tuple(i for i in worse if 1 <= i <= n_docs),
+        out_of_range=out,
+    )
 
 
 def parse_listwise_json(response: str, n_docs: int) -> ListwiseVerdict:
@@ -81,8 +84,11 @@ def parse_listwise_json(response: str, n_docs: int) -> ListwiseVerdict:
     better = lists["better"]
     worse = [i for i in lists["worse"] if i not in better]
     out = tuple(i for i in better + worse if not 1 <= i <= n_docs)
-    return ListwiseVerdict(better=tuple(i for i in better if 1 <= i <= n_docs),
-                           worse=tuple(i for i in worse if 1 <= i <= n_docs), out_of_range=out)
+    return ListwiseVerdict(
+        better=tuple(i for i in better if 1 <= i <= n_docs),
+        worse=tuple(i for i in worse if 1 <= i <= n_docs),
+        out_of_range=out,
+    )
 
 
 _YES = {"yes", "y", "true", "relevant"}

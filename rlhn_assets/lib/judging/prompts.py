@@ -25,8 +25,8 @@ verdict: ``<`` and ``>`` become ``‹`` and ``›``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 MAX_DOCS_PER_CALL = 25
 
@@ -59,7 +59,8 @@ For each relevant document, say whether it is better than, as good as, or worse 
 </verdict>
 Write [] for an empty list. List every document at most once."""
 
-_TIER1 = """You check training data for a search engine. You get a search question, a ground-truth document \
+_TIER1 = (
+    """You check training data for a search engine. You get a search question, a ground-truth document \
 that a person already confirmed as the best answer, and a list of documents that were recorded as NOT relevant. \
 Such lists contain mistakes. Decide, document by document, whether each listed document is in fact relevant \
 for answering the question.
@@ -73,9 +74,12 @@ ground truth covers.
 
 Read every document with care, like a proofreader.
 
-""" + _OUTPUT_CONTRACT
+"""
+    + _OUTPUT_CONTRACT
+)
 
-_TIER2 = """You audit relevance labels of a retrieval training set. You get a search question, a ground-truth \
+_TIER2 = (
+    """You audit relevance labels of a retrieval training set. You get a search question, a ground-truth \
 document that was validated as relevant (use it as your reference), and documents that were labelled NOT \
 relevant. Some of those labels are wrong. For each document decide whether it is relevant to the question \
 when compared with the ground truth, and if so, whether it is at least as good an answer as the ground truth.
@@ -89,9 +93,12 @@ necessary part that the ground truth provides.
 
 Be strict: topical overlap or partial answers are Not Relevant. Read every document with care.
 
-""" + _OUTPUT_CONTRACT
+"""
+    + _OUTPUT_CONTRACT
+)
 
-_SCIDOCSRR = """You check training data for a scientific literature search engine. The question is the title \
+_SCIDOCSRR = (
+    """You check training data for a scientific literature search engine. The question is the title \
 of a scientific paper; the ground truth is a paper that a person confirmed as related to it (for example one it \
 cites or that cites it). The listed documents were recorded as NOT related. Decide for each document whether \
 it is in fact closely related to the paper title in the question.
@@ -102,7 +109,9 @@ Labels:
 - Relevant: the document is about the same scientific problem or method as the title, as closely as the ground truth is.
 - Not Relevant: the document is on a different or only loosely connected topic.
 
-""" + _OUTPUT_CONTRACT
+"""
+    + _OUTPUT_CONTRACT
+)
 
 _FAMILIES = {"tier1": _TIER1, "tier2": _TIER2, "scidocsrr": _SCIDOCSRR}
 
@@ -116,9 +125,11 @@ _JSON_CONTRACT = """Answer with one JSON object with exactly these three keys, i
 Write [] for an empty list. List every document at most once."""
 LISTWISE_JSON_SCHEMA = {
     "type": "object",
-    "properties": {"thinking": {"type": "string"},
-                   "better": {"type": "array", "items": {"type": "integer"}},
-                   "worse": {"type": "array", "items": {"type": "integer"}}},
+    "properties": {
+        "thinking": {"type": "string"},
+        "better": {"type": "array", "items": {"type": "integer"}},
+        "worse": {"type": "array", "items": {"type": "integer"}},
+    },
     "required": ["thinking", "better", "worse"],
     "additionalProperties": False,
 }
@@ -132,8 +143,14 @@ class RenderedListwise:
     docids: tuple[str, ...]  # Doc (i) -> docids[i - 1]
 
 
-def render_listwise(family: str, query: str, positives: Sequence[tuple[str | None, str]],
-                    negatives: Sequence[tuple[str, str | None, str]], *, structured: bool = False) -> RenderedListwise:
+def render_listwise(
+    family: str,
+    query: str,
+    positives: Sequence[tuple[str | None, str]],
+    negatives: Sequence[tuple[str, str | None, str]],
+    *,
+    structured: bool = False,
+) -> RenderedListwise:
     """One listwise call. ``positives`` = [(title, text)], ``negatives`` = [(docid, title, text)] (<= 25).
     ``structured``: the JSON answer contract instead of the <verdict> tags (see LISTWISE_JSON_SCHEMA)."""
     if family not in _FAMILIES:
@@ -143,28 +160,38 @@ def render_listwise(family: str, query: str, positives: Sequence[tuple[str | Non
     ground_truth = "\n\n".join(f"P(0): {passage_text(t, x)}" for t, x in positives)
     documents = "\n\n".join(f"Doc ({i}): {passage_text(t, x)}" for i, (_, t, x) in enumerate(negatives, 1))
     instructions = _FAMILIES[family].replace(_OUTPUT_CONTRACT, _JSON_CONTRACT) if structured else _FAMILIES[family]
-    user = (f"{instructions}\n\n<question>\n{escape(query.strip())}\n</question>\n\n"
-            f"<ground_truth>\n{ground_truth}\n</ground_truth>\n\n<documents>\n{documents}\n</documents>")
-    return RenderedListwise(messages=({"role": "user", "content": user},),
-                            prompt_version=LISTWISE_VERSIONS[family] + (JSON_SUFFIX if structured else ""),
-                            docids=tuple(d for d, _, _ in negatives))
+    user = (
+        f"{instructions}\n\n<question>\n{escape(query.strip())}\n</question>\n\n"
+        f"<ground_truth>\n{ground_truth}\n</ground_truth>\n\n<documents>\n{documents}\n</documents>"
+    )
+    return RenderedListwise(
+        messages=({"role": "user", "content": user},),
+        prompt_version=LISTWISE_VERSIONS[family] + (JSON_SUFFIX if structured else ""),
+        docids=tuple(d for d, _, _ in negatives),
+    )
 
 
-_POINTWISE_SYSTEM = ("You judge search results. Answer with a single word: Yes or No.")
+_POINTWISE_SYSTEM = "You judge search results. Answer with a single word: Yes or No."
 
 
-def render_pointwise(query: str, positive: tuple[str | None, str], candidate: tuple[str | None, str]) -> tuple[dict, ...]:
+def render_pointwise(
+    query: str, positive: tuple[str | None, str], candidate: tuple[str | None, str]
+) -> tuple[dict, ...]:
     """Query and the known-relevant passage first (shared prefix across an instance's calls), candidate last."""
-    prefix = (f"Question: {escape(query.strip())}\n\nA passage known to answer it:\n{passage_text(*positive)}\n\n")
-    ask = (f"Candidate passage:\n{passage_text(*candidate)}\n\n"
-           "Does the candidate passage, on its own, answer the question as well as the known passage does? "
-           "Answer Yes or No.")
+    prefix = f"Question: {escape(query.strip())}\n\nA passage known to answer it:\n{passage_text(*positive)}\n\n"
+    ask = (
+        f"Candidate passage:\n{passage_text(*candidate)}\n\n"
+        "Does the candidate passage, on its own, answer the question as well as the known passage does? "
+        "Answer Yes or No."
+    )
     return ({"role": "system", "content": _POINTWISE_SYSTEM}, {"role": "user", "content": prefix + ask})
 
 
-_PLAIN_SYSTEM = ("You are a relevance judge for a search engine. You get a search query, a reference passage that "
-                 "is known to be relevant to the query, and one candidate passage. Decide whether the candidate "
-                 "passage is also relevant, i.e. whether it answers the query. Answer with a single word: Yes or No.")
+_PLAIN_SYSTEM = (
+    "You are a relevance judge for a search engine. You get a search query, a reference passage that "
+    "is known to be relevant to the query, and one candidate passage. Decide whether the candidate "
+    "passage is also relevant, i.e. whether it answers the query. Answer with a single word: Yes or No."
+)
 # passages are cut at this many characters in the plain and graded prompts (long passages add seconds per call
 # on a CPU and rarely change a relevance answer)
 MAX_PASSAGE_CHARS = 2000
@@ -176,9 +203,11 @@ def _cut(title: str | None, text: str) -> str:
 
 def render_plain(query: str, positive: tuple[str | None, str], candidate: tuple[str | None, str]) -> tuple[dict, ...]:
     """``plain-v1``: system + query + reference first (shared prompt prefix across a query's negatives)."""
-    user = (f"Query: {escape(query.strip())}\n\nReference passage (known relevant):\n{_cut(*positive)}\n\n"
-            f"Candidate passage:\n{_cut(*candidate)}\n\nDoes the candidate passage answer the query? "
-            "Answer Yes or No.")
+    user = (
+        f"Query: {escape(query.strip())}\n\nReference passage (known relevant):\n{_cut(*positive)}\n\n"
+        f"Candidate passage:\n{_cut(*candidate)}\n\nDoes the candidate passage answer the query? "
+        "Answer Yes or No."
+    )
     return ({"role": "system", "content": _PLAIN_SYSTEM}, {"role": "user", "content": user})
 
 
@@ -191,27 +220,35 @@ def render_pointwise_family(family: str, query: str, positive, candidate) -> tup
 
 
 # The grade scale of the UMBRELA / TREC RAG LLM assessors (0-3), in our words.
-_GRADE_SCALE = ("3 = the passage is dedicated to the query and contains the exact answer;\n"
-                "2 = the passage answers the query, but the answer is partial or mixed with unrelated text;\n"
-                "1 = the passage is on the topic of the query but does not answer it;\n"
-                "0 = the passage has nothing to do with the query.")
-_GRADED_SYSTEM = ("You are a relevance assessor for a search engine. Given a query and a passage, grade how well "
-                  "the passage answers the query on this scale:\n" + _GRADE_SCALE +
-                  "\nAnswer with a single digit: 0, 1, 2 or 3.")
-_GRADED_REF_SYSTEM = ("You are a relevance assessor for a search engine. You get a query, a reference passage known "
-                      "to answer it, and a candidate passage. Grade how well the candidate passage answers the query "
-                      "on this scale:\n" + _GRADE_SCALE + "\nAnswer with a single digit: 0, 1, 2 or 3.")
+_GRADE_SCALE = (
+    "3 = the passage is dedicated to the query and contains the exact answer;\n"
+    "2 = the passage answers the query, but the answer is partial or mixed with unrelated text;\n"
+    "1 = the passage is on the topic of the query but does not answer it;\n"
+    "0 = the passage has nothing to do with the query."
+)
+_GRADED_SYSTEM = (
+    "You are a relevance assessor for a search engine. Given a query and a passage, grade how well "
+    "the passage answers the query on this scale:\n" + _GRADE_SCALE + "\nAnswer with a single digit: 0, 1, 2 or 3."
+)
+_GRADED_REF_SYSTEM = (
+    "You are a relevance assessor for a search engine. You get a query, a reference passage known "
+    "to answer it, and a candidate passage. Grade how well the candidate passage answers the query "
+    "on this scale:\n" + _GRADE_SCALE + "\nAnswer with a single digit: 0, 1, 2 or 3."
+)
 
 
-def render_graded(family: str, query: str, positive: tuple[str | None, str] | None,
-                  candidate: tuple[str | None, str]) -> tuple[dict, ...]:
+def render_graded(
+    family: str, query: str, positive: tuple[str | None, str] | None, candidate: tuple[str | None, str]
+) -> tuple[dict, ...]:
     """``graded-ref-v1`` (with the known-relevant passage) or ``graded-v1`` (query and candidate only)."""
     q = escape(query.strip())
     if family == "graded-ref-v1":
         if positive is None:
             raise ValueError("graded-ref-v1 needs the known-relevant passage")
-        user = (f"Query: {q}\n\nReference passage (known relevant):\n{_cut(*positive)}\n\n"
-                f"Candidate passage:\n{_cut(*candidate)}\n\nGrade (0-3):")
+        user = (
+            f"Query: {q}\n\nReference passage (known relevant):\n{_cut(*positive)}\n\n"
+            f"Candidate passage:\n{_cut(*candidate)}\n\nGrade (0-3):"
+        )
         return ({"role": "system", "content": _GRADED_REF_SYSTEM}, {"role": "user", "content": user})
     if family == "graded-v1":
         user = f"Query: {q}\n\nPassage:\n{_cut(*candidate)}\n\nGrade (0-3):"

@@ -33,9 +33,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Literal, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import openai
@@ -217,8 +218,17 @@ def parse_completion(key: str, data: dict, latency_s: float, want_logprobs: bool
 
 
 def _error_response(key: str, error: str, latency_s: float = 0.0) -> LLMResponse:
-    return LLMResponse(key=key, text=None, finish_reason=None, tokens_in=0, tokens_out=0, latency_s=latency_s,
-                       top_logprobs=None, cached=False, error=error)
+    return LLMResponse(
+        key=key,
+        text=None,
+        finish_reason=None,
+        tokens_in=0,
+        tokens_out=0,
+        latency_s=latency_s,
+        top_logprobs=None,
+        cached=False,
+        error=error,
+    )
 
 
 def _retry_after_s(response: Any) -> float | None:
@@ -243,8 +253,8 @@ def _retry_after_s(response: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _classify(exc: BaseException) -> tuple[bool, float | None]:
@@ -301,7 +311,7 @@ class _CacheWriter:
     (DuckDB releases the GIL, so the event loop keeps serving responses meanwhile). :meth:`close` waits for a
     write in progress and writes whatever is left synchronously - also on exception / cancellation."""
 
-    def __init__(self, cache: "ResponseCache", every: int, interval_s: float):
+    def __init__(self, cache: ResponseCache, every: int, interval_s: float):
         self.cache = cache
         self.every = every
         self.interval_s = interval_s
@@ -324,7 +334,7 @@ class _CacheWriter:
         while True:
             try:
                 await asyncio.wait_for(self._event.wait(), self.interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._event.clear()
             if self.buf:
@@ -371,13 +381,15 @@ class _Progress:
         if self.callback is None:
             return
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        self.callback(f"{self.label}: {self.done}/{self.total} calls done ({self.answered} answered, "
-                      f"{self.errors} errors), {self.cache_hits} cache hits, {self.done / dt:.1f} calls/s{extra}")
+        self.callback(
+            f"{self.label}: {self.done}/{self.total} calls done ({self.answered} answered, "
+            f"{self.errors} errors), {self.cache_hits} cache hits, {self.done / dt:.1f} calls/s{extra}"
+        )
 
 
 def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(seq), n):
-        yield seq[i:i + n]
+        yield seq[i : i + n]
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -392,9 +404,15 @@ class LLMClient:
     flush_every: int = 32
     flush_interval_s: float = 0.5
 
-    def __init__(self, settings: EndpointSettings, cache: "ResponseCache", *,
-                 http_client: httpx.AsyncClient | None = None, api_key: str | None = None,
-                 http_backend: Literal["auto", "httpx", "aiohttp"] = "auto"):
+    def __init__(
+        self,
+        settings: EndpointSettings,
+        cache: ResponseCache,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        api_key: str | None = None,
+        http_backend: Literal["auto", "httpx", "aiohttp"] = "auto",
+    ):
         self.settings = settings
         self.cache = cache
         self.stats = ClientStats()
@@ -407,8 +425,7 @@ class LLMClient:
 
     def __repr__(self) -> str:
         s = self.settings
-        return (f"LLMClient(model={s.model!r}, base_url={s.base_url!r}, mode={s.mode!r}, "
-                f"concurrency={s.concurrency})")
+        return f"LLMClient(model={s.model!r}, base_url={s.base_url!r}, mode={s.mode!r}, concurrency={s.concurrency})"
 
     # ------------------------------------------------------------------------------ openai client per loop
     def _resolve_api_key(self) -> str:
@@ -418,8 +435,9 @@ class LLMClient:
         if key:
             return key
         if self.settings.base_url is None:
-            raise LLMConfigError(f"environment variable {self.settings.api_key_env} is not set "
-                                 "(needed for api.openai.com)")
+            raise LLMConfigError(
+                f"environment variable {self.settings.api_key_env} is not set (needed for api.openai.com)"
+            )
         return "no-key"  # local OpenAI-compatible servers ignore the key, but the SDK needs one
 
     def _loop_state(self) -> _LoopState:
@@ -432,8 +450,9 @@ class LLMClient:
         owns = http is None
         if http is None:
             http = self._build_http_client()
-        oai = openai.AsyncOpenAI(base_url=s.base_url, api_key=self._resolve_api_key(), max_retries=0,
-                                 timeout=s.timeout_s, http_client=http)
+        oai = openai.AsyncOpenAI(
+            base_url=s.base_url, api_key=self._resolve_api_key(), max_retries=0, timeout=s.timeout_s, http_client=http
+        )
         self._state = _LoopState(loop=loop, oai=oai, sem=asyncio.Semaphore(s.concurrency), owns_http=owns)
         return self._state
 
@@ -441,10 +460,13 @@ class LLMClient:
         """openai's aiohttp transport when installed (``openai[aiohttp]``: ~35% less client CPU per call than
         httpx2/anyio, which is what limits throughput at many requests in flight), else httpx2."""
         s = self.settings
-        kwargs = dict(timeout=_hx.Timeout(s.timeout_s, connect=min(10.0, s.timeout_s)),
-                      limits=_hx.Limits(max_connections=max(100, 2 * s.concurrency),
-                                        max_keepalive_connections=max(20, s.concurrency)),
-                      follow_redirects=True)
+        kwargs = dict(
+            timeout=_hx.Timeout(s.timeout_s, connect=min(10.0, s.timeout_s)),
+            limits=_hx.Limits(
+                max_connections=max(100, 2 * s.concurrency), max_keepalive_connections=max(20, s.concurrency)
+            ),
+            follow_redirects=True,
+        )
         backend = self.http_backend
         if backend == "auto":
             backend = "aiohttp" if _HAVE_AIOHTTP and _hx is not httpx else "httpx"
@@ -467,8 +489,9 @@ class LLMClient:
             await st.oai.close()
 
     # ------------------------------------------------------------------------------ public API
-    def complete_many(self, requests: Sequence[LLMRequest],
-                      progress: Callable[[str], None] | None = None) -> list[LLMResponse]:
+    def complete_many(
+        self, requests: Sequence[LLMRequest], progress: Callable[[str], None] | None = None
+    ) -> list[LLMResponse]:
         """Synchronous wrapper: runs :meth:`acomplete_many` (online or batch per ``settings.mode``) in a fresh
         event loop; from inside a running loop it uses a helper thread."""
 
@@ -485,8 +508,9 @@ class LLMClient:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-client") as ex:
             return ex.submit(asyncio.run, runner()).result()
 
-    async def acomplete_many(self, requests: Sequence[LLMRequest],
-                             progress: Callable[[str], None] | None = None) -> list[LLMResponse]:
+    async def acomplete_many(
+        self, requests: Sequence[LLMRequest], progress: Callable[[str], None] | None = None
+    ) -> list[LLMResponse]:
         """Responses in the order of ``requests``; requests with the same key are asked once."""
         t0 = time.perf_counter()
         try:
@@ -510,8 +534,9 @@ class LLMClient:
             self.stats.wall_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------ online
-    async def _run_online(self, todo: list[tuple[str, LLMRequest]], progress, n_hits: int,
-                          label: str) -> dict[str, LLMResponse]:
+    async def _run_online(
+        self, todo: list[tuple[str, LLMRequest]], progress, n_hits: int, label: str
+    ) -> dict[str, LLMResponse]:
         st = self._loop_state()
         s = self.settings
         out: dict[str, LLMResponse] = {}
@@ -558,7 +583,7 @@ class LLMClient:
                     self.stats.errors += 1
                     log.warning("LLM request %s failed: %s", key[:12], _describe(exc, attempt + 1))
                     return _error_response(key, _describe(exc, attempt + 1), time.perf_counter() - t0)
-                cap = min(s.backoff_max_s, s.backoff_base_s * (2 ** attempt))
+                cap = min(s.backoff_max_s, s.backoff_base_s * (2**attempt))
                 delay = min(retry_after, s.backoff_max_s) if retry_after is not None else random.uniform(0, cap)
                 attempt += 1
                 self.stats.retries += 1
@@ -585,7 +610,7 @@ class LLMClient:
                 retryable, retry_after = _classify(exc)
                 if not retryable or attempt >= s.max_retries:
                     raise
-                cap = min(s.backoff_max_s, s.backoff_base_s * (2 ** attempt))
+                cap = min(s.backoff_max_s, s.backoff_base_s * (2**attempt))
                 delay = min(retry_after, s.backoff_max_s) if retry_after is not None else random.uniform(0, cap)
                 attempt += 1
                 self.stats.retries += 1
@@ -593,8 +618,9 @@ class LLMClient:
                 await asyncio.sleep(delay)
 
     # ------------------------------------------------------------------------------ batch
-    async def _run_batch(self, todo: list[tuple[str, LLMRequest]], progress, n_hits: int,
-                         label: str) -> dict[str, LLMResponse]:
+    async def _run_batch(
+        self, todo: list[tuple[str, LLMRequest]], progress, n_hits: int, label: str
+    ) -> dict[str, LLMResponse]:
         """Batch API path. Misses that belong to a non-terminal job recorded in ``llm_batches`` are polled,
         not resubmitted; the rest is submitted in chunks; every successful output line is cached at once."""
         st = self._loop_state()
@@ -618,13 +644,23 @@ class LLMClient:
             say(f"resuming {len(active)} pending job(s) holding {len(in_flight & wanted.keys())} request(s)")
 
         for chunk in _chunks(fresh, s.batch_chunk_size):
-            lines = [_canonical_json({"custom_id": k, "method": "POST", "url": BATCH_ENDPOINT, "body": bodies[k]})
-                     for k in chunk]
+            lines = [
+                _canonical_json({"custom_id": k, "method": "POST", "url": BATCH_ENDPOINT, "body": bodies[k]})
+                for k in chunk
+            ]
             payload = ("\n".join(lines) + "\n").encode("utf-8")
-            fobj = await self._retrying("upload batch input", lambda: st.oai.files.create(
-                file=("batch_input.jsonl", payload, "application/jsonl"), purpose="batch"))
-            batch = await self._retrying("create batch", lambda: st.oai.batches.create(
-                input_file_id=fobj.id, endpoint=BATCH_ENDPOINT, completion_window=s.batch_completion_window))
+            fobj = await self._retrying(
+                "upload batch input",
+                lambda payload=payload: st.oai.files.create(
+                    file=("batch_input.jsonl", payload, "application/jsonl"), purpose="batch"
+                ),
+            )
+            batch = await self._retrying(
+                "create batch",
+                lambda fobj=fobj: st.oai.batches.create(
+                    input_file_id=fobj.id, endpoint=BATCH_ENDPOINT, completion_window=s.batch_completion_window
+                ),
+            )
             self.cache.record_batch(batch.id, fobj.id, batch.status or "validating", chunk)
             active[batch.id] = tuple(chunk)
             self.stats.batches_submitted += 1
@@ -636,13 +672,15 @@ class LLMClient:
         last_status: dict[str, str] = {}
         while active:
             for batch_id in list(active):
-                batch = await self._retrying(f"poll batch {batch_id}",
-                                             lambda: st.oai.batches.retrieve(batch_id))
+                batch = await self._retrying(
+                    f"poll batch {batch_id}", lambda batch_id=batch_id: st.oai.batches.retrieve(batch_id)
+                )
                 status = batch.status
                 if status in TERMINAL_BATCH_STATUSES:
                     n = await self._collect_batch(st, batch, active[batch_id], wanted, out, errors)
-                    self.cache.update_batch(batch_id, status, output_file_id=batch.output_file_id,
-                                            error_file_id=batch.error_file_id)
+                    self.cache.update_batch(
+                        batch_id, status, output_file_id=batch.output_file_id, error_file_id=batch.error_file_id
+                    )
                     del active[batch_id]
                     say(f"job {batch_id} {status}: {n} answer(s) saved")
                 elif last_status.get(batch_id) != status:
@@ -661,15 +699,21 @@ class LLMClient:
                 results[k] = _error_response(k, errors.get(k, "no result for this request in the batch output"))
         return results
 
-    async def _collect_batch(self, st: _LoopState, batch: Any, batch_keys: Sequence[str],
-                             wanted: dict[str, LLMRequest], out: dict[str, LLMResponse],
-                             errors: dict[str, str]) -> int:
+    async def _collect_batch(
+        self,
+        st: _LoopState,
+        batch: Any,
+        batch_keys: Sequence[str],
+        wanted: dict[str, LLMRequest],
+        out: dict[str, LLMResponse],
+        errors: dict[str, str],
+    ) -> int:
         s = self.settings
         saved = 0
         for file_id, is_error_file in ((batch.output_file_id, False), (batch.error_file_id, True)):
             if not file_id:
                 continue
-            content = await self._retrying(f"download {file_id}", lambda: st.oai.files.content(file_id))
+            content = await self._retrying(f"download {file_id}", lambda file_id=file_id: st.oai.files.content(file_id))
             rows = []
             for line in content.text.splitlines():
                 if not line.strip():
@@ -701,8 +745,10 @@ class LLMClient:
                 else:
                     err = obj.get("error") or (body or {}).get("error") or {}
                     msg = err.get("message") if isinstance(err, dict) else str(err)
-                    errors[key] = (f"batch {batch.id} ({'error file' if is_error_file else 'output'}): "
-                                   f"HTTP {response.get('status_code')}: {msg}")
+                    errors[key] = (
+                        f"batch {batch.id} ({'error file' if is_error_file else 'output'}): "
+                        f"HTTP {response.get('status_code')}: {msg}"
+                    )
             saved += self.cache.put_many(rows)
         if batch.status != "completed":
             detail = ""
@@ -711,6 +757,9 @@ class LLMClient:
                 detail = "; ".join(f"{e.code}: {e.message}" for e in errs.data if e is not None)
             for key in batch_keys:
                 if key not in out:
-                    errors.setdefault(key, f"batch {batch.id} {batch.status} without an answer for this request"
-                                           + (f" ({detail})" if detail else ""))
+                    errors.setdefault(
+                        key,
+                        f"batch {batch.id} {batch.status} without an answer for this request"
+                        + (f" ({detail})" if detail else ""),
+                    )
         return saved
