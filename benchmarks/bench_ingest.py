@@ -188,10 +188,12 @@ def child_ingest(file: Path, db: Path) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from rlhn_assets.lib.ingest import ingest_dataset
+    from rlhn_assets.lib.schema import apply_schema
 
     t0, c0 = time.perf_counter(), _cpu_self()
     conn = duckdb.connect(str(db), config=DUCKDB_CONFIG)
     try:
+        apply_schema(conn)  # what the DuckDB resource does when it opens the file
         stats = ingest_dataset(conn, "bench", [(file, file.name, "bge")])
     finally:
         conn.close()

@@ -104,13 +104,12 @@ def load_recorded_responses(log=print) -> int:
     if not RECORDED_RESPONSES.exists():
         log(f"no recorded judge responses at {RECORDED_RESPONSES}: every tier-2 call goes to the local LLM")
         return 0
-    from rlhn_assets.lib.llm.cache import DDL
+    from rlhn_assets.lib.llm.cache import apply_cache_schema
 
     cache = _llm_cache_path()
     cache.parent.mkdir(parents=True, exist_ok=True)
     with connect(cache) as conn:
-        for ddl in DDL:
-            conn.execute(ddl)
+        apply_cache_schema(conn)
         before = conn.execute("SELECT count(*) FROM llm_responses").fetchone()[0]
         conn.execute("""INSERT INTO llm_responses BY NAME
                         SELECT r.* FROM read_parquet($p) r ANTI JOIN llm_responses c ON c.key = r.key""",

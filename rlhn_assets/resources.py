@@ -12,7 +12,8 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field, model_validator
 
 from rlhn_assets import settings
-from rlhn_assets.lib.db import connect, ensure_schema
+from rlhn_assets.lib.db import connect
+from rlhn_assets.lib.schema import apply_schema
 from rlhn_assets.registry import Registry, load_registry
 
 
@@ -20,13 +21,14 @@ class RLHNDuckDB(DuckDBResource):
     """dagster-duckdb's resource, with a connection that is always closed (upstream leaks it on an
     exception) and a longer lock wait (``lib.db.open_with_lock_retry``: capped back-off up to
     ``RLHN_DUCKDB_LOCK_TIMEOUT_S``, default 600 s, logged to the run), so a run waiting on another run's short
-    write never fails."""
+    write never fails. Opening the file applies the pipeline schema (``lib/schema.py``), so every stage finds
+    every table."""
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with connect(self.database, config={"custom_user_agent": "dagster", **self.connection_config},
                      log=dg.get_dagster_logger()) as conn:
-            ensure_schema(conn)
+            apply_schema(conn)  # every table, at the current schema version (one query when it is there)
             yield conn
 
 

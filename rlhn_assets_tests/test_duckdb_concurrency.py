@@ -3,7 +3,7 @@ lets one process hold the file at a time, and `lib.db.open_with_lock_retry` wait
 
 Each child process materializes raw_bge + pruned (+ checks) for its own dataset. They start together (a file
 barrier after the imports), and every connection is held 0.3 s longer than its work needs (a patched
-`ensure_schema`), so the two processes' connections overlap for sure; the test asserts that at least one of
+`apply_schema`), so the two processes' connections overlap for sure; the test asserts that at least one of
 them logged a lock wait. The negative control runs the same pair with RLHN_DUCKDB_LOCK_TIMEOUT_S=0 (one
 attempt, i.e. no retry): then a run fails with the lock error."""
 
@@ -29,11 +29,11 @@ from rlhn_assets.definitions import defs
 from rlhn_assets.resources import DatasetRegistryResource
 from rlhn_assets_tests.conftest import make_resources
 
-_ensure_schema = res.ensure_schema
-def slow_ensure_schema(conn):  # every connection of the run holds the file lock a little longer
-    _ensure_schema(conn)
+_apply_schema = res.apply_schema
+def slow_apply_schema(conn):  # every connection of the run holds the file lock a little longer
+    _apply_schema(conn)
     time.sleep(0.3)
-res.ensure_schema = slow_ensure_schema
+res.apply_schema = slow_apply_schema
 
 d = defs()
 assets = ["raw_bge", "pruned"]

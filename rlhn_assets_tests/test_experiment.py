@@ -9,8 +9,8 @@ import duckdb
 import pytest
 
 from rlhn_assets import experiment
-from rlhn_assets.lib.llm.cache import DDL
-from rlhn_assets.lib.relabel import JUDGMENTS_DDL
+from rlhn_assets.lib.llm.cache import apply_cache_schema
+from rlhn_assets.lib.schema import apply_schema
 
 
 def test_settings_meet_the_experiments_floor():
@@ -50,16 +50,14 @@ def experiment_files(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "_llm_cache_path", lambda: cache)
     monkeypatch.setattr(experiment, "RECORDED_RESPONSES", tmp_path / "data" / "judgments" / "rec.parquet")
     with duckdb.connect(str(tmp_path / "exp.duckdb")) as conn:
-        conn.execute(JUDGMENTS_DDL)
-        conn.execute("ALTER TABLE judgments ADD COLUMN IF NOT EXISTS judge_model_identity VARCHAR")
+        apply_schema(conn)
         for i, key in enumerate(["k1", "k2", "k2", None]):  # a repeated key and a verdict without a response
             conn.execute("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, response_key) "
                          "VALUES ('fiqa', 2, 'i', ?, ?, 'worse', ?)", [f"d{i}", i, key])
         conn.execute("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, response_key) "
                      "VALUES ('fiqa', 1, 'i', 'd9', 9, 'worse', 'tier1-key')")
     with duckdb.connect(str(cache)) as conn:
-        for ddl in DDL:
-            conn.execute(ddl)
+        apply_cache_schema(conn)
         for key in ("k1", "k2", "unrelated", "tier1-key"):
             conn.execute("INSERT INTO llm_responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(key))
     return cache
@@ -103,6 +101,6 @@ def test_no_recording_means_the_real_llm(experiment_files, tmp_path):
 def test_record_refuses_without_tier2_verdicts(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHN_DUCKDB", str(tmp_path / "empty.duckdb"))
     with duckdb.connect(str(tmp_path / "empty.duckdb")) as conn:
-        conn.execute(JUDGMENTS_DDL)
+        apply_schema(conn)
     with pytest.raises(SystemExit, match="run the experiment first"):
         experiment.record_judge_responses(log=lambda m: None)

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhn_assets.lib.ingest import IngestError, ingest_dataset
+from rlhn_assets.lib.schema import apply_schema
 from rlhn_assets_tests.conftest import DATA
 
 
@@ -24,6 +25,7 @@ def _rows(conn, sql, *params):
 @pytest.fixture
 def conn(db_path):
     c = duckdb.connect(str(db_path))
+    apply_schema(c)  # what the DuckDB resource does when it opens the file
     yield c
     c.close()
 

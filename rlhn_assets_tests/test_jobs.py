@@ -5,7 +5,7 @@ import duckdb
 import pytest
 
 from rlhn_assets.definitions import defs
-from rlhn_assets.lib.relabel import ensure_tables
+from rlhn_assets.lib.schema import apply_schema
 from rlhn_assets.partitions import dataset_pd, dataset_variant_pd
 
 JOBS = {"dataset_checks_job": dataset_pd, "dataset_variant_checks_job": dataset_variant_pd}
@@ -66,7 +66,7 @@ def test_one_run_of_the_checks_job_runs_every_check_and_materializes_nothing(def
     assert dg.materialize(list(definitions.assets), selection=upstream, partition_key="fiqa",
                           resources=resources, instance=instance).success
     with duckdb.connect(str(db_path)) as c:
-        ensure_tables(c)
+        apply_schema(c)
         c.execute("""INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict)
                      SELECT dataset, 1, instance_id, unnest(negative_ids), generate_subscripts(negative_ids, 1),
                             'not_relevant' FROM pruned_instances WHERE dataset = 'fiqa'""")
@@ -91,7 +91,7 @@ def test_one_run_of_the_variant_checks_job_runs_the_relabel_check(definitions, r
     assert dg.materialize(list(definitions.assets), selection=["hard_negative_mining", "raw_bge", "pruned"],
                           partition_key="fiqa", resources=resources, instance=instance).success
     with duckdb.connect(str(db_path)) as c:  # the `default` variant is the pruned data unchanged
-        ensure_tables(c)
+        apply_schema(c)
         c.execute("""INSERT INTO relabeled_instances SELECT dataset, 'default', instance_id, query_id, positive_ids,
                      negative_ids, 0 FROM pruned_instances WHERE dataset = 'fiqa'""")
     result = _bound(definitions, resources).resolve_job_def("dataset_variant_checks_job").execute_in_process(

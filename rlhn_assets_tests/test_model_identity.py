@@ -14,6 +14,7 @@ from rlhn_assets.lib import local_llm
 from rlhn_assets.lib.judging.judges import Instance, Passage
 from rlhn_assets.lib.judging.store import write_judgments
 from rlhn_assets.lib.llm.client import EndpointSettings, LLMRequest, request_key
+from rlhn_assets.lib.schema import apply_schema
 from rlhn_assets.resources import JudgeTierResource
 
 FAKE = Path(__file__).parent / "fake_llama_server.py"
@@ -65,6 +66,7 @@ def _judge_once(res: JudgeTierResource, db, tier: int):
     with res.open_judge() as judge:
         rows = judge.judge([INST])
         with duckdb.connect(str(db)) as conn:
+            apply_schema(conn)
             write_judgments(conn, "toy", tier, judge, rows)
         return judge.stats
 

@@ -7,13 +7,13 @@ import duckdb
 import pytest
 
 from rlhn_assets.defs.relabel.assets import stage2_fn_lists
-from rlhn_assets.lib.relabel import ensure_tables
+from rlhn_assets.lib.schema import apply_schema
 
 
 @pytest.fixture
 def conn():
     c = duckdb.connect()
-    ensure_tables(c)
+    apply_schema(c)
     for ds, kind in [("a", "graded+calibrated"), ("b", "pointwise"), ("c", "listwise"), ("d", "graded")]:
         c.execute("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, judge_kind) "
                   "VALUES (?, 2, 'i', 'x', 0, 'worse', ?)", [ds, kind])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rlhn_assets.lib import relabel, report
-from rlhn_assets.lib.db import ensure_schema
+from rlhn_assets.lib.schema import apply_schema
 
 SEEDS = (1, 2, 3)
 # eval_scores nDCG@10 per seed, chosen for hand computation; recall@100 = nDCG + 0.3, MRR@10 = nDCG + 0.1
@@ -23,18 +23,6 @@ NDCG = {
     "s2_rlhn": {"scifact": [0.55, 0.57, 0.59], "cisi": [0.36, 0.36, 0.39]},
 }
 QUERIES = {"scifact": 40, "cisi": 30}
-
-EVAL_DDL = [
-    """CREATE TABLE IF NOT EXISTS eval_scores (eval_set VARCHAR, model VARCHAR, stage VARCHAR, ndcg_at_10 DOUBLE,
-       recall_at_100 DOUBLE, mrr_at_10 DOUBLE, queries_scored INTEGER, queries_total INTEGER, model_version VARCHAR,
-       corpus_hash VARCHAR, seconds DOUBLE, seed INTEGER)""",
-    """CREATE TABLE IF NOT EXISTS eval_per_query (eval_set VARCHAR, model VARCHAR, stage VARCHAR, query_id VARCHAR,
-       ndcg_at_10 DOUBLE, seed INTEGER)""",
-]
-TRAINED_DDL = """CREATE TABLE IF NOT EXISTS trained_models (kind VARCHAR, variant VARCHAR, seed INTEGER,
-    input_key VARCHAR, model_version VARCHAR, path VARCHAR, queries INTEGER, train_rows INTEGER, steps INTEGER,
-    final_loss DOUBLE, seconds DOUBLE, settings_json VARCHAR, training_set_sizes_json VARCHAR, trained_at TIMESTAMP)"""
-
 
 def per_query_values() -> dict[tuple[str, str], np.ndarray]:
     """{(model, eval_set): array (seeds, queries)} of per-query nDCG@10; base has one row (no seed)."""
@@ -52,8 +40,7 @@ def per_query_values() -> dict[tuple[str, str], np.ndarray]:
 
 
 def write_eval_tables(conn) -> None:
-    for ddl in EVAL_DDL:
-        conn.execute(ddl)
+    apply_schema(conn)
     for m, by_set in NDCG.items():
         for e, vals in by_set.items():
             for seed, v in zip((None,) if m == "base" else SEEDS, vals):
@@ -166,8 +153,7 @@ def test_markdown_states_what_each_interval_allows(conn):
 def _tiny_cascade(c) -> None:
     """fiqa: 3 pruned instances; tier 1 flags i1/n1 better, i1/n2 worse, fails on i2/n5; tier 2 re-judges i1 and
     i2 (forwarded) and finds n1 and n5 better."""
-    ensure_schema(c)
-    relabel.ensure_tables(c)
+    apply_schema(c)
     c.executemany("INSERT INTO pruned_instances VALUES ('fiqa', ?, ?, ?, ?)", [
         ["i1", "q1", ["p1"], ["n1", "n2", "n3"]], ["i2", "q2", ["p2"], ["n4", "n5"]], ["i3", "q3", ["p3"], ["n6"]]])
     t1 = [("i1", "n1", 1, "better", 0.8), ("i1", "n2", 2, "worse", 0.6), ("i1", "n3", 3, "not_relevant", 0.1),
@@ -209,7 +195,7 @@ def test_judge_section_counts(conn):
 
 
 def _trained_models(c) -> None:
-    c.execute(TRAINED_DDL)
+    apply_schema(c)
     settings = {"epochs": 1, "batch_size": 8, "learning_rate": 2e-5, "hard_negatives": 3, "scale": 20.0,
                 "max_seq_length": 128}
     for v in ("default", "s1_remove", "s2_remove", "s2_rlhn"):

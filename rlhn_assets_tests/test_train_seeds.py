@@ -11,7 +11,6 @@ import pytest
 from rlhn_assets.defs.train.assets import trained_retriever
 from rlhn_assets.lib import training
 from rlhn_assets.lib.model_store import ModelStore, input_key
-from rlhn_assets.lib.relabel import ensure_tables
 from rlhn_assets.lib.training import TrainingInstance
 from rlhn_assets.resources import RLHNDuckDB
 
@@ -19,11 +18,11 @@ TINY = {"max_steps": 1, "batch_size": 4, "max_seq_length": 32, "hard_negatives":
 
 
 def _seed_db(db_path, n=8, suffix=""):
-    from rlhn_assets.lib.db import connect, ensure_schema
+    from rlhn_assets.lib.db import connect
+    from rlhn_assets.lib.schema import apply_schema
 
     with connect(db_path) as conn:
-        ensure_schema(conn)
-        ensure_tables(conn)
+        apply_schema(conn)
         conn.execute("DELETE FROM raw_queries; DELETE FROM raw_passages; DELETE FROM relabeled_instances")
         for i in range(n):
             conn.execute("INSERT INTO raw_queries VALUES ('fiqa', ?, ?)", [f"q{i}", f"how do I file tax form {i}{suffix}"])

@@ -1,6 +1,5 @@
-"""DuckDB tables of the pipeline, created idempotently, and the one way to open a DuckDB file
-(``open_with_lock_retry`` / ``connect``). Column order is fixed here: every insert names its columns (DuckDB
-inserts are positional otherwise, so a column added in the middle of a DDL would silently shift values)."""
+"""The one way to open a DuckDB file (``open_with_lock_retry`` / ``connect``) and replace a partition's rows.
+The tables themselves are defined in ``lib/schema.py`` (pipeline database) and ``lib/llm/cache.py`` (LLM cache)."""
 
 from __future__ import annotations
 
@@ -15,36 +14,6 @@ from typing import Iterator
 import duckdb
 
 _log = logging.getLogger(__name__)
-
-# Stage tables. Every row carries its dataset (the partition key) so a partition is replaced by
-# `DELETE ... WHERE dataset = ?` + insert inside one transaction.
-DDL = [
-    """CREATE TABLE IF NOT EXISTS raw_queries (
-        dataset VARCHAR NOT NULL, query_id VARCHAR NOT NULL, query VARCHAR NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS raw_passages (
-        dataset VARCHAR NOT NULL, docid VARCHAR NOT NULL, title VARCHAR, text VARCHAR NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS raw_instances (
-        dataset VARCHAR NOT NULL, instance_id VARCHAR NOT NULL, query_id VARCHAR NOT NULL,
-        positive_ids VARCHAR[] NOT NULL, negative_ids VARCHAR[] NOT NULL,
-        source_file VARCHAR NOT NULL, line_no BIGINT NOT NULL, source_format VARCHAR NOT NULL,
-        prompt VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS raw_quarantine (
-        dataset VARCHAR NOT NULL, source_file VARCHAR NOT NULL, line_no BIGINT NOT NULL,
-        reason VARCHAR NOT NULL, detail VARCHAR, raw_line VARCHAR)""",
-    """CREATE TABLE IF NOT EXISTS pruned_instances (
-        dataset VARCHAR NOT NULL, instance_id VARCHAR NOT NULL, query_id VARCHAR NOT NULL,
-        positive_ids VARCHAR[] NOT NULL, negative_ids VARCHAR[] NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS pruned_decisions (
-        dataset VARCHAR NOT NULL, kept BOOLEAN NOT NULL, decided_by VARCHAR NOT NULL, reason VARCHAR,
-        raw_instances BIGINT, kept_instances BIGINT, duplicates_removed BIGINT,
-        overlap_negatives_removed BIGINT, capped_negatives_removed BIGINT)""",
-]
-
-
-def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
-    for stmt in DDL:
-        conn.execute(stmt)
-
 
 class DuckDBLockTimeout(duckdb.IOException):
     """Another process held the DuckDB file's write lock for longer than the lock timeout."""

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rlhn_assets.lib.db import ensure_schema, replace_partition
+from rlhn_assets.lib.db import replace_partition
 
 CHUNK_BYTES = 8 << 20  # bytes read per chunk
 BATCH_BYTES = 64 << 20  # bytes read between two progress messages
@@ -790,7 +790,6 @@ def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tu
     """Replace the dataset's rows in raw_* with the contents of ``files`` = [(path, label, format)].
 
     Runs in one transaction: a failure leaves the previous version of the partition in place."""
-    ensure_schema(conn)
     stats = IngestStats(dataset=dataset, files=[label for _, label, _ in files])
     try:
         _rows_table(conn)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 
-from rlhn_assets.lib.db import ensure_schema, replace_partition
+from rlhn_assets.lib.db import replace_partition
 from rlhn_assets.registry import SourceDataset
 
 RECOMMENDATION_FILE = "pruning/recommendation.json"
@@ -67,7 +67,6 @@ def prune_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, decision: Decis
     """Replace ``pruned_instances`` for the dataset: exact-duplicate instances removed (first kept),
     negatives that are also positives of the same instance removed, optional cap on negatives, optional
     sample of the first ``max_instances`` instances (by instance id)."""
-    ensure_schema(conn)
     stats = PruneStats()
     stats.raw_instances = conn.execute("SELECT count(*) FROM raw_instances WHERE dataset = ?",
                                        [dataset]).fetchall()[0][0]

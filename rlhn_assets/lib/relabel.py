@@ -27,23 +27,6 @@ TREATMENTS = ("remove", "hn_remove", "rlhn")
 VARIANTS = ("default",) + tuple(f"{s}_{t}" for s in ("s1", "s2") for t in TREATMENTS)
 FnLists = Literal["better", "better+worse"]
 
-JUDGMENTS_DDL = """CREATE TABLE IF NOT EXISTS judgments (
-    dataset VARCHAR NOT NULL, tier INTEGER NOT NULL, instance_id VARCHAR NOT NULL, docid VARCHAR NOT NULL,
-    neg_index INTEGER NOT NULL, verdict VARCHAR NOT NULL, score DOUBLE, judge_kind VARCHAR, judge_model VARCHAR,
-    prompt_version VARCHAR, response_key VARCHAR, detail VARCHAR, judge_model_identity VARCHAR)"""
-
-RELABELED_DDL = """CREATE TABLE IF NOT EXISTS relabeled_instances (
-    dataset VARCHAR NOT NULL, variant VARCHAR NOT NULL, instance_id VARCHAR NOT NULL, query_id VARCHAR NOT NULL,
-    positive_ids VARCHAR[] NOT NULL, negative_ids VARCHAR[] NOT NULL, false_negatives INTEGER NOT NULL)"""
-
-
-def ensure_tables(conn: duckdb.DuckDBPyConnection) -> None:
-    conn.execute(JUDGMENTS_DDL)
-    # files made before the model identity was recorded (the alias alone could name two models)
-    conn.execute("ALTER TABLE judgments ADD COLUMN IF NOT EXISTS judge_model_identity VARCHAR")
-    conn.execute(RELABELED_DDL)
-
-
 def forwarded_sql(forward_errors: bool) -> str:
     """Instance ids of a dataset ($1) that tier 1 forwards to tier 2."""
     verdicts = "('better', 'worse', 'error')" if forward_errors else "('better', 'worse')"
@@ -86,7 +69,6 @@ def build_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, *
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     if fn_lists not in ("better", "better+worse"):
         raise ValueError("fn_lists must be 'better' or 'better+worse'")
-    ensure_tables(conn)
     stats = VariantStats()
     fn_verdicts = "('better')" if fn_lists == "better" else "('better', 'worse')"
     if variant == "default" or not judged:

@@ -13,19 +13,6 @@ from rlhn_assets.lib.relabel import VARIANTS
 from rlhn_assets.partitions import BASE_MODEL, base_model_pd, eval_pd, model_pd
 from rlhn_assets.resources import RLHNDuckDB
 
-EVAL_DDL = [
-    """CREATE TABLE IF NOT EXISTS eval_scores (
-        eval_set VARCHAR NOT NULL, model VARCHAR NOT NULL, stage VARCHAR NOT NULL, ndcg_at_10 DOUBLE,
-        recall_at_100 DOUBLE, mrr_at_10 DOUBLE, queries_scored INTEGER, queries_total INTEGER,
-        model_version VARCHAR, corpus_hash VARCHAR, seconds DOUBLE, seed INTEGER)""",
-    """CREATE TABLE IF NOT EXISTS eval_per_query (
-        eval_set VARCHAR NOT NULL, model VARCHAR NOT NULL, stage VARCHAR NOT NULL, query_id VARCHAR NOT NULL,
-        ndcg_at_10 DOUBLE, seed INTEGER)""",
-    # files made before models had seeds (seed NULL = the untrained base, or a pre-seed row)
-    "ALTER TABLE eval_scores ADD COLUMN IF NOT EXISTS seed INTEGER",
-    "ALTER TABLE eval_per_query ADD COLUMN IF NOT EXISTS seed INTEGER",
-]
-
 # Lineage: eval_scores[<eval set>|<model>] <- eval_model[<model>] <- trained_retriever + trained_reranker[<variant>]
 # (or base_retriever[base]). Dagster has no built-in mapping from eval_pd straight to variant_pd: the model
 # dimension also holds `base`, so MultiToSingleDimensionPartitionMapping rejects variant_pd at load (it needs the
@@ -214,8 +201,6 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
                          time.perf_counter() - t1))
     chash = corpus_hash(ds)[:16]
     with duckdb.get_connection() as conn:
-        for ddl in EVAL_DDL:
-            conn.execute(ddl)
         conn.execute("BEGIN TRANSACTION")
         conn.execute("DELETE FROM eval_scores WHERE eval_set = $1 AND model = $2", [eval_set, model_name])
         conn.execute("DELETE FROM eval_per_query WHERE eval_set = $1 AND model = $2", [eval_set, model_name])

@@ -1,6 +1,6 @@
 import dagster as dg
 
-from rlhn_assets.defs.evaluate.assets import EVAL_DDL, eval_scores
+from rlhn_assets.defs.evaluate.assets import eval_scores
 from rlhn_assets.partitions import eval_pd
 from rlhn_assets.resources import RLHNDuckDB
 
@@ -11,8 +11,6 @@ BASE_TOLERANCE = 0.05
 
 
 def _rows(conn, eval_set, model):
-    for ddl in EVAL_DDL:
-        conn.execute(ddl)
     return conn.execute("SELECT stage, ndcg_at_10, recall_at_100, mrr_at_10, queries_scored, queries_total, seed "
                         "FROM eval_scores WHERE eval_set = $1 AND model = $2 ORDER BY stage, seed",
                         [eval_set, model]).fetchall()

@@ -8,7 +8,7 @@ from rlhn_assets.defs.prune.assets import pruned
 from rlhn_assets.lib.judging.judges import listwise_calls
 from rlhn_assets.lib.judging.store import count_instances, iter_batches, write_judgments
 from rlhn_assets.lib.markdown import md_table
-from rlhn_assets.lib.relabel import ensure_tables, flagged_negatives_sql, forwarded_sql
+from rlhn_assets.lib.relabel import flagged_negatives_sql, forwarded_sql
 from rlhn_assets.partitions import dataset_pd
 from rlhn_assets.lib.judging.budget import decision_for, write_estimates
 from rlhn_assets.resources import (ONE_TOKEN_KINDS, DatasetRegistryResource, JudgeTierResource, JudgingBudgetResource,
@@ -76,7 +76,6 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
     dataset = context.partition_key
     reason = _skip_reason(registry, duckdb, dataset)
     with duckdb.get_connection() as conn:
-        ensure_tables(conn)
         if not reason:
             _budget_gate(tier, judge_res, budget, conn, dataset)
         conn.execute("DELETE FROM judgments WHERE dataset = $1 AND tier = $2", [dataset, tier])
@@ -180,7 +179,6 @@ def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB,
             write_estimates(conn, dataset, [])
         return dg.MaterializeResult(metadata={"status": reason})
     with duckdb.get_connection() as conn:
-        ensure_tables(conn)
         has_t1 = conn.execute("SELECT count(*) FROM judgments WHERE dataset = $1 AND tier = 1", [dataset]).fetchall()[0][0]
     rows, stored = [], []
     for res, only in ((tier1_judge, None), (tier2_judge, forwarded_sql(True) if has_t1 else None)):
@@ -232,16 +230,25 @@ def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB,
     })
 
 
-@dg.asset(
-    partitions_def=dataset_pd,
-    group_name="judge",
-    code_version="1",
-    automation_condition=PIPELINE,
+def _judge_tier_asset(deps: list, description: str):
+    """The decorator both tiers share: one run per dataset in backfills, the `llm_judge` pool (so two judging
+    steps never share one local LLM server), Dagster's retry policy for transient endpoint failures."""
+    return dg.asset(
+        partitions_def=dataset_pd,
+        group_name="judge",
+        code_version="1",
+        automation_condition=PIPELINE,
+        deps=deps,
+        kinds={"openai", "duckdb"},
+        pool="llm_judge",
+        backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per dataset
+        retry_policy=JUDGE_RETRY,
+        description=description,
+    )
+
+
+@_judge_tier_asset(
     deps=[pruned, judging_cost_estimate],
-    kinds={"openai", "duckdb"},
-    pool="llm_judge",
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per dataset
-    retry_policy=JUDGE_RETRY,
     description=(
         "Tier 1 of the judge cascade: every negative of every `pruned` instance gets a verdict (better / worse / "
         "not_relevant / error) from the configured tier-1 judge (`local` preset: embedding margin with the packaged "
@@ -255,16 +262,8 @@ def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, d
     return _run_tier(context, 1, tier1_judge, duckdb, registry, config, None, judging_budget)
 
 
-@dg.asset(
-    partitions_def=dataset_pd,
-    group_name="judge",
-    code_version="1",
-    automation_condition=PIPELINE,
+@_judge_tier_asset(
     deps=[tier1_judgments, judging_cost_estimate],
-    kinds={"openai", "duckdb"},
-    pool="llm_judge",
-    backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per dataset
-    retry_policy=JUDGE_RETRY,
     description=(
         "Tier 2 of the cascade: re-judges only the instances in which tier 1 listed any negative as better or "
         "worse (and, by default, those with a tier-1 error) - all their negatives, or with `scope: flagged_negatives` "

@@ -7,7 +7,7 @@ from rlhn_assets.conditions import PIPELINE
 from rlhn_assets import settings
 from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
 from rlhn_assets.lib.markdown import md_table
-from rlhn_assets.lib.relabel import build_variant, ensure_tables, export_variant
+from rlhn_assets.lib.relabel import build_variant, export_variant
 from rlhn_assets.partitions import dataset_variant_pd
 from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB
 
@@ -39,7 +39,6 @@ def stage2_fn_lists(conn, dataset: str, setting: str) -> str:
     one-token judge kind (``pointwise``, ``graded``, with or without ``+calibrated``), else ``better``."""
     if setting != "auto":
         return setting
-    ensure_tables(conn)
     kinds = {k for (k,) in conn.execute("SELECT DISTINCT judge_kind FROM judgments WHERE dataset = $1 AND tier = 2",
                                          [dataset]).fetchall()}
     one_token = bool(kinds) and all(k and k.split("+")[0] in ONE_TOKEN_KINDS for k in kinds)

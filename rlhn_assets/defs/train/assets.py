@@ -34,12 +34,6 @@ class TrainConfig(dg.Config):
     precision: str = "auto"
 
 
-TRAINED_MODELS_DDL = """CREATE TABLE IF NOT EXISTS trained_models (
-    kind VARCHAR NOT NULL, variant VARCHAR NOT NULL, seed INTEGER NOT NULL, input_key VARCHAR NOT NULL,
-    model_version VARCHAR NOT NULL, path VARCHAR NOT NULL, queries INTEGER, train_rows INTEGER, steps INTEGER,
-    final_loss DOUBLE, seconds DOUBLE, settings_json VARCHAR, training_set_sizes_json VARCHAR, trained_at TIMESTAMP)"""
-
-
 def _settings(config: TrainConfig, seed: int):
     from rlhn_assets.lib.embeddings import resolve_precision
     from rlhn_assets.lib.training import TrainSettings
@@ -104,7 +98,6 @@ def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.Ma
         runs.append({**summary, "path": str(path), "data_version": result.data_version, "input_key": key,
                      "reused": False})
     with duckdb.get_connection() as conn:
-        conn.execute(TRAINED_MODELS_DDL)
         conn.execute("BEGIN TRANSACTION")
         conn.execute("DELETE FROM trained_models WHERE kind = $1 AND variant = $2", [kind, variant])
         conn.executemany(

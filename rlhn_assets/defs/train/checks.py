@@ -5,7 +5,7 @@ import math
 
 import dagster as dg
 
-from rlhn_assets.defs.train.assets import TRAINED_MODELS_DDL, trained_reranker, trained_retriever
+from rlhn_assets.defs.train.assets import trained_reranker, trained_retriever
 from rlhn_assets.partitions import variant_pd
 from rlhn_assets.resources import RLHNDuckDB
 
@@ -17,7 +17,6 @@ PROBE_PASSAGES = ("At sea level, pure water boils at 100 degrees Celsius (212 de
 
 
 def _models(conn, kind: str, variant: str) -> list[tuple]:
-    conn.execute(TRAINED_MODELS_DDL)
     return conn.execute("SELECT seed, path, final_loss FROM trained_models WHERE kind = $1 AND variant = $2 "
                         "ORDER BY seed", [kind, variant]).fetchall()
 

@@ -13,12 +13,6 @@ from dataclasses import dataclass
 
 import duckdb
 
-ESTIMATES_DDL = """CREATE TABLE IF NOT EXISTS judging_estimates (
-    dataset VARCHAR NOT NULL, tier INTEGER NOT NULL, kind VARCHAR, model VARCHAR, endpoint VARCHAR,
-    paid BOOLEAN, priced BOOLEAN, instances BIGINT, negatives BIGINT, calls BIGINT, tokens_in BIGINT,
-    tokens_out_typical BIGINT, tokens_out_max BIGINT, usd_typical DOUBLE, usd_max DOUBLE, run_id VARCHAR,
-    estimated_at TIMESTAMP DEFAULT current_timestamp)"""
-
 # how to raise the budget, named in every refusal
 HOW_TO_RAISE = ("raise it with the environment variables RLHN_JUDGING_BUDGET_USD (per dataset) and "
                 "RLHN_JUDGING_BUDGET_USD_PER_RUN (per run) before starting Dagster, or in the launchpad: "
@@ -80,7 +74,6 @@ def decide(estimates: list[TierEstimate], *, max_usd_per_dataset: float, max_usd
 
 
 def write_estimates(conn: duckdb.DuckDBPyConnection, dataset: str, rows: list[dict]) -> None:
-    conn.execute(ESTIMATES_DDL)
     conn.execute("BEGIN TRANSACTION")
     conn.execute("DELETE FROM judging_estimates WHERE dataset = $1", [dataset])
     cols = ["dataset", "tier", "kind", "model", "endpoint", "paid", "priced", "instances", "negatives", "calls",
@@ -93,7 +86,6 @@ def write_estimates(conn: duckdb.DuckDBPyConnection, dataset: str, rows: list[di
 
 def load_estimates(conn: duckdb.DuckDBPyConnection, dataset: str) -> list[TierEstimate]:
     """The stored estimate of each tier of one dataset (empty: never estimated)."""
-    conn.execute(ESTIMATES_DDL)
     rows = conn.execute(
         """SELECT dataset, tier, kind, model, endpoint, paid, priced, calls, usd_typical, usd_max, run_id
            FROM judging_estimates WHERE dataset = $1 ORDER BY tier""", [dataset]).fetchall()

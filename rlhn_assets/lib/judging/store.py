@@ -10,7 +10,6 @@ from typing import Iterator, Sequence
 import duckdb
 
 from rlhn_assets.lib.judging.judges import Instance, NegativeJudgment, Passage
-from rlhn_assets.lib.relabel import ensure_tables
 
 
 def count_instances(conn: duckdb.DuckDBPyConnection, dataset: str, only: str | None = None) -> int:
@@ -51,7 +50,6 @@ def iter_batches(open_conn, dataset: str, batch_size: int, only: str | None = No
 
 
 def write_judgments(conn: duckdb.DuckDBPyConnection, dataset: str, tier: int, judge, rows: Sequence[NegativeJudgment]) -> None:
-    ensure_tables(conn)
     if not rows:
         return
     import pyarrow as pa

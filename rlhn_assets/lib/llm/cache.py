@@ -29,6 +29,7 @@ import duckdb
 
 from rlhn_assets.lib.db import open_with_lock_retry
 from rlhn_assets.lib.llm.types import TERMINAL_BATCH_STATUSES, CacheRow, LLMResponse
+from rlhn_assets.lib.schema import apply_versioned
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ _RESPONSE_COLUMNS = (
     "tokens_in", "tokens_out", "latency_s", "top_logprobs_json", "created_at",
 )
 
+# The cache file's tables, versioned like the pipeline database's (lib/schema.py): bump CACHE_SCHEMA_VERSION
+# when they change and add the statement that updates an older file to CACHE_MIGRATIONS.
+CACHE_SCHEMA_VERSION = 1
+CACHE_MIGRATIONS: tuple[str, ...] = ()
 DDL = [
     """CREATE TABLE IF NOT EXISTS llm_responses (
         key VARCHAR PRIMARY KEY,
@@ -63,6 +68,11 @@ DDL = [
 
 # rows per INSERT statement (a multi-row VALUES list is far cheaper than executemany in DuckDB)
 _INSERT_CHUNK = 256
+
+
+def apply_cache_schema(conn: duckdb.DuckDBPyConnection) -> bool:
+    """Bring an LLM cache file to CACHE_SCHEMA_VERSION (a no-op when it is there)."""
+    return apply_versioned(conn, "llm_cache", CACHE_SCHEMA_VERSION, DDL, CACHE_MIGRATIONS)
 
 
 @dataclass(frozen=True)
@@ -107,8 +117,7 @@ class ResponseCache:
         self._conn = open_with_lock_retry(self.path, config=config, timeout_s=open_timeout_s,
                                           first_delay=first_delay_s, log=log)
         with self._lock:
-            for stmt in DDL:
-                self._conn.execute(stmt)
+            apply_cache_schema(self._conn)
 
     # ----------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:
