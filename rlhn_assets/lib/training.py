@@ -309,16 +309,39 @@ def _finish(kind: str, model, trainer_output, output_dir: Path, rows: int, start
                        final_loss=final, seconds=seconds, settings=settings, loss_history=list(history))
 
 
+def _training_rows(kind: str, build_rows, instances: Sequence[TrainingInstance], settings: TrainSettings,
+                   empty_message: str):
+    """The set-up both kinds share: offline hub, the clock, the training table (an error if it is empty)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    dataset = build_rows(instances, settings)
+    if len(dataset) == 0:
+        raise ValueError(f"no {kind} training rows: {empty_message}")
+    return started, dataset
+
+
+def _fit(kind: str, model, loss, dataset, settings: TrainSettings, trainer_cls, args_cls, extra_args: dict,
+         output_dir: str | Path, started: float, info: dict, log: Log | None) -> TrainResult:
+    """One sentence-transformers trainer run (retriever or reranker) and the saved, hashed model."""
+    history: list[tuple[int, float]] = []
+    rows = len(dataset)
+    with tempfile.TemporaryDirectory(prefix="rlhn-train-") as tmp:
+        args = args_cls(**_common_args(settings, rows, tmp), **extra_args)
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, loss=loss,
+                              callbacks=[_log_callback(kind, log, history)])
+        _quiet(trainer)
+        with _threads(settings.torch_threads):
+            output = trainer.train()
+    return _finish(kind, model, output, Path(output_dir), rows, started, {**settings.to_dict(), **info}, history, log)
+
+
 def train_retriever(instances: Sequence[TrainingInstance], settings: TrainSettings, output_dir: str | Path, *,
                     base_model_path: str | Path | None = None, log: Log | None = None) -> TrainResult:
     """Fine-tune the bi-encoder with MNRL (in-batch + hard negatives) and save it to ``output_dir``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.perf_counter()
-    dataset = retriever_rows(instances, settings)
-    rows = len(dataset)
-    if rows == 0:
-        raise ValueError("no retriever training rows: no instance has a positive, or no instance has any "
-                         "negative (set hard_negatives=0 to train on in-batch negatives only)")
+    started, dataset = _training_rows(
+        "retriever", retriever_rows, instances, settings,
+        "no instance has a positive, or no instance has any negative (set hard_negatives=0 to train on in-batch "
+        "negatives only)")
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
@@ -330,36 +353,23 @@ def train_retriever(instances: Sequence[TrainingInstance], settings: TrainSettin
 
     base = Path(base_model_path or _default_base_model_path())
     if log:
-        log(f"retriever: {rows} rows ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs), "
+        log(f"retriever: {len(dataset)} rows ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs), "
             f"batch {settings.batch_size}, {settings.hard_negatives} hard negatives, scale {settings.scale}, "
-            f"~{_planned_steps(rows, settings)} steps, base {base.name}")
+            f"~{_planned_steps(len(dataset), settings)} steps, base {base.name}")
     set_seed(settings.seed)
     model = SentenceTransformer(str(base), device="cpu")
     model.max_seq_length = settings.max_seq_length
     loss = MultipleNegativesRankingLoss(model, scale=settings.scale)
-    history: list[tuple[int, float]] = []
-    with tempfile.TemporaryDirectory(prefix="rlhn-train-") as tmp:
-        args = SentenceTransformerTrainingArguments(
-            **_common_args(settings, rows, tmp), batch_sampler=BatchSamplers.NO_DUPLICATES)
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                             callbacks=[_log_callback("retriever", log, history)])
-        _quiet(trainer)
-        with _threads(settings.torch_threads):
-            output = trainer.train()
-    info = {**settings.to_dict(), "kind": "retriever", "loss": "MultipleNegativesRankingLoss",
-            "base_model": str(base)}
-    return _finish("retriever", model, output, Path(output_dir), rows, started, info, history, log)
+    return _fit("retriever", model, loss, dataset, settings, SentenceTransformerTrainer,
+                SentenceTransformerTrainingArguments, {"batch_sampler": BatchSamplers.NO_DUPLICATES}, output_dir,
+                started, {"kind": "retriever", "loss": "MultipleNegativesRankingLoss", "base_model": str(base)}, log)
 
 
 def train_reranker(instances: Sequence[TrainingInstance], settings: TrainSettings, output_dir: str | Path, *,
                    base_model_path: str | Path | None = None, log: Log | None = None) -> TrainResult:
     """Fine-tune a cross-encoder (MiniLM weights + new 1-logit head) with BCE and save it to ``output_dir``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.perf_counter()
-    dataset = reranker_pairs(instances, settings)
-    rows = len(dataset)
-    if rows == 0:
-        raise ValueError("no reranker training pairs: no instance has a positive, or no instance has any negative")
+    started, dataset = _training_rows("reranker", reranker_pairs, instances, settings,
+                                      "no instance has a positive, or no instance has any negative")
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
@@ -368,19 +378,12 @@ def train_reranker(instances: Sequence[TrainingInstance], settings: TrainSetting
     base = Path(base_model_path or _default_base_model_path())
     n_neg = max(0, settings.reranker_negatives)
     if log:
-        log(f"reranker: {rows} pairs ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs x "
-            f"(1 + {n_neg})), batch {settings.batch_size}, ~{_planned_steps(rows, settings)} steps, base {base.name}")
+        log(f"reranker: {len(dataset)} pairs ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs x "
+            f"(1 + {n_neg})), batch {settings.batch_size}, ~{_planned_steps(len(dataset), settings)} steps, "
+            f"base {base.name}")
     set_seed(settings.seed)  # the classifier head is freshly initialised: seed it
     model = CrossEncoder(str(base), num_labels=1, max_length=settings.max_seq_length, device="cpu")
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(max(1, n_neg))))
-    history: list[tuple[int, float]] = []
-    with tempfile.TemporaryDirectory(prefix="rlhn-train-") as tmp:
-        args = CrossEncoderTrainingArguments(**_common_args(settings, rows, tmp))
-        trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                      callbacks=[_log_callback("reranker", log, history)])
-        _quiet(trainer)
-        with _threads(settings.torch_threads):
-            output = trainer.train()
-    info = {**settings.to_dict(), "kind": "reranker", "loss": "BinaryCrossEntropyLoss",
-            "pos_weight": float(max(1, n_neg)), "base_model": str(base)}
-    return _finish("reranker", model, output, Path(output_dir), rows, started, info, history, log)
+    return _fit("reranker", model, loss, dataset, settings, CrossEncoderTrainer, CrossEncoderTrainingArguments, {},
+                output_dir, started, {"kind": "reranker", "loss": "BinaryCrossEntropyLoss",
+                                      "pos_weight": float(max(1, n_neg)), "base_model": str(base)}, log)
