@@ -14,7 +14,7 @@ export DAGSTER_HOME := $(CURDIR)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help venv lock llm demo experiment experiment-ui test test-fast ui bench clean
+.PHONY: help venv lock llm demo experiment experiment-ui lint format test test-fast ui bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -54,7 +54,16 @@ experiment-ui: venv  ## the Dagster UI on the experiment's instance (data/experi
 	DAGSTER_HOME=$(CURDIR)/data/experiment/dagster_home RLHN_DUCKDB=$(CURDIR)/data/experiment/rlhn.duckdb \
 	  $(VENV)/bin/dg dev --host 127.0.0.1 --port 3000
 
-test: venv llm  ## run the test suite (incl. a few real-model tests) and `dg check defs`
+# ruff (version locked in requirements.lock, rules in pyproject.toml): lint and format check, no changes.
+lint: venv  ## ruff: lint rules and format check over the whole tree (`make format` applies the formatter)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv  ## ruff: apply the formatter and the safe lint fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: venv llm lint  ## run ruff, the test suite (incl. a few real-model tests) and `dg check defs`
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(VENV)/bin/dg check defs
 

@@ -68,8 +68,34 @@ QUERY_PROMPT = "Represent this sentence for searching relevant passages: "
 
 def _vocabulary(rng: random.Random, size: int = 20_000) -> list[str]:
     letters = "etaoinshrdlcumwfgypbvkjxqz"
-    weights = [12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.4, 2.2, 2.0, 2.0,
-               1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1]
+    weights = [
+        12.7,
+        9.1,
+        8.2,
+        7.5,
+        7.0,
+        6.7,
+        6.3,
+        6.1,
+        6.0,
+        4.3,
+        4.0,
+        2.8,
+        2.8,
+        2.4,
+        2.4,
+        2.2,
+        2.0,
+        2.0,
+        1.9,
+        1.5,
+        1.0,
+        0.8,
+        0.2,
+        0.2,
+        0.1,
+        0.1,
+    ]
     words = set()
     while len(words) < size:
         n = min(max(int(rng.gauss(6, 2.5)), 2), 14)
@@ -81,8 +107,7 @@ def _text(rng: random.Random, vocab: list[str], target_chars: int) -> str:
     out: list[str] = []
     n = 0
     while n < target_chars:
-        w = vocab[min(int(rng.paretovariate(1.1)) - 1, len(vocab) - 1)] if rng.random() < 0.4 \
-            else rng.choice(vocab)
+        w = vocab[min(int(rng.paretovariate(1.1)) - 1, len(vocab) - 1)] if rng.random() < 0.4 else rng.choice(vocab)
         if not out or out[-1].endswith("."):
             w = w.capitalize()
         if rng.random() < 0.07:
@@ -94,8 +119,14 @@ def _text(rng: random.Random, vocab: list[str], target_chars: int) -> str:
 
 
 def _params(args) -> dict:
-    return {"generator_version": GEN_VERSION, "instances": args.instances, "pool": args.pool,
-            "seed": args.seed, "negatives": N_NEG, "passage_chars": PASSAGE_CHARS}
+    return {
+        "generator_version": GEN_VERSION,
+        "instances": args.instances,
+        "pool": args.pool,
+        "seed": args.seed,
+        "negatives": N_NEG,
+        "passage_chars": PASSAGE_CHARS,
+    }
 
 
 def dataset_path(args) -> Path:
@@ -122,8 +153,7 @@ def ensure_dataset(args) -> Path:
     vocab = _vocabulary(rng)
     print(f"dataset: generating {args.instances:,} instances, passage pool {args.pool:,} ...", flush=True)
     # Passages pre-encoded as JSON strings once; lines are then assembled by string joins.
-    pool = [json.dumps(_text(rng, vocab, int(rng.gauss(PASSAGE_CHARS, 60)) or PASSAGE_CHARS))
-            for _ in range(args.pool)]
+    pool = [json.dumps(_text(rng, vocab, int(rng.gauss(PASSAGE_CHARS, 60)) or PASSAGE_CHARS)) for _ in range(args.pool)]
     prompt = json.dumps(QUERY_PROMPT)
     tmp = path.with_suffix(".jsonl.part")
     n_bytes = 0
@@ -151,8 +181,10 @@ def ensure_dataset(args) -> Path:
             f.write(chunk)
     os.replace(tmp, path)
     meta_path.write_text(json.dumps({"params": params, "bytes": path.stat().st_size}, indent=2))
-    print(f"dataset: wrote {path.relative_to(ROOT)} ({n_bytes / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    print(
+        f"dataset: wrote {path.relative_to(ROOT)} ({n_bytes / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     return path
 
 
@@ -179,8 +211,12 @@ def child_raw(file: Path, db: Path) -> dict:
         rows = conn.execute("SELECT count(*) FROM t").fetchall()[0][0]
     finally:
         conn.close()
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_self() - c0, "rows": rows,
-            "peak_rss_mb": _peak_rss_self_mb()}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": _cpu_self() - c0,
+        "rows": rows,
+        "peak_rss_mb": _peak_rss_self_mb(),
+    }
 
 
 def child_ingest(file: Path, db: Path) -> dict:
@@ -197,11 +233,18 @@ def child_ingest(file: Path, db: Path) -> dict:
         stats = ingest_dataset(conn, "bench", [(file, file.name, "bge")])
     finally:
         conn.close()
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_self() - c0,
-            "peak_rss_mb": _peak_rss_self_mb(), "lines_read": stats.lines_read,
-            "instances": stats.instances, "queries": stats.queries, "passages": stats.passages,
-            "quarantined_rows": stats.quarantined_rows, "quarantined_passages": stats.quarantined_passages,
-            "quarantine_by_reason": stats.quarantine_by_reason}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": _cpu_self() - c0,
+        "peak_rss_mb": _peak_rss_self_mb(),
+        "lines_read": stats.lines_read,
+        "instances": stats.instances,
+        "queries": stats.queries,
+        "passages": stats.passages,
+        "quarantined_rows": stats.quarantined_rows,
+        "quarantined_passages": stats.quarantined_passages,
+        "quarantine_by_reason": stats.quarantine_by_reason,
+    }
 
 
 def run_child(mode: str, file: Path, tmp_root: Path) -> dict:
@@ -256,8 +299,11 @@ def run_child(mode: str, file: Path, tmp_root: Path) -> dict:
     if "error" in result:
         print(f"[{mode}] FAILED: {result['error']}", flush=True)
     else:
-        print(f"[{mode}] {result['seconds']:.1f} s (cpu {result['cpu_seconds']:.1f} s), "
-              f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"[{mode}] {result['seconds']:.1f} s (cpu {result['cpu_seconds']:.1f} s), "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
     return result
 
 
@@ -298,8 +344,12 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=200_000, help="instances (lines) to generate")
     ap.add_argument("--pool", type=int, default=300_000, help="distinct passages to draw from")
     ap.add_argument("--seed", type=int, default=13)
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="measure each side N times, alternating; the fastest run counts (noisy machines)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each side N times, alternating; the fastest run counts (noisy machines)",
+    )
     ap.add_argument("--report", type=Path, default=REPORT_PATH, help="JSON report path")
     ap.add_argument("--child", choices=["raw", "ingest"], help=argparse.SUPPRESS)
     ap.add_argument("--file", type=Path, help=argparse.SUPPRESS)
@@ -311,9 +361,16 @@ def main() -> int:
         try:
             res = child_raw(args.file, args.db) if args.child == "raw" else child_ingest(args.file, args.db)
         except Exception as e:  # reported by the parent as a failed measurement
-            print(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0][:1000],
-                              "seconds_until_error": time.perf_counter() - t0,
-                              "peak_rss_mb": _peak_rss_self_mb()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "error": f"{type(e).__name__}: {e}".splitlines()[0][:1000],
+                        "seconds_until_error": time.perf_counter() - t0,
+                        "peak_rss_mb": _peak_rss_self_mb(),
+                    }
+                ),
+                flush=True,
+            )
             return 1
         print(json.dumps(res), flush=True)
         return 0
@@ -338,10 +395,10 @@ def main() -> int:
 
     n = args.instances
     raw, ing = summarize(raw_runs, n), summarize(ing_runs, n)
-    ratio = (ing["instances_per_s"] / raw["instances_per_s"]
-             if raw["instances_per_s"] and ing["instances_per_s"] else None)
-    cpu_ratio = (raw["cpu_seconds"] / ing["cpu_seconds"]
-                 if ratio is not None and ing.get("cpu_seconds") else None)
+    ratio = (
+        ing["instances_per_s"] / raw["instances_per_s"] if raw["instances_per_s"] and ing["instances_per_s"] else None
+    )
+    cpu_ratio = raw["cpu_seconds"] / ing["cpu_seconds"] if ratio is not None and ing.get("cpu_seconds") else None
     # A failed ingest misses both targets; a failed raw read leaves the ratio undefined (missed).
     ratio_ok = ratio is not None and ratio >= TARGET_RATIO
     rss_ok = ing["failed_runs"] == 0 and ing["peak_rss_mb"] <= TARGET_RSS_MB
@@ -350,19 +407,25 @@ def main() -> int:
         return format(v, spec) if v is not None else "-"
 
     print()
-    print(f"file: {file.relative_to(ROOT)}  {n:,} instances, {file_bytes / 1e9:.2f} GB, "
-          f"duckdb {duckdb_version()}, config {DUCKDB_CONFIG}, {os.cpu_count()} CPUs"
-          + (f", best of {args.repeat} runs each" if args.repeat > 1 else ""))
-    hdr = (f"{'measurement':<34} {'seconds':>9} {'instances/s':>12} {'cpu s':>8} {'peak RSS MB':>12} "
-           f"{'(polled)':>9} {'load':>11}")
+    print(
+        f"file: {file.relative_to(ROOT)}  {n:,} instances, {file_bytes / 1e9:.2f} GB, "
+        f"duckdb {duckdb_version()}, config {DUCKDB_CONFIG}, {os.cpu_count()} CPUs"
+        + (f", best of {args.repeat} runs each" if args.repeat > 1 else "")
+    )
+    hdr = (
+        f"{'measurement':<34} {'seconds':>9} {'instances/s':>12} {'cpu s':>8} {'peak RSS MB':>12} "
+        f"{'(polled)':>9} {'load':>11}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for label, r in (("duckdb read_json -> table (raw)", raw), ("ingest_dataset (ingest)", ing)):
         seconds = None if r["instances_per_s"] is None else r.get("seconds")
         load = r.get("load_average_1min") or [None, None]
-        print(f"{label:<34} {fmt(seconds, '>9.1f'):>9} {fmt(r['instances_per_s'], '>12,.0f'):>12} "
-              f"{fmt(r.get('cpu_seconds') if seconds else None, '>8.1f'):>8} {fmt(r.get('peak_rss_mb'), '>12,.0f'):>12} "
-              f"{fmt(r['peak_rss_polled_mb'], '>9,.0f'):>9} {fmt(load[0], '.1f'):>5}/{fmt(load[1], '.1f'):<5}")
+        print(
+            f"{label:<34} {fmt(seconds, '>9.1f'):>9} {fmt(r['instances_per_s'], '>12,.0f'):>12} "
+            f"{fmt(r.get('cpu_seconds') if seconds else None, '>8.1f'):>8} {fmt(r.get('peak_rss_mb'), '>12,.0f'):>12} "
+            f"{fmt(r['peak_rss_polled_mb'], '>9,.0f'):>9} {fmt(load[0], '.1f'):>5}/{fmt(load[1], '.1f'):<5}"
+        )
         for run in r["runs"]:
             if "error" in run:
                 print(f"  FAILED after {fmt(run.get('seconds_until_error'), '.1f')} s: {run['error']}")
@@ -371,19 +434,25 @@ def main() -> int:
             print(f"  {label} runs (s): " + ", ".join(fmt(x.get("seconds"), ".1f") for x in runs))
     print()
     if ing["instances_per_s"] is not None:
-        print(f"ingest counts: lines {ing['lines_read']:,}, instances {ing['instances']:,}, "
-              f"queries {ing['queries']:,}, passages {ing['passages']:,}, "
-              f"quarantined rows {ing['quarantined_rows']:,}, quarantined passages {ing['quarantined_passages']:,} "
-              f"{ing['quarantine_by_reason'] or ''}")
+        print(
+            f"ingest counts: lines {ing['lines_read']:,}, instances {ing['instances']:,}, "
+            f"queries {ing['queries']:,}, passages {ing['passages']:,}, "
+            f"quarantined rows {ing['quarantined_rows']:,}, quarantined passages {ing['quarantined_passages']:,} "
+            f"{ing['quarantine_by_reason'] or ''}"
+        )
     if raw["instances_per_s"] is not None:
         print(f"raw read rows: {raw['rows']:,}")
     print()
-    print(f"throughput ratio ingest/raw = {fmt(ratio, '.3f')}  (target >= {TARGET_RATIO})  "
-          f"{'MET' if ratio_ok else 'MISSED'}")
+    print(
+        f"throughput ratio ingest/raw = {fmt(ratio, '.3f')}  (target >= {TARGET_RATIO})  "
+        f"{'MET' if ratio_ok else 'MISSED'}"
+    )
     if cpu_ratio is not None:
         print(f"  (cpu-time ratio raw/ingest = {cpu_ratio:.3f}; wall times depend on the machine's load)")
-    print(f"ingest peak RSS = {fmt(ing.get('peak_rss_mb'), ',.0f')} MB  (target <= {TARGET_RSS_MB:.0f} MB)  "
-          f"{'MET' if rss_ok else 'MISSED'}{'' if ing['failed_runs'] == 0 else ' (ingest failed)'}")
+    print(
+        f"ingest peak RSS = {fmt(ing.get('peak_rss_mb'), ',.0f')} MB  (target <= {TARGET_RSS_MB:.0f} MB)  "
+        f"{'MET' if rss_ok else 'MISSED'}{'' if ing['failed_runs'] == 0 else ' (ingest failed)'}"
+    )
     print("targets: " + ("all MET" if ratio_ok and rss_ok else "MISSED"))
 
     report = {
@@ -391,15 +460,25 @@ def main() -> int:
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "dataset": {"path": str(file.relative_to(ROOT)), "bytes": file_bytes, **_params(args)},
-        "environment": {"duckdb": duckdb_version(), "python": platform.python_version(),
-                        "cpus": os.cpu_count(), "platform": platform.platform(),
-                        "duckdb_config": DUCKDB_CONFIG, "repeat": args.repeat},
+        "environment": {
+            "duckdb": duckdb_version(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "duckdb_config": DUCKDB_CONFIG,
+            "repeat": args.repeat,
+        },
         "raw_read": raw,
         "ingest": ing,
         "ratio": ratio,
         "cpu_ratio": cpu_ratio,
-        "targets": {"ratio_min": TARGET_RATIO, "ingest_peak_rss_mb_max": TARGET_RSS_MB,
-                    "ratio_met": ratio_ok, "rss_met": rss_ok, "all_met": ratio_ok and rss_ok},
+        "targets": {
+            "ratio_min": TARGET_RATIO,
+            "ingest_peak_rss_mb_max": TARGET_RSS_MB,
+            "ratio_met": ratio_ok,
+            "rss_met": rss_ok,
+            "all_met": ratio_ok and rss_ok,
+        },
     }
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")

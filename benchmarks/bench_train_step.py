@@ -37,8 +37,13 @@ def scifact_instances(n: int) -> list[TrainingInstance]:
         for line in fh:
             r = json.loads(line)
             text = lambda p: ((p.get("title") or "") + " " + p["text"]).strip()  # noqa: E731
-            out.append(TrainingInstance(r["query"], tuple(text(p) for p in r["positive_passages"]),
-                                        tuple(text(p) for p in r["negative_passages"])))
+            out.append(
+                TrainingInstance(
+                    r["query"],
+                    tuple(text(p) for p in r["positive_passages"]),
+                    tuple(text(p) for p in r["negative_passages"]),
+                )
+            )
             if len(out) >= n:
                 break
     return out
@@ -59,28 +64,55 @@ def main() -> None:
         timings = []
         with tempfile.TemporaryDirectory() as tmp:
             for steps in (1, args.steps + 1):  # the difference removes load/save/setup time
-                s = TrainSettings(batch_size=batch, hard_negatives=hn, max_seq_length=seq, max_steps=steps,
-                                  precision=precision)
+                s = TrainSettings(
+                    batch_size=batch, hard_negatives=hn, max_seq_length=seq, max_steps=steps, precision=precision
+                )
                 t0 = time.perf_counter()
                 train_retriever(instances, s, Path(tmp) / f"m{steps}")
                 timings.append(time.perf_counter() - t0)
         per_step = (timings[1] - timings[0]) / args.steps
         steps_per_model = math.ceil(args.queries / batch)
-        rows.append({"config": spec, "precision": precision, "max_seq_length": seq, "hard_negatives": hn, "batch_size": batch,
-                     "s_per_step": round(per_step, 2), "s_per_query": round(per_step / batch, 3),
-                     "setup_s": round(timings[0] - per_step, 1),
-                     "projected_min_per_model": round((steps_per_model * per_step + timings[0] - per_step) / 60, 2),
-                     "projected_min_all_models": round(args.models * (steps_per_model * per_step + timings[0] - per_step) / 60, 1)})
+        rows.append(
+            {
+                "config": spec,
+                "precision": precision,
+                "max_seq_length": seq,
+                "hard_negatives": hn,
+                "batch_size": batch,
+                "s_per_step": round(per_step, 2),
+                "s_per_query": round(per_step / batch, 3),
+                "setup_s": round(timings[0] - per_step, 1),
+                "projected_min_per_model": round((steps_per_model * per_step + timings[0] - per_step) / 60, 2),
+                "projected_min_all_models": round(
+                    args.models * (steps_per_model * per_step + timings[0] - per_step) / 60, 1
+                ),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     out = ROOT / "data/reports/bench_train_step.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "load_avg_1m": os.getloadavg()[0], "cores": os.cpu_count(),
-                               "measured": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-    print(f"\n| config (seq x hard neg x batch) | precision | s/step | s/query | min per model ({args.queries} queries) | "
-          f"min for {args.models} models |\n|---|---|---:|---:|---:|---:|")
+    out.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "load_avg_1m": os.getloadavg()[0],
+                "cores": os.cpu_count(),
+                "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"\n| config (seq x hard neg x batch) | precision | s/step | s/query "
+        f"| min per model ({args.queries} queries) | "
+        f"min for {args.models} models |\n|---|---|---:|---:|---:|---:|"
+    )
     for r in rows:
-        print(f"| {r['config']} | {r['precision']} | {r['s_per_step']} | {r['s_per_query']} | {r['projected_min_per_model']} | "
-              f"{r['projected_min_all_models']} |")
+        print(
+            f"| {r['config']} | {r['precision']} | {r['s_per_step']} | {r['s_per_query']} "
+            f"| {r['projected_min_per_model']} | "
+            f"{r['projected_min_all_models']} |"
+        )
 
 
 if __name__ == "__main__":

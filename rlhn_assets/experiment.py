@@ -35,12 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import dagster as dg  # noqa: E402
 
 from rlhn_assets.definitions import defs  # noqa: E402
-from rlhn_assets.demo import Console, StageFailed, materialize_graph, release_dead_demo_runs  # noqa: E402
 from rlhn_assets.defs.resources import preset_name  # noqa: E402
+from rlhn_assets.demo import Console, StageFailed, materialize_graph, release_dead_demo_runs  # noqa: E402
 from rlhn_assets.lib import provenance  # noqa: E402
 from rlhn_assets.lib.db import connect  # noqa: E402
-from rlhn_assets.lib.relabel import VARIANTS  # noqa: E402
-from rlhn_assets.partitions import BASE_MODEL, DATASETS, EVAL_SETS  # noqa: E402
+from rlhn_assets.partitions import EVAL_SETS  # noqa: E402
 
 EXPERIMENT_VARIANTS = ("default", "s1_rlhn", "s2_rlhn", "s2_hn_remove", "s2_remove")
 SEEDS = (13, 14, 15)
@@ -54,8 +53,17 @@ BUDGET_S = 2 * 3600  # the whole cold run on the 2-core machine, judging include
 # 256 tokens: ~4.5 min fp32, ~1.8 min bf16 (encoding 2.5x faster). Chosen: 3 hard negatives (the size measured to
 # beat the base on SciFact), bf16 where native ("auto"): ~42 min training + ~29 min evaluation leaves ~45 min of
 # the budget for ingest and for judging what the committed recording does not hold.
-TRAIN = {"epochs": 1, "batch_size": 32, "learning_rate": 2e-5, "hard_negatives": 3, "max_seq_length": 128,
-         "scale": 20.0, "max_steps": -1, "seeds": list(SEEDS), "precision": "auto"}
+TRAIN = {
+    "epochs": 1,
+    "batch_size": 32,
+    "learning_rate": 2e-5,
+    "hard_negatives": 3,
+    "max_seq_length": 128,
+    "scale": 20.0,
+    "max_steps": -1,
+    "seeds": list(SEEDS),
+    "precision": "auto",
+}
 EVAL = {"max_seq_length": 256, "rerank": False, "batch_size": 64, "precision": "auto"}
 PRUNE = {"max_negatives_per_instance": 25}
 
@@ -78,8 +86,9 @@ def use_experiment_instance() -> Path:
 
 
 def run_config() -> dict:
-    return {"ops": {"pruned": {"config": PRUNE}, "trained_retriever": {"config": TRAIN},
-                    "eval_scores": {"config": EVAL}}}
+    return {
+        "ops": {"pruned": {"config": PRUNE}, "trained_retriever": {"config": TRAIN}, "eval_scores": {"config": EVAL}}
+    }
 
 
 # Not in the experiment: the leave-one-out dataset pruning (its own study), the reranker (budget, module docstring)
@@ -111,14 +120,22 @@ def load_recorded_responses(log=print) -> int:
     with connect(cache) as conn:
         apply_cache_schema(conn)
         before = conn.execute("SELECT count(*) FROM llm_responses").fetchone()[0]
-        conn.execute("""INSERT INTO llm_responses BY NAME
+        conn.execute(
+            """INSERT INTO llm_responses BY NAME
                         SELECT r.* FROM read_parquet($p) r ANTI JOIN llm_responses c ON c.key = r.key""",
-                     {"p": str(RECORDED_RESPONSES)})
+            {"p": str(RECORDED_RESPONSES)},
+        )
         added = conn.execute("SELECT count(*) FROM llm_responses").fetchone()[0] - before
-    meta = json.loads(RECORDED_RESPONSES.with_suffix(".json").read_text()) if RECORDED_RESPONSES.with_suffix(".json").exists() else {}
-    log(f"recorded judge responses: {added:,} added to the LLM cache {cache} (file {RECORDED_RESPONSES.name}: "
+    meta = (
+        json.loads(RECORDED_RESPONSES.with_suffix(".json").read_text())
+        if RECORDED_RESPONSES.with_suffix(".json").exists()
+        else {}
+    )
+    log(
+        f"recorded judge responses: {added:,} added to the LLM cache {cache} (file {RECORDED_RESPONSES.name}: "
         f"{meta.get('responses', '?')} responses, judge {meta.get('tier2_judge', {}).get('model', '?')}, "
-        f"recorded {meta.get('recorded_at', '?')} at code {meta.get('code_version', '?')})")
+        f"recorded {meta.get('recorded_at', '?')} at code {meta.get('code_version', '?')})"
+    )
     return added
 
 
@@ -133,14 +150,29 @@ def record_judge_responses(log=print, *, all_cached: bool = False) -> Path:
     RECORDED_RESPONSES.parent.mkdir(parents=True, exist_ok=True)
     tmp = RECORDED_RESPONSES.with_suffix(".parquet.tmp")
     with connect(settings.duckdb_path(), read_only=True) as conn:
-        has = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'judgments'").fetchone()[0]
-        keys = [r[0] for r in conn.execute(
-            "SELECT DISTINCT response_key FROM judgments WHERE tier = 2 AND response_key IS NOT NULL").fetchall()] if has else []
-        per_dataset = dict(conn.execute(
-            "SELECT dataset, count(*) FROM judgments WHERE tier = 2 GROUP BY 1").fetchall()) if has else {}
+        has = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'judgments'").fetchone()[
+            0
+        ]
+        keys = (
+            [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT response_key FROM judgments WHERE tier = 2 AND response_key IS NOT NULL"
+                ).fetchall()
+            ]
+            if has
+            else []
+        )
+        per_dataset = (
+            dict(conn.execute("SELECT dataset, count(*) FROM judgments WHERE tier = 2 GROUP BY 1").fetchall())
+            if has
+            else {}
+        )
     if not keys and not all_cached:
-        raise SystemExit("no tier-2 judgments with a response key in the experiment's DuckDB: run the experiment first "
-                         "(or pass --all-cached to record every cached answer of the tier-2 model)")
+        raise SystemExit(
+            "no tier-2 judgments with a response key in the experiment's DuckDB: run the experiment first "
+            "(or pass --all-cached to record every cached answer of the tier-2 model)"
+        )
     with connect(_llm_cache_path(), read_only=True) as cache:
         cache.execute("CREATE TEMP TABLE wanted (key VARCHAR)")
         cache.executemany("INSERT INTO wanted VALUES (?)", [[k] for k in keys])
@@ -153,14 +185,24 @@ def record_judge_responses(log=print, *, all_cached: bool = False) -> Path:
                           TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)""")
         n = cache.execute(f"SELECT count(*) FROM read_parquet('{tmp}')").fetchone()[0]
     tmp.replace(RECORDED_RESPONSES)
-    meta = {"responses": n, "verdict_keys": len(keys), "tier2_verdicts_per_dataset": per_dataset,
-            "all_cached": all_cached, "preset": preset_name(), "tier2_judge": tier2.describe(),
-            "code_version": provenance.code_version(), "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "prune": PRUNE,
-            "note": "LLM responses (first-token logprobs) of the local tier-2 judge on the experiment's instances; "
-                    "request bodies omitted. Loaded into the LLM cache by `make experiment` when it lacks them."}
+    meta = {
+        "responses": n,
+        "verdict_keys": len(keys),
+        "tier2_verdicts_per_dataset": per_dataset,
+        "all_cached": all_cached,
+        "preset": preset_name(),
+        "tier2_judge": tier2.describe(),
+        "code_version": provenance.code_version(),
+        "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "prune": PRUNE,
+        "note": "LLM responses (first-token logprobs) of the local tier-2 judge on the experiment's instances; "
+        "request bodies omitted. Loaded into the LLM cache by `make experiment` when it lacks them.",
+    }
     RECORDED_RESPONSES.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    log(f"recorded {n:,} tier-2 responses ({len(keys):,} verdict keys) to {RECORDED_RESPONSES} "
-        f"({RECORDED_RESPONSES.stat().st_size / 1e6:.1f} MB)")
+    log(
+        f"recorded {n:,} tier-2 responses ({len(keys):,} verdict keys) to {RECORDED_RESPONSES} "
+        f"({RECORDED_RESPONSES.stat().st_size / 1e6:.1f} MB)"
+    )
     return RECORDED_RESPONSES
 
 
@@ -174,9 +216,11 @@ class Budget:
     def after_step(self, keys, partition, seconds) -> str:
         elapsed = time.perf_counter() - self.t0
         left = self.budget_s - elapsed
-        return (f"elapsed {elapsed / 60:.1f} min, {left / 60:.1f} min left of {self.budget_s / 60:.0f}"
-                if left >= 0 else f"elapsed {elapsed / 60:.1f} min, {-left / 60:.1f} min OVER the "
-                                  f"{self.budget_s / 60:.0f}-min budget")
+        return (
+            f"elapsed {elapsed / 60:.1f} min, {left / 60:.1f} min left of {self.budget_s / 60:.0f}"
+            if left >= 0
+            else f"elapsed {elapsed / 60:.1f} min, {-left / 60:.1f} min OVER the {self.budget_s / 60:.0f}-min budget"
+        )
 
 
 def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path | None = None) -> Path:
@@ -187,8 +231,10 @@ def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path |
     md = (reports / "comparison.md").read_text()
     machine = provenance.machine()
     header = [
-        "# The RLHN experiment on the bundled sample (`make experiment`)", "",
-        f"- run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, code version `{provenance.code_version()}`, judge preset "
+        "# The RLHN experiment on the bundled sample (`make experiment`)",
+        "",
+        f"- run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, code version `{provenance.code_version()}`, "
+        "judge preset "
         f"`{preset_name()}`",
         f"- machine: {machine['cores']} cores ({machine['cpu']}), load average {load_start:.2f} at the start, "
         f"{machine['load_avg_1m']:.2f} at the end; Python {machine['python']}",
@@ -197,8 +243,10 @@ def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path |
         f"- sizes: every instance of every dataset, at most {PRUNE['max_negatives_per_instance']} negatives each; "
         f"retriever training {json.dumps(TRAIN)}; evaluation {json.dumps(EVAL)}",
         f"- variants {', '.join(EXPERIMENT_VARIANTS)}; seeds {', '.join(map(str, SEEDS))}; eval sets "
-        f"{', '.join(EVAL_SETS)}; the reranker is not trained (budget)", "",
-        "![nDCG@10 per eval set and model, and each variant's delta vs default with its 95% CI](experiment.png)", "",
+        f"{', '.join(EVAL_SETS)}; the reranker is not trained (budget)",
+        "",
+        "![nDCG@10 per eval set and model, and each variant's delta vs default with its 95% CI](experiment.png)",
+        "",
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "experiment.md").write_text("\n".join(header) + md + "\n")
@@ -219,12 +267,15 @@ def main(argv: list[str] | None = None) -> None:
         until = argv[argv.index("--until") + 1]
         cut = next((i for i, (keys, _) in enumerate(stages) if until in keys), None)
         if cut is None:
-            raise SystemExit(f"--until {until}: not an asset of the experiment "
-                             f"({', '.join(k for keys, _ in stages for k in keys)})")
+            raise SystemExit(
+                f"--until {until}: not an asset of the experiment ({', '.join(k for keys, _ in stages for k in keys)})"
+            )
         stages = stages[: cut + 1]
-    print(f"rlhn_assets experiment: every instance, <= {PRUNE['max_negatives_per_instance']} negatives; judge preset "
-          f"{preset_name()!r}; variants {', '.join(EXPERIMENT_VARIANTS)} x seeds {', '.join(map(str, SEEDS))}; "
-          f"eval sets {', '.join(EVAL_SETS)}; budget {BUDGET_S / 60:.0f} min")
+    print(
+        f"rlhn_assets experiment: every instance, <= {PRUNE['max_negatives_per_instance']} negatives; judge preset "
+        f"{preset_name()!r}; variants {', '.join(EXPERIMENT_VARIANTS)} x seeds {', '.join(map(str, SEEDS))}; "
+        f"eval sets {', '.join(EVAL_SETS)}; budget {BUDGET_S / 60:.0f} min"
+    )
     print(f"instance + DuckDB: {home}  (open it with: make experiment-ui)")
     log_path = settings.data_dir() / "logs" / time.strftime("experiment-%Y%m%d-%H%M%S.log")
     print(f"Dagster's event stream and library output go to {log_path}", flush=True)
@@ -236,12 +287,21 @@ def main(argv: list[str] | None = None) -> None:
         with dg.DagsterInstance.get() as instance:
             release_dead_demo_runs(instance, log=console.line)
             try:
-                timings, checks = materialize_graph(d, instance, run_config(), EXPERIMENT_VARIANTS,
-                                                    log=console.line, progress=console.progress,
-                                                    plan_stages=stages, after_step=budget.after_step)
+                timings, checks = materialize_graph(
+                    d,
+                    instance,
+                    run_config(),
+                    EXPERIMENT_VARIANTS,
+                    log=console.line,
+                    progress=console.progress,
+                    plan_stages=stages,
+                    after_step=budget.after_step,
+                )
             except StageFailed as e:
-                console.line(f"\nexperiment stopped: {e}\nfull log: {log_path}\n"
-                             "(re-run `make experiment` to continue: finished work is reused)")
+                console.line(
+                    f"\nexperiment stopped: {e}\nfull log: {log_path}\n"
+                    "(re-run `make experiment` to continue: finished work is reused)"
+                )
                 raise SystemExit(1) from None
     total = time.perf_counter() - budget.t0
     if stages[-1][0] != ["comparison_report"]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import dagster as dg
 import duckdb
@@ -26,8 +27,11 @@ class RLHNDuckDB(DuckDBResource):
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with connect(self.database, config={"custom_user_agent": "dagster", **self.connection_config},
-                     log=dg.get_dagster_logger()) as conn:
+        with connect(
+            self.database,
+            config={"custom_user_agent": "dagster", **self.connection_config},
+            log=dg.get_dagster_logger(),
+        ) as conn:
             apply_schema(conn)  # every table, at the current schema version (one query when it is there)
             yield conn
 
@@ -72,7 +76,8 @@ class JudgeTierResource(dg.ConfigurableResource):
 
     ``kind``: ``listwise`` (the paper's prompt), ``pointwise`` (yes/no logprobs), ``graded`` (0-3 grade, score =
     expected grade from the logprobs) or ``embedding_margin`` (no LLM). ``pointwise_prompt`` picks the prompt
-    family of the one-negative-per-call kinds (empty = the kind's default: ``pointwise-v1`` / ``graded-ref-v1``). LLM kinds go through the one ``openai`` client path (``rlhn_assets.lib.llm.client``); the API
+    family of the one-negative-per-call kinds (empty = the kind's default: ``pointwise-v1`` / ``graded-ref-v1``).
+    LLM kinds go through the one ``openai`` client path (``rlhn_assets.lib.llm.client``); the API
     key is read from the environment variable named by ``api_key_env`` and never logged or stored.
     ``local_model`` (e.g. ``qwen2.5-coder-0.5b``) makes the step start a llama.cpp server on 127.0.0.1
     with that packaged model, health-check it, and stop it afterwards; ``base_url`` is then ignored.
@@ -128,24 +133,35 @@ class JudgeTierResource(dg.ConfigurableResource):
 
     @model_validator(mode="after")
     def _settings_fit_the_kind(self):
-        if self.pointwise_prompt and self.kind in ONE_TOKEN_KINDS and \
-                self.pointwise_prompt not in ONE_TOKEN_PROMPTS[self.kind]:
-            raise ValueError(f"pointwise_prompt {self.pointwise_prompt!r} is not a {self.kind} prompt; "
-                             f"allowed for kind {self.kind!r}: {ONE_TOKEN_PROMPTS[self.kind]} (or '' for the default)")
+        if (
+            self.pointwise_prompt
+            and self.kind in ONE_TOKEN_KINDS
+            and self.pointwise_prompt not in ONE_TOKEN_PROMPTS[self.kind]
+        ):
+            raise ValueError(
+                f"pointwise_prompt {self.pointwise_prompt!r} is not a {self.kind} prompt; "
+                f"allowed for kind {self.kind!r}: {ONE_TOKEN_PROMPTS[self.kind]} (or '' for the default)"
+            )
         if self.kind in ONE_TOKEN_KINDS:
             hi = 3.0 if self.kind == "graded" and not self.calibration else 1.0
             what = "the expected grade (0-3)" if hi == 3.0 else "a probability (0-1)"
             for name in ("threshold_relevant", "threshold_better"):
                 v = getattr(self, name)
                 if not 0.0 <= v <= hi:
-                    raise ValueError(f"{name} = {v} is outside 0..{hi:g}: a {self.kind} judge"
-                                     f"{' with a calibration' if self.calibration else ''} thresholds {what}")
+                    raise ValueError(
+                        f"{name} = {v} is outside 0..{hi:g}: a {self.kind} judge"
+                        f"{' with a calibration' if self.calibration else ''} thresholds {what}"
+                    )
             if self.threshold_better < self.threshold_relevant:
-                raise ValueError(f"threshold_better ({self.threshold_better}) must be >= threshold_relevant "
-                                 f"({self.threshold_relevant}): `better` is the stronger verdict")
+                raise ValueError(
+                    f"threshold_better ({self.threshold_better}) must be >= threshold_relevant "
+                    f"({self.threshold_relevant}): `better` is the stronger verdict"
+                )
         if self.pointwise_prompt and self.kind not in ONE_TOKEN_KINDS:
-            raise ValueError(f"pointwise_prompt applies to the {ONE_TOKEN_KINDS} kinds; a {self.kind!r} judge "
-                             "would ignore it (listwise: prompt_family)")
+            raise ValueError(
+                f"pointwise_prompt applies to the {ONE_TOKEN_KINDS} kinds; a {self.kind!r} judge "
+                "would ignore it (listwise: prompt_family)"
+            )
         if self.scope != "instance" and self.tier != 2:
             raise ValueError(f"scope {self.scope!r} applies to tier 2 only (tier 1 judges every negative)")
         if self.calibration and self.kind not in ONE_TOKEN_KINDS:
@@ -169,8 +185,11 @@ class JudgeTierResource(dg.ConfigurableResource):
 
     @property
     def endpoint(self) -> str:
-        return ("local llama.cpp (" + self.local_model + ")" if self.local_model
-                else (self.base_url or "https://api.openai.com/v1"))
+        return (
+            "local llama.cpp (" + self.local_model + ")"
+            if self.local_model
+            else (self.base_url or "https://api.openai.com/v1")
+        )
 
     def describe(self) -> dict:
         """What the metadata shows about this tier (never the key)."""
@@ -184,9 +203,13 @@ class JudgeTierResource(dg.ConfigurableResource):
         if self.tier == 2:
             d["scope"] = self.scope
         if self.kind in ONE_TOKEN_KINDS:
-            d |= {"threshold_relevant": self.threshold_relevant, "threshold_better": self.threshold_better,
-                  "prompt_family": self.one_token_judge_class().default_family if not self.pointwise_prompt
-                  else self.pointwise_prompt}
+            d |= {
+                "threshold_relevant": self.threshold_relevant,
+                "threshold_better": self.threshold_better,
+                "prompt_family": self.one_token_judge_class().default_family
+                if not self.pointwise_prompt
+                else self.pointwise_prompt,
+            }
             if self.calibration:
                 d["calibration"] = self.calibration
         return d
@@ -211,11 +234,18 @@ class JudgeTierResource(dg.ConfigurableResource):
         from rlhn_assets.lib.llm.client import EndpointSettings
 
         return EndpointSettings(
-            model=self.model, base_url=base_url or self.base_url or None, model_identity=model_identity,
+            model=self.model,
+            base_url=base_url or self.base_url or None,
+            model_identity=model_identity,
             api_key_env=self.api_key_env,
-            temperature=self.temperature, max_tokens=self.max_tokens,
-            response_format_style=self.response_format_style, concurrency=self.concurrency,
-            max_retries=self.max_retries, timeout_s=self.timeout_s, mode=self.mode)
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            response_format_style=self.response_format_style,
+            concurrency=self.concurrency,
+            max_retries=self.max_retries,
+            timeout_s=self.timeout_s,
+            mode=self.mode,
+        )
 
     def cost_usd(self, tokens_in: int, tokens_out: int) -> float:
         return tokens_in / 1e6 * self.price_in_per_m + tokens_out / 1e6 * self.price_out_per_m
@@ -223,8 +253,9 @@ class JudgeTierResource(dg.ConfigurableResource):
     def make_client(self, cache, base_url: str | None, model_identity: str | None = None):
         from rlhn_assets.lib.llm.client import LLMClient
 
-        return LLMClient(self.endpoint_settings(base_url, model_identity), cache,
-                         api_key="local" if self.local_model else None)
+        return LLMClient(
+            self.endpoint_settings(base_url, model_identity), cache, api_key="local" if self.local_model else None
+        )
 
     @contextmanager
     def open_judge(self, family_by_instance=None, log=None):
@@ -247,37 +278,52 @@ class JudgeTierResource(dg.ConfigurableResource):
 
                 gguf = assemble_gguf(self.local_model)
                 identity = f"gguf-sha256:{model_sha256(gguf)}"  # the alias is just a name
-                server = LlamaServer(gguf, ctx_size=self.local_ctx_size, parallel=self.local_parallel,
-                                     alias=self.model)
+                server = LlamaServer(gguf, ctx_size=self.local_ctx_size, parallel=self.local_parallel, alias=self.model)
                 if log:
                     log(f"starting llama.cpp server for {self.local_model} ({gguf.name})")
                 server.start()
                 base_url = server.base_url
                 if log:
                     if len(server.attempts) > 1:
-                        log(f"llama.cpp server crashed on start ({server.attempts[0]['ended']}); running with "
-                            f"{' '.join(server.settings_args)} instead (recorded for the next start)")
-                    log(f"llama.cpp server healthy at {base_url} ({server.binary()}"
-                        f"{' ' + ' '.join(server.settings_args) if server.settings_args else ''})")
+                        log(
+                            f"llama.cpp server crashed on start ({server.attempts[0]['ended']}); running with "
+                            f"{' '.join(server.settings_args)} instead (recorded for the next start)"
+                        )
+                    log(
+                        f"llama.cpp server healthy at {base_url} ({server.binary()}"
+                        f"{' ' + ' '.join(server.settings_args) if server.settings_args else ''})"
+                    )
             with ResponseCache(cache_path) as cache:
                 client = self.make_client(cache, base_url, identity)
                 if self.kind == "listwise":
-                    yield judges.ListwiseLLMJudge(client, self.prompt_family, max_parse_retries=self.max_parse_retries,
-                                                  family_by_instance=family_by_instance)
+                    yield judges.ListwiseLLMJudge(
+                        client,
+                        self.prompt_family,
+                        max_parse_retries=self.max_parse_retries,
+                        family_by_instance=family_by_instance,
+                    )
                 elif self.calibration:
                     from rlhn_assets.lib.embeddings import load_model
                     from rlhn_assets.lib.judging.calibration import CalibratedJudge
 
-                    inner = self.one_token_judge_class()(client, max_parse_retries=self.max_parse_retries,
-                                                         family=self.pointwise_prompt or None)
-                    yield CalibratedJudge(inner, load_model(), self.load_calibrator(),
-                                          threshold_relevant=self.threshold_relevant,
-                                          threshold_better=self.threshold_better)
+                    inner = self.one_token_judge_class()(
+                        client, max_parse_retries=self.max_parse_retries, family=self.pointwise_prompt or None
+                    )
+                    yield CalibratedJudge(
+                        inner,
+                        load_model(),
+                        self.load_calibrator(),
+                        threshold_relevant=self.threshold_relevant,
+                        threshold_better=self.threshold_better,
+                    )
                 else:
-                    yield self.one_token_judge_class()(client, threshold_relevant=self.threshold_relevant,
-                                                       threshold_better=self.threshold_better,
-                                                       max_parse_retries=self.max_parse_retries,
-                                                       family=self.pointwise_prompt or None)
+                    yield self.one_token_judge_class()(
+                        client,
+                        threshold_relevant=self.threshold_relevant,
+                        threshold_better=self.threshold_better,
+                        max_parse_retries=self.max_parse_retries,
+                        family=self.pointwise_prompt or None,
+                    )
         finally:
             if server is not None:
                 server.stop()

@@ -56,11 +56,25 @@ sys.exit(0 if result.success else 1)
 def _run_pair(tmp_path, tmp_data, db_path, lock_timeout: str) -> list[subprocess.CompletedProcess]:
     barrier = tmp_path / f"barrier_{lock_timeout}"
     barrier.mkdir()
-    env = {**os.environ, "RLHN_DATA_DIR": str(tmp_data), "RLHN_DUCKDB": str(db_path),
-           "RLHN_DUCKDB_LOCK_TIMEOUT_S": lock_timeout, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "RLHN_DATA_DIR": str(tmp_data),
+        "RLHN_DUCKDB": str(db_path),
+        "RLHN_DUCKDB_LOCK_TIMEOUT_S": lock_timeout,
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("DAGSTER_HOME", None)  # dg.materialize uses an ephemeral instance; never the repo's .dagster/
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, p, str(barrier)], cwd=settings.PROJECT_ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in PARTITIONS]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, p, str(barrier)],
+            cwd=settings.PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for p in PARTITIONS
+    ]
     out = []
     for p in procs:
         stdout, _ = p.communicate(timeout=600)
@@ -91,5 +105,6 @@ def test_without_waiting_for_the_lock_one_run_fails(tmp_path, tmp_data, db_path)
     failed = [d for d in done if d.returncode != 0]
     if not failed:
         pytest.fail("both runs succeeded without the lock wait: the runs did not overlap\n" + _tail(done))
-    assert any("stayed locked by another process" in d.stdout and "Could not set lock on file" in d.stdout
-               for d in failed), _tail(done)
+    assert any(
+        "stayed locked by another process" in d.stdout and "Could not set lock on file" in d.stdout for d in failed
+    ), _tail(done)

@@ -28,8 +28,14 @@ def test_plan_runs_the_graph_in_order_and_every_model_on_every_eval_set():
 
     plan = experiment.plan()
     order = [k for keys, _ in plan for k in keys]
-    for a, b in [("pruned", "tier1_judgments"), ("tier2_judgments", "relabeled"), ("relabeled", "trained_retriever"),
-                 ("trained_retriever", "eval_model"), ("eval_model", "eval_scores"), ("eval_scores", "comparison_report")]:
+    for a, b in [
+        ("pruned", "tier1_judgments"),
+        ("tier2_judgments", "relabeled"),
+        ("relabeled", "trained_retriever"),
+        ("trained_retriever", "eval_model"),
+        ("eval_model", "eval_scores"),
+        ("eval_scores", "comparison_report"),
+    ]:
         assert order.index(a) < order.index(b)
     judge = next(parts for keys, parts in plan if "tier2_judgments" in keys)
     assert judge == list(DATASETS)
@@ -38,8 +44,19 @@ def test_plan_runs_the_graph_in_order_and_every_model_on_every_eval_set():
 
 
 def _row(key, text="2"):
-    return [key, "qwen2.5-coder-1.5b-instruct", "graded-ref-v1", '{"messages": "long prompt"}', text, "length",
-            300, 1, 1.5, json.dumps([{"token": text, "logprob": -0.1}]), "2026-12-02 12:00:00"]
+    return [
+        key,
+        "qwen2.5-coder-1.5b-instruct",
+        "graded-ref-v1",
+        '{"messages": "long prompt"}',
+        text,
+        "length",
+        300,
+        1,
+        1.5,
+        json.dumps([{"token": text, "logprob": -0.1}]),
+        "2026-12-02 12:00:00",
+    ]
 
 
 @pytest.fixture
@@ -52,10 +69,15 @@ def experiment_files(tmp_path, monkeypatch):
     with duckdb.connect(str(tmp_path / "exp.duckdb")) as conn:
         apply_schema(conn)
         for i, key in enumerate(["k1", "k2", "k2", None]):  # a repeated key and a verdict without a response
-            conn.execute("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, response_key) "
-                         "VALUES ('fiqa', 2, 'i', ?, ?, 'worse', ?)", [f"d{i}", i, key])
-        conn.execute("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, response_key) "
-                     "VALUES ('fiqa', 1, 'i', 'd9', 9, 'worse', 'tier1-key')")
+            conn.execute(
+                "INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, response_key) "
+                "VALUES ('fiqa', 2, 'i', ?, ?, 'worse', ?)",
+                [f"d{i}", i, key],
+            )
+        conn.execute(
+            "INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, response_key) "
+            "VALUES ('fiqa', 1, 'i', 'd9', 9, 'worse', 'tier1-key')"
+        )
     with duckdb.connect(str(cache)) as conn:
         apply_cache_schema(conn)
         for key in ("k1", "k2", "unrelated", "tier1-key"):
@@ -66,7 +88,9 @@ def experiment_files(tmp_path, monkeypatch):
 def test_recorded_responses_round_trip(experiment_files, tmp_path):
     cache = experiment_files
     path = experiment.record_judge_responses(log=lambda m: None)
-    got = duckdb.sql(f"SELECT key, request_json, text, top_logprobs_json FROM read_parquet('{path}') ORDER BY key").fetchall()
+    got = duckdb.sql(
+        f"SELECT key, request_json, text, top_logprobs_json FROM read_parquet('{path}') ORDER BY key"
+    ).fetchall()
     assert [r[0] for r in got] == ["k1", "k2"]  # only what the tier-2 verdicts used
     assert all(r[1] is None for r in got) and got[0][2] == "2" and json.loads(got[0][3])[0]["token"] == "2"
     meta = json.loads(path.with_suffix(".json").read_text())

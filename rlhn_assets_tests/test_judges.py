@@ -7,18 +7,23 @@ import math
 import httpx
 import pytest
 
-from rlhn_assets.lib.judging.judges import (EmbeddingMarginJudge, Instance, ListwiseLLMJudge, Passage,
-                                            PointwiseLLMJudge)
+from rlhn_assets.lib.judging.judges import EmbeddingMarginJudge, Instance, ListwiseLLMJudge, Passage, PointwiseLLMJudge
 from rlhn_assets.lib.llm.cache import ResponseCache
 from rlhn_assets.lib.llm.client import EndpointSettings, LLMClient
 
-GOOD = ("<thinking>Doc (1): answers it. Doc (2): no.</thinking><preference>Doc (1) as good</preference>"
-        "<verdict><better>[Doc (1)]</better><worse>[]</worse></verdict>")
+GOOD = (
+    "<thinking>Doc (1): answers it. Doc (2): no.</thinking><preference>Doc (1) as good</preference>"
+    "<verdict><better>[Doc (1)]</better><worse>[]</worse></verdict>"
+)
 
 
 def _instance(i=0, n=2):
-    return Instance(f"i{i}", f"what is thing {i}?", (Passage("p", "", "thing is a widget"),),
-                    tuple(Passage(f"n{i}_{k}", "", f"negative passage {k}") for k in range(n)))
+    return Instance(
+        f"i{i}",
+        f"what is thing {i}?",
+        (Passage("p", "", "thing is a widget"),),
+        tuple(Passage(f"n{i}_{k}", "", f"negative passage {k}") for k in range(n)),
+    )
 
 
 def _client(tmp_path, answers, **settings):
@@ -33,16 +38,37 @@ def _client(tmp_path, answers, **settings):
         content, finish, *logprobs = a
         choice = {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content}}
         if logprobs:
-            choice["logprobs"] = {"content": [{"token": content, "logprob": -0.1, "bytes": None,
-                                               "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}
-                                                                for t, lp in logprobs[0]]}]}
-        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                         "choices": [choice],
-                                         "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}})
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": content,
+                        "logprob": -0.1,
+                        "bytes": None,
+                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in logprobs[0]],
+                    }
+                ]
+            }
+        return httpx.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [choice],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+            },
+        )
 
     cache = ResponseCache(str(tmp_path / "cache.duckdb"))
-    s = EndpointSettings(model="m", base_url="http://stub.invalid/v1", backoff_base_s=0.001, backoff_max_s=0.01,
-                         max_retries=2, **settings)
+    s = EndpointSettings(
+        model="m",
+        base_url="http://stub.invalid/v1",
+        backoff_base_s=0.001,
+        backoff_max_s=0.01,
+        max_retries=2,
+        **settings,
+    )
     return LLMClient(s, cache, api_key="k", http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler))), seen
 
 
@@ -100,9 +126,15 @@ def test_pointwise_reads_logprobs_with_two_thresholds(tmp_path):
 def test_embedding_margin_flags_near_duplicates_of_the_positive():
     from rlhn_assets.lib.embeddings import load_model
 
-    inst = Instance("i", "What is the capital of France?", (Passage("p", "", "Paris is the capital of France."),),
-                    (Passage("n1", "", "The capital city of France is Paris."),
-                     Passage("n2", "", "Bananas are rich in potassium.")))
+    inst = Instance(
+        "i",
+        "What is the capital of France?",
+        (Passage("p", "", "Paris is the capital of France."),),
+        (
+            Passage("n1", "", "The capital city of France is Paris."),
+            Passage("n2", "", "Bananas are rich in potassium."),
+        ),
+    )
     judge = EmbeddingMarginJudge(load_model(), "v", margin=0.10)
     out = judge.judge([inst])
     assert out[0].verdict in ("better", "worse") and out[1].verdict == "not_relevant"
@@ -122,8 +154,9 @@ def test_expected_grade_parsing():
     from rlhn_assets.lib.judging.parsing import VerdictParseError, expected_grade
 
     # P(3)=0.5, P(2)=0.25, P(0)=0.25 (a non-grade token is ignored) -> 0.5*3 + 0.25*2 = 2.0
-    assert expected_grade([("3", math.log(0.5)), ("2", math.log(0.25)), (" 0", math.log(0.25)),
-                           ("The", math.log(0.3))], "3") == pytest.approx(2.0)
+    assert expected_grade(
+        [("3", math.log(0.5)), ("2", math.log(0.25)), (" 0", math.log(0.25)), ("The", math.log(0.3))], "3"
+    ) == pytest.approx(2.0)
     assert expected_grade(None, "2 - partially answers") == 2.0  # no logprobs: the answer's digit
     with pytest.raises(VerdictParseError):
         expected_grade([("Yes", -0.1)], "Yes")
@@ -134,8 +167,13 @@ def test_expected_grade_parsing():
 def test_graded_judge_scores_expected_grade_and_versions_its_prompts(tmp_path):
     from rlhn_assets.lib.judging.judges import GradedLLMJudge
 
-    client, seen = _client(tmp_path, [("3", "length", [("3", math.log(0.9)), ("2", math.log(0.1))]),
-                                      ("1", "length", [("1", math.log(0.6)), ("0", math.log(0.4))])])
+    client, seen = _client(
+        tmp_path,
+        [
+            ("3", "length", [("3", math.log(0.9)), ("2", math.log(0.1))]),
+            ("1", "length", [("1", math.log(0.6)), ("0", math.log(0.4))]),
+        ],
+    )
     judge = GradedLLMJudge(client)  # graded-ref-v1, thresholds 1.5 / 2.5 on the 0-3 scale
     out = judge.judge([_instance(n=2)])
     assert [j.verdict for j in out] == ["better", "not_relevant"]

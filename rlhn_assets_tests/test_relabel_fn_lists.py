@@ -15,19 +15,32 @@ def conn():
     c = duckdb.connect()
     apply_schema(c)
     for ds, kind in [("a", "graded+calibrated"), ("b", "pointwise"), ("c", "listwise"), ("d", "graded")]:
-        c.execute("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, judge_kind) "
-                  "VALUES (?, 2, 'i', 'x', 0, 'worse', ?)", [ds, kind])
-        c.execute("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, judge_kind) "
-                  "VALUES (?, 1, 'i', 'x', 0, 'worse', 'embedding_margin')", [ds])
+        c.execute(
+            "INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, judge_kind) "
+            "VALUES (?, 2, 'i', 'x', 0, 'worse', ?)",
+            [ds, kind],
+        )
+        c.execute(
+            "INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, judge_kind) "
+            "VALUES (?, 1, 'i', 'x', 0, 'worse', 'embedding_margin')",
+            [ds],
+        )
     # a dataset judged by both kinds (re-judged with another preset): not all one-token -> the paper's rule
-    c.execute("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, judge_kind) "
-              "VALUES ('e', 2, 'i', 'x', 0, 'worse', 'pointwise'), ('e', 2, 'j', 'y', 0, 'worse', 'listwise')")
+    c.execute(
+        "INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, judge_kind) "
+        "VALUES ('e', 2, 'i', 'x', 0, 'worse', 'pointwise'), ('e', 2, 'j', 'y', 0, 'worse', 'listwise')"
+    )
     return c
 
 
 def test_auto_follows_the_tier2_judge_kind(conn):
     assert [stage2_fn_lists(conn, ds, "auto") for ds in "abcde"] == [
-        "better+worse", "better+worse", "better", "better+worse", "better"]
+        "better+worse",
+        "better+worse",
+        "better",
+        "better+worse",
+        "better",
+    ]
     assert stage2_fn_lists(conn, "never-judged", "auto") == "better"
 
 

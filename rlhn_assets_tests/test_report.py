@@ -24,12 +24,17 @@ def _legacy_db():
                 if stage == "reranker" and m == "base":
                     continue
                 v = base + step * i
-                c.execute("INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10) "
-                          "VALUES (?, ?, ?, ?, ?, ?)", [e, m, stage, v, v, v])
+                c.execute(
+                    "INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [e, m, stage, v, v, v],
+                )
                 # per query: v + zero-mean noise (its own per model), so the mean is v and the interval has a width
                 noise = rng.normal(0, 0.03, 20)
-                c.executemany("INSERT INTO eval_per_query VALUES (?, ?, ?, ?, ?)",
-                              [[e, m, stage, f"q{q}", v + x] for q, x in enumerate(noise - noise.mean())])
+                c.executemany(
+                    "INSERT INTO eval_per_query VALUES (?, ?, ?, ?, ?)",
+                    [[e, m, stage, f"q{q}", v + x] for q, x in enumerate(noise - noise.mean())],
+                )
     return c
 
 

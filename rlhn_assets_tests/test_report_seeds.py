@@ -24,6 +24,7 @@ NDCG = {
 }
 QUERIES = {"scifact": 40, "cisi": 30}
 
+
 def per_query_values() -> dict[tuple[str, str], np.ndarray]:
     """{(model, eval_set): array (seeds, queries)} of per-query nDCG@10; base has one row (no seed)."""
     rng = np.random.default_rng(7)
@@ -44,18 +45,24 @@ def write_eval_tables(conn) -> None:
     for m, by_set in NDCG.items():
         for e, vals in by_set.items():
             for seed, v in zip((None,) if m == "base" else SEEDS, vals):
-                conn.execute("INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10, "
-                             "queries_scored, queries_total, seed) VALUES (?, ?, 'retriever', ?, ?, ?, ?, ?, ?)",
-                             [e, m, v, v + 0.3, v + 0.1, QUERIES[e], QUERIES[e], seed])
+                conn.execute(
+                    "INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10, "
+                    "queries_scored, queries_total, seed) VALUES (?, ?, 'retriever', ?, ?, ?, ?, ?, ?)",
+                    [e, m, v, v + 0.3, v + 0.1, QUERIES[e], QUERIES[e], seed],
+                )
     # an eval set only default has: not in the table, not in Avg
-    conn.execute("INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10, seed) "
-                 "VALUES ('nfcorpus', 'default', 'retriever', 0.9, 0.9, 0.9, 1)")
+    conn.execute(
+        "INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10, seed) "
+        "VALUES ('nfcorpus', 'default', 'retriever', 0.9, 0.9, 0.9, 1)"
+    )
     rows = []
     for (m, e), a in per_query_values().items():
         for i, seed in enumerate((None,) if m == "base" else SEEDS):
             rows += [[e, m, "retriever", f"q{q:03d}", float(a[i, q]), seed] for q in range(a.shape[1])]
-    conn.executemany("INSERT INTO eval_per_query (eval_set, model, stage, query_id, ndcg_at_10, seed) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", rows)
+    conn.executemany(
+        "INSERT INTO eval_per_query (eval_set, model, stage, query_id, ndcg_at_10, seed) VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
 
 
 @pytest.fixture
@@ -88,8 +95,10 @@ def test_mean_and_std_over_seeds_match_hand_computation(conn):
 
 def test_paired_bootstrap_ci_excludes_zero_for_a_better_variant_and_includes_it_for_an_identical_one(conn):
     # per-query rows of a seed without an eval_scores row (left over) are not part of the comparison
-    conn.execute("INSERT INTO eval_per_query SELECT eval_set, model, stage, query_id, 1.0, 99 FROM eval_per_query "
-                 "WHERE model = 's1_remove' AND seed = 1")
+    conn.execute(
+        "INSERT INTO eval_per_query SELECT eval_set, model, stage, query_id, 1.0, 99 FROM eval_per_query "
+        "WHERE model = 's1_remove' AND seed = 1"
+    )
     rep = report.build_report(conn, n_boot=2000, boot_seed=0)
     d = rep.deltas["retriever"]
     pq = per_query_values()
@@ -125,8 +134,10 @@ def test_bootstrap_is_deterministic(conn):
     key = ("s2_rlhn", "Avg")
     assert c[key].delta == a[key].delta and c[key].ci_low != a[key].ci_low
     x = np.linspace(-1, 1, 50)
-    assert np.array_equal(report.bootstrap_means(x, n_boot=300, seed=1, stream="s"),
-                          report.bootstrap_means(x, n_boot=300, seed=1, stream="s"))
+    assert np.array_equal(
+        report.bootstrap_means(x, n_boot=300, seed=1, stream="s"),
+        report.bootstrap_means(x, n_boot=300, seed=1, stream="s"),
+    )
 
 
 def test_markdown_states_what_each_interval_allows(conn):
@@ -134,11 +145,15 @@ def test_markdown_states_what_each_interval_allows(conn):
     md = report.to_markdown(rep, {"date": "2026-01-01", "code version": "abc123"})
     assert md.index("- **date**: 2026-01-01") < md.index("### Retriever")
     d = rep.deltas["retriever"][("s2_rlhn", "Avg")]
-    better = (f"s2_rlhn vs default on Avg: +{d.delta:.1f} points [+{d.ci_low:.1f}, +{d.ci_high:.1f}]: "
-              "the interval excludes 0: s2_rlhn is better")
+    better = (
+        f"s2_rlhn vs default on Avg: +{d.delta:.1f} points [+{d.ci_low:.1f}, +{d.ci_high:.1f}]: "
+        "the interval excludes 0: s2_rlhn is better"
+    )
     assert better in md
-    assert ("s1_remove vs default on Avg: +0.0 points [+0.0, +0.0]: the interval includes 0, so no difference is "
-            "established") in md
+    assert (
+        "s1_remove vs default on Avg: +0.0 points [+0.0, +0.0]: the interval includes 0, so no difference is "
+        "established"
+    ) in md
     assert "s2_remove vs default on Avg: " in md
     s2_remove = next(line for line in md.splitlines() if "s2_remove vs default on Avg" in line)
     assert s2_remove.endswith("the interval includes 0, so no difference is established.")
@@ -147,26 +162,46 @@ def test_markdown_states_what_each_interval_allows(conn):
         assert line.endswith("the interval excludes 0: default is better.")
     assert "| eval set | base | default | s1_remove | s2_remove | s2_rlhn |" in md and "**Avg**" in md
     assert report.delta_sentence(report.Delta("x", "default", "cisi", -1.24, -2.0, -0.5, 10)) == (
-        "x vs default on cisi: \u22121.2 points [\u22122.0, \u22120.5]: the interval excludes 0: x is worse")
+        "x vs default on cisi: \u22121.2 points [\u22122.0, \u22120.5]: the interval excludes 0: x is worse"
+    )
 
 
 def _tiny_cascade(c) -> None:
     """fiqa: 3 pruned instances; tier 1 flags i1/n1 better, i1/n2 worse, fails on i2/n5; tier 2 re-judges i1 and
     i2 (forwarded) and finds n1 and n5 better."""
     apply_schema(c)
-    c.executemany("INSERT INTO pruned_instances VALUES ('fiqa', ?, ?, ?, ?)", [
-        ["i1", "q1", ["p1"], ["n1", "n2", "n3"]], ["i2", "q2", ["p2"], ["n4", "n5"]], ["i3", "q3", ["p3"], ["n6"]]])
-    t1 = [("i1", "n1", 1, "better", 0.8), ("i1", "n2", 2, "worse", 0.6), ("i1", "n3", 3, "not_relevant", 0.1),
-          ("i2", "n4", 1, "not_relevant", 0.1), ("i2", "n5", 2, "error", None), ("i3", "n6", 1, "not_relevant", 0.0)]
-    t2 = [("i1", "n1", 1, "better", 0.9), ("i1", "n2", 2, "not_relevant", 0.2), ("i1", "n3", 3, "not_relevant", 0.1),
-          ("i2", "n4", 1, "not_relevant", 0.1), ("i2", "n5", 2, "better", 0.7)]
-    c.executemany("INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, score) "
-                  "VALUES ('fiqa', ?, ?, ?, ?, ?, ?)", [[1, *r] for r in t1] + [[2, *r] for r in t2])
-    c.executemany("INSERT INTO raw_queries VALUES ('fiqa', ?, ?)", [["q1", "what is a bond"], ["q2", "an etf?"],
-                                                                  ["q3", "stocks"]])
-    c.executemany("INSERT INTO raw_passages VALUES ('fiqa', ?, ?, ?)",
-                  [["n1", "Bonds", "A bond is a loan. " * 40], ["n5", "", "ETFs trade on exchanges."]] +
-                  [[d, "", f"text {d}"] for d in ("p1", "p2", "p3", "n2", "n3", "n4", "n6")])
+    c.executemany(
+        "INSERT INTO pruned_instances VALUES ('fiqa', ?, ?, ?, ?)",
+        [["i1", "q1", ["p1"], ["n1", "n2", "n3"]], ["i2", "q2", ["p2"], ["n4", "n5"]], ["i3", "q3", ["p3"], ["n6"]]],
+    )
+    t1 = [
+        ("i1", "n1", 1, "better", 0.8),
+        ("i1", "n2", 2, "worse", 0.6),
+        ("i1", "n3", 3, "not_relevant", 0.1),
+        ("i2", "n4", 1, "not_relevant", 0.1),
+        ("i2", "n5", 2, "error", None),
+        ("i3", "n6", 1, "not_relevant", 0.0),
+    ]
+    t2 = [
+        ("i1", "n1", 1, "better", 0.9),
+        ("i1", "n2", 2, "not_relevant", 0.2),
+        ("i1", "n3", 3, "not_relevant", 0.1),
+        ("i2", "n4", 1, "not_relevant", 0.1),
+        ("i2", "n5", 2, "better", 0.7),
+    ]
+    c.executemany(
+        "INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, score) "
+        "VALUES ('fiqa', ?, ?, ?, ?, ?, ?)",
+        [[1, *r] for r in t1] + [[2, *r] for r in t2],
+    )
+    c.executemany(
+        "INSERT INTO raw_queries VALUES ('fiqa', ?, ?)", [["q1", "what is a bond"], ["q2", "an etf?"], ["q3", "stocks"]]
+    )
+    c.executemany(
+        "INSERT INTO raw_passages VALUES ('fiqa', ?, ?, ?)",
+        [["n1", "Bonds", "A bond is a loan. " * 40], ["n5", "", "ETFs trade on exchanges."]]
+        + [[d, "", f"text {d}"] for d in ("p1", "p2", "p3", "n2", "n3", "n4", "n6")],
+    )
     for v in relabel.VARIANTS:
         relabel.build_variant(c, "fiqa", v)
 
@@ -177,11 +212,18 @@ def test_judge_section_counts(conn):
     assert (j.dataset, j.tier1_negatives, j.tier1_flagged, j.tier1_verdicts["error"]) == ("fiqa", 6, 2, 1)
     assert (j.tier2_instances, j.tier2_negatives) == (2, 5)
     assert j.tier2_verdicts == {"better": 2, "not_relevant": 3}
-    eff = {v.variant: (v.kept, v.dropped, v.negatives_removed, v.relabeled_positives)
-           for v in report.variant_effects(conn)}
-    assert eff == {"default": (3, 0, 0, 0),
-                   "s1_remove": (2, 1, 0, 0), "s1_hn_remove": (3, 0, 1, 0), "s1_rlhn": (3, 0, 1, 1),
-                   "s2_remove": (1, 2, 0, 0), "s2_hn_remove": (3, 0, 2, 0), "s2_rlhn": (3, 0, 2, 2)}
+    eff = {
+        v.variant: (v.kept, v.dropped, v.negatives_removed, v.relabeled_positives) for v in report.variant_effects(conn)
+    }
+    assert eff == {
+        "default": (3, 0, 0, 0),
+        "s1_remove": (2, 1, 0, 0),
+        "s1_hn_remove": (3, 0, 1, 0),
+        "s1_rlhn": (3, 0, 1, 1),
+        "s2_remove": (1, 2, 0, 0),
+        "s2_hn_remove": (3, 0, 2, 0),
+        "s2_rlhn": (3, 0, 2, 2),
+    }
     ex = report.relabel_examples(conn, n=5)
     assert [(x.instance_id, x.docid, x.tier2_score) for x in ex] == [("i1", "n1", 0.9), ("i2", "n5", 0.7)]
     assert ex[0].query == "what is a bond" and ex[0].passage.startswith("Bonds: A bond is a loan.")
@@ -196,13 +238,21 @@ def test_judge_section_counts(conn):
 
 def _trained_models(c) -> None:
     apply_schema(c)
-    settings = {"epochs": 1, "batch_size": 8, "learning_rate": 2e-5, "hard_negatives": 3, "scale": 20.0,
-                "max_seq_length": 128}
+    settings = {
+        "epochs": 1,
+        "batch_size": 8,
+        "learning_rate": 2e-5,
+        "hard_negatives": 3,
+        "scale": 20.0,
+        "max_seq_length": 128,
+    }
     for v in ("default", "s1_remove", "s2_remove", "s2_rlhn"):
         for s in SEEDS:
-            c.execute("INSERT INTO trained_models VALUES ('retriever', ?, ?, 'k', 'mv', '/m', 70, 210, 27, ?, 12.5, "
-                      "?, ?, now())", [v, s, 0.5 + s / 100, json.dumps(settings | {"seed": s}),
-                                       json.dumps({"fiqa": 40, "nq": 30})])
+            c.execute(
+                "INSERT INTO trained_models VALUES ('retriever', ?, ?, 'k', 'mv', '/m', 70, 210, 27, ?, 12.5, "
+                "?, ?, now())",
+                [v, s, 0.5 + s / 100, json.dumps(settings | {"seed": s}), json.dumps({"fiqa": 40, "nq": 30})],
+            )
 
 
 def test_training_runs_section(conn):
@@ -218,14 +268,26 @@ def test_asset_materializes_with_metadata_and_files(conn, db_path, resources, in
     _tiny_cascade(conn)
     _trained_models(conn)
     conn.execute(f"ATTACH '{db_path}' AS f")
-    for t in ("eval_scores", "eval_per_query", "trained_models", "judgments", "relabeled_instances",
-              "pruned_instances", "raw_queries", "raw_passages"):
+    for t in (
+        "eval_scores",
+        "eval_per_query",
+        "trained_models",
+        "judgments",
+        "relabeled_instances",
+        "pruned_instances",
+        "raw_queries",
+        "raw_passages",
+    ):
         conn.execute(f"CREATE TABLE f.{t} AS SELECT * FROM memory.{t}")
     conn.execute("DETACH f")
     monkeypatch.setenv("RLHN_DATA_DIR", str(tmp_path / "data"))
 
-    result = dg.materialize([comparison_report], resources=resources, instance=instance,
-                            run_config={"ops": {"comparison_report": {"config": {"n_bootstrap": 500}}}})
+    result = dg.materialize(
+        [comparison_report],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"comparison_report": {"config": {"n_bootstrap": 500}}}},
+    )
     assert result.success
     md = result.asset_materializations_for_node("comparison_report")[0].metadata
     assert md["delta_s2_rlhn_vs_default_ci_low"].value > 0 and md["delta_s2_rlhn_vs_default"].value > 0

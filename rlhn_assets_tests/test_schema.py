@@ -26,7 +26,8 @@ def test_an_unversioned_file_is_migrated_and_keeps_its_rows():
     # a file as written before the model identity and the seeds were recorded (no version table)
     c.execute("""CREATE TABLE judgments (dataset VARCHAR NOT NULL, tier INTEGER NOT NULL, instance_id VARCHAR NOT NULL,
                  docid VARCHAR NOT NULL, neg_index INTEGER NOT NULL, verdict VARCHAR NOT NULL, score DOUBLE,
-                 judge_kind VARCHAR, judge_model VARCHAR, prompt_version VARCHAR, response_key VARCHAR, detail VARCHAR)""")
+                 judge_kind VARCHAR, judge_model VARCHAR, prompt_version VARCHAR, response_key VARCHAR,
+                 detail VARCHAR)""")
     c.execute("INSERT INTO judgments VALUES ('fiqa', 1, 'i', 'd', 0, 'better', 0.9, 'k', 'm', 'p', NULL, NULL)")
     c.execute("""CREATE TABLE eval_scores (eval_set VARCHAR NOT NULL, model VARCHAR NOT NULL, stage VARCHAR NOT NULL,
                  ndcg_at_10 DOUBLE, recall_at_100 DOUBLE, mrr_at_10 DOUBLE, queries_scored INTEGER,
@@ -42,8 +43,10 @@ def test_an_unversioned_file_is_migrated_and_keeps_its_rows():
 def test_a_file_of_a_newer_version_is_refused():
     c = duckdb.connect()
     schema.apply_schema(c)
-    c.execute("INSERT INTO rlhn_schema_version (schema, version) VALUES ('pipeline', $1)",
-              [schema.PIPELINE_SCHEMA_VERSION + 1])
+    c.execute(
+        "INSERT INTO rlhn_schema_version (schema, version) VALUES ('pipeline', $1)",
+        [schema.PIPELINE_SCHEMA_VERSION + 1],
+    )
     with pytest.raises(schema.SchemaTooNew, match="newer than this code"):
         schema.apply_schema(c)
 

@@ -25,11 +25,15 @@ def _seed_db(db_path, n=8, suffix=""):
         apply_schema(conn)
         conn.execute("DELETE FROM raw_queries; DELETE FROM raw_passages; DELETE FROM relabeled_instances")
         for i in range(n):
-            conn.execute("INSERT INTO raw_queries VALUES ('fiqa', ?, ?)", [f"q{i}", f"how do I file tax form {i}{suffix}"])
+            conn.execute(
+                "INSERT INTO raw_queries VALUES ('fiqa', ?, ?)", [f"q{i}", f"how do I file tax form {i}{suffix}"]
+            )
             conn.execute("INSERT INTO raw_passages VALUES ('fiqa', ?, '', ?)", [f"p{i}", f"form {i} is filed in April"])
             conn.execute("INSERT INTO raw_passages VALUES ('fiqa', ?, '', ?)", [f"n{i}", f"unrelated passage {i}"])
-            conn.execute("INSERT INTO relabeled_instances VALUES ('fiqa', 'default', ?, ?, [?], [?], 0)",
-                         [f"i{i}", f"q{i}", f"p{i}", f"n{i}"])
+            conn.execute(
+                "INSERT INTO relabeled_instances VALUES ('fiqa', 'default', ?, ?, [?], [?], 0)",
+                [f"i{i}", f"q{i}", f"p{i}", f"n{i}"],
+            )
 
 
 def _materialize(instance, db_path, seeds, **extra):
@@ -38,9 +42,13 @@ def _materialize(instance, db_path, seeds, **extra):
     # variable that `DagsterInstance.__enter__` sets); in the full suite an earlier test can leave it pointing at a
     # storage whose instance was garbage-collected ("Attempted to resolve undefined DagsterInstance weakref").
     with dg.DagsterInstance.ephemeral() as run_instance:
-        return dg.materialize([trained_retriever], partition_key="default", instance=run_instance,
-                              resources={"duckdb": RLHNDuckDB(database=str(db_path))},
-                              run_config={"ops": {"trained_retriever": {"config": {**TINY, "seeds": seeds, **extra}}}})
+        return dg.materialize(
+            [trained_retriever],
+            partition_key="default",
+            instance=run_instance,
+            resources={"duckdb": RLHNDuckDB(database=str(db_path))},
+            run_config={"ops": {"trained_retriever": {"config": {**TINY, "seeds": seeds, **extra}}}},
+        )
 
 
 def _md(result):
@@ -62,8 +70,10 @@ def test_one_model_per_seed_then_reused_on_rerun(data_dir, db_path, instance, mo
     paths = [m["path"] for m in models]
     assert all(f"/seed-{m['seed']}/" in m["path"] for m in models) and len(set(paths)) == 2
     with RLHNDuckDB(database=str(db_path)).get_connection() as conn:
-        rows = conn.execute("SELECT seed, path, model_version, steps, settings_json FROM trained_models "
-                            "WHERE kind = 'retriever' AND variant = 'default' ORDER BY seed").fetchall()
+        rows = conn.execute(
+            "SELECT seed, path, model_version, steps, settings_json FROM trained_models "
+            "WHERE kind = 'retriever' AND variant = 'default' ORDER BY seed"
+        ).fetchall()
     assert [(r[0], r[1], r[2]) for r in rows] == [(m["seed"], m["path"], m["version"]) for m in models]
     assert [json.loads(r[4])["seed"] for r in rows] == [13, 14]
     # two seeds give two different models (positive sampling, batch order and dropout are seeded)
@@ -78,8 +88,10 @@ def test_one_model_per_seed_then_reused_on_rerun(data_dir, db_path, instance, mo
     again = _materialize(instance, db_path, [13, 14])
     assert _md(again)["models"].value == models and _md(again)["reused"].value == 2
     assert again.get_asset_materialization_events()[0].event_specific_data.materialization.tags.get(
-        "dagster/data_version") == first.get_asset_materialization_events()[0].event_specific_data.materialization.tags.get(
-        "dagster/data_version")
+        "dagster/data_version"
+    ) == first.get_asset_materialization_events()[0].event_specific_data.materialization.tags.get(
+        "dagster/data_version"
+    )
     # a third seed: only it is trained
     monkeypatch.setattr(training, "train_retriever", real_training)
     third = _materialize(instance, db_path, [13, 14, 15])
@@ -105,7 +117,9 @@ def test_input_key_covers_texts_settings_and_base_model(tmp_path):
     assert k != input_key("retriever", {"seed": 13}, "base2", a)
     assert k != input_key("retriever", {"seed": 13}, "base1", [TrainingInstance("q", ("p",), ("n2", "n1"))])
     # boundaries are part of the hash: moving text between fields changes it
-    assert input_key("r", {}, "b", [TrainingInstance("qp", (), ())]) != input_key("r", {}, "b", [TrainingInstance("q", ("p",), ())])
+    assert input_key("r", {}, "b", [TrainingInstance("qp", (), ())]) != input_key(
+        "r", {}, "b", [TrainingInstance("q", ("p",), ())]
+    )
     store = ModelStore(tmp_path)
     staged = store.staging_dir("retriever", "default", 13)
     staged.mkdir(parents=True)
@@ -128,8 +142,13 @@ def test_trained_models_check_loads_every_seed_and_fails_on_a_broken_model(data_
     resources = {"duckdb": RLHNDuckDB(database=str(db_path))}
     config = {"ops": {"trained_retriever": {"config": {**TINY, "seeds": [13, 14]}}}}
     with dg.DagsterInstance.ephemeral() as inst:
-        ok = dg.materialize([trained_retriever, trained_retriever_loads_and_scores], partition_key="default",
-                            instance=inst, resources=resources, run_config=config)
+        ok = dg.materialize(
+            [trained_retriever, trained_retriever_loads_and_scores],
+            partition_key="default",
+            instance=inst,
+            resources=resources,
+            run_config=config,
+        )
         [ev] = ok.get_asset_check_evaluations()
         assert ev.passed and ev.metadata["seeds"].value == 2, ev.description
         models = _md(ok)["models"].value

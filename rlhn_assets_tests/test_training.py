@@ -36,7 +36,7 @@ def test_one_positive_per_query_per_epoch_sampled_across_all_positives():
     assert len(ds) == 12
     # epoch-major: each block of 2 rows is one epoch with each query exactly once
     anchors = ds["anchor"]
-    assert all(anchors[2 * e: 2 * e + 2] == ["q0", "q1"] for e in range(6))
+    assert all(anchors[2 * e : 2 * e + 2] == ["q0", "q1"] for e in range(6))
     used = [p for a, p in zip(anchors, ds["positive"]) if a == "q0"]
     assert set(used) <= {"p0a", "p0b", "p0c"} and len(set(used)) > 1  # extra positives enter training
     assert [p for a, p in zip(anchors, ds["positive"]) if a == "q1"] == ["p1"] * 6
@@ -118,12 +118,25 @@ def _short(text, n=12):
 def fiqa_instances():
     with gzip.open(DATA / "raw/fiqa/rlhn_judge_sample.jsonl.gz", "rt") as fh:
         rows = [json.loads(line) for line in fh][:24]
-    return [_inst(_short(r["query"]), [_short(p["text"]) for p in r["positive_passages"]],
-                  [_short(p["text"]) for p in r["negative_passages"]]) for r in rows]
+    return [
+        _inst(
+            _short(r["query"]),
+            [_short(p["text"]) for p in r["positive_passages"]],
+            [_short(p["text"]) for p in r["negative_passages"]],
+        )
+        for r in rows
+    ]
 
 
-TINY = TrainSettings(batch_size=4, hard_negatives=2, reranker_negatives=1, max_seq_length=32, max_steps=1,
-                     warmup_ratio=0.0, torch_threads=1)
+TINY = TrainSettings(
+    batch_size=4,
+    hard_negatives=2,
+    reranker_negatives=1,
+    max_seq_length=32,
+    max_steps=1,
+    warmup_ratio=0.0,
+    torch_threads=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +160,9 @@ def test_trained_retriever_loads_and_encodes(retrievers):
     model = SentenceTransformer(str(a.model_dir), device="cpu")
     emb = model.encode(["how do I file taxes"], normalize_embeddings=True)
     assert emb.shape == (1, 384)
-    base = SentenceTransformer(str(base_model_path()), device="cpu").encode(["how do I file taxes"],
-                                                                            normalize_embeddings=True)
+    base = SentenceTransformer(str(base_model_path()), device="cpu").encode(
+        ["how do I file taxes"], normalize_embeddings=True
+    )
     assert not np.allclose(emb, base, atol=1e-7)  # the optimizer step really moved the weights
 
 

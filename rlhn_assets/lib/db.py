@@ -7,13 +7,14 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 
 _log = logging.getLogger(__name__)
+
 
 class DuckDBLockTimeout(duckdb.IOException):
     """Another process held the DuckDB file's write lock for longer than the lock timeout."""
@@ -44,9 +45,16 @@ def is_lock_conflict(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.IOException) and any(m in msg for m in _LOCK_CONFLICT_MARKERS)
 
 
-def open_with_lock_retry(database: str | Path, *, read_only: bool = False, config: dict | None = None,
-                         timeout_s: float | None = None, first_delay: float = 0.05, max_delay: float = 2.0,
-                         log: logging.Logger | None = None) -> duckdb.DuckDBPyConnection:
+def open_with_lock_retry(
+    database: str | Path,
+    *,
+    read_only: bool = False,
+    config: dict | None = None,
+    timeout_s: float | None = None,
+    first_delay: float = 0.05,
+    max_delay: float = 2.0,
+    log: logging.Logger | None = None,
+) -> duckdb.DuckDBPyConnection:
     """``duckdb.connect`` that waits for another process's file lock. The one way this project opens a
     DuckDB file that another process may hold (the pipeline's database and the LLM response cache).
 
@@ -75,12 +83,15 @@ def open_with_lock_retry(database: str | Path, *, read_only: bool = False, confi
                     f"DuckDB file {database} stayed locked by another process for {waited:.1f} s "
                     f"({attempt + 1} attempts; {LOCK_TIMEOUT_ENV}={timeout_s:g}). DuckDB allows one writer "
                     f"process per file: close other connections (a DuckDB CLI, a notebook) or run fewer runs at "
-                    f"once. Last error: {exc}") from exc
+                    f"once. Last error: {exc}"
+                ) from exc
             attempt += 1
             sleep = min(delay * random.uniform(0.5, 1.5), max_delay, timeout_s - waited)
             if attempt == 1 or attempt % 10 == 0:
-                log.warning(f"DuckDB {database} is locked by another process; waiting (attempt {attempt}, "
-                            f"{waited:.1f} s so far, timeout {timeout_s:g} s)")
+                log.warning(
+                    f"DuckDB {database} is locked by another process; waiting (attempt {attempt}, "
+                    f"{waited:.1f} s so far, timeout {timeout_s:g} s)"
+                )
             time.sleep(max(sleep, 0.0))
             delay = min(delay * 2, max_delay)
             continue
@@ -90,9 +101,14 @@ def open_with_lock_retry(database: str | Path, *, read_only: bool = False, confi
 
 
 @contextmanager
-def connect(database: str | Path, *, read_only: bool = False, config: dict | None = None,
-            timeout_s: float | None = None, log: logging.Logger | None = None
-            ) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(
+    database: str | Path,
+    *,
+    read_only: bool = False,
+    config: dict | None = None,
+    timeout_s: float | None = None,
+    log: logging.Logger | None = None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open a DuckDB connection, waiting for another process's lock (``open_with_lock_retry``), and always
     close it. Keep connections short: read, close, compute, then open again to write."""
     if str(database) != ":memory:" and not str(database).startswith("md:"):

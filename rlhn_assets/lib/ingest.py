@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import duckdb
 import numpy as np
@@ -46,7 +46,7 @@ _ROW_SCHEMA = (
     '"pos":["VARCHAR"],"neg":["VARCHAR"],"prompt":"VARCHAR"}'
 )
 # So the same fields once more as JSON text, whose first character is the value's JSON type ('"' = string).
-_TYPES_SCHEMA = _ROW_SCHEMA.replace('"VARCHAR"', '"JSON"').replace(',"subset":"JSON"', '')
+_TYPES_SCHEMA = _ROW_SCHEMA.replace('"VARCHAR"', '"JSON"').replace(',"subset":"JSON"', "")
 
 
 class IngestError(RuntimeError):
@@ -107,8 +107,9 @@ def _piece(nums: list[int], texts: list[str]) -> tuple[pa.Array, pa.Array]:
     return pa.array(nums, pa.int64()), pa.array(texts, pa.large_string())
 
 
-def _chunk_lines(chunk: bytes, start: int, end: int, first_no: int,
-                 on_bad_utf8: Callable[[int, bytes], None]) -> tuple[pa.Array, pa.Array, int]:
+def _chunk_lines(
+    chunk: bytes, start: int, end: int, first_no: int, on_bad_utf8: Callable[[int, bytes], None]
+) -> tuple[pa.Array, pa.Array, int]:
     """The complete lines chunk[start:end] ("\\n"-separated, end at a newline) numbered from first_no + 1.
 
     Returns (line numbers, lines, number of lines); blank lines are skipped but counted."""
@@ -156,7 +157,7 @@ def _chunk_lines(chunk: bytes, start: int, end: int, first_no: int,
         keep = np.ones(n, dtype=bool)
         cr = np.zeros(n, dtype=bool)
         for i in odd:
-            raw = chunk[(ends[i - 1] + 1 if i else start):ends[i]]
+            raw = chunk[(ends[i - 1] + 1 if i else start) : ends[i]]
             if raw.endswith(b"\r"):
                 cr[i] = True
                 raw = raw[:-1]
@@ -174,8 +175,9 @@ class _LineCount:
     lines = 0  # lines in the file (blank and rejected ones included), once read to the end
 
 
-def iter_jsonl_arrow(path: Path, *, on_bad_utf8: Callable[[int, bytes], None],
-                     count: _LineCount | None = None) -> Iterator[tuple[pa.Array, pa.Array]]:
+def iter_jsonl_arrow(
+    path: Path, *, on_bad_utf8: Callable[[int, bytes], None], count: _LineCount | None = None
+) -> Iterator[tuple[pa.Array, pa.Array]]:
     """The kept lines of ``path`` under the line rules (above) as Arrow arrays (line numbers, lines), one
     piece per chunk read, with no Python object per line."""
     line_no = 0
@@ -202,7 +204,7 @@ def iter_jsonl_arrow(path: Path, *, on_bad_utf8: Callable[[int, bytes], None],
                 if q < start:
                     carry = chunk[start:]
                     continue
-                carry = chunk[q + 1:]
+                carry = chunk[q + 1 :]
                 nums, lines, n = _chunk_lines(chunk, start, q, line_no, on_bad_utf8)
                 line_no += n
                 if len(nums):
@@ -274,7 +276,8 @@ def _rows_table(conn: duckdb.DuckDBPyConnection) -> None:
         content_hash VARCHAR, pos_ids VARCHAR[], neg_ids VARCHAR[], neg_drop BIGINT[],
         dropped {_DROPPED}[], ref_hashes UHUGEINT[], null_titles BIGINT[])""")
     conn.execute(
-        "CREATE TEMP TABLE _q_lines (source_file VARCHAR, line_no BIGINT, reason VARCHAR, detail VARCHAR, raw_line VARCHAR)"
+        "CREATE TEMP TABLE _q_lines (source_file VARCHAR, line_no BIGINT, reason VARCHAR, detail VARCHAR, "
+        "raw_line VARCHAR)"
     )
 
 
@@ -282,7 +285,8 @@ def _rows_table(conn: duckdb.DuckDBPyConnection) -> None:
 _POS = """CASE {fmt} WHEN 'tevatron' THEN j.positive_passages
            WHEN 'bge' THEN list_transform(j.pos, lambda t: {{'docid': md5(t), 'title': '', 'text': t}}) END"""
 _NEG = """CASE {fmt} WHEN 'tevatron' THEN coalesce(j.negative_passages, [])
-           WHEN 'bge' THEN coalesce(list_transform(j.neg, lambda t: {{'docid': md5(t), 'title': '', 'text': t}}), []) END"""
+           WHEN 'bge' THEN coalesce(list_transform(j.neg,
+                                                   lambda t: {{'docid': md5(t), 'title': '', 'text': t}}), []) END"""
 
 # Wrong JSON types, in two steps so that good rows pay (almost) nothing more.
 # Every row: its json_structure (the type of every field, merged over a list's elements: a list mixing
@@ -291,10 +295,11 @@ _NEG = """CASE {fmt} WHEN 'tevatron' THEN coalesce(j.negative_passages, [])
 # Rows failing that: ``jt``, the row through _TYPES_SCHEMA, where a JSON-text leaf is NULL (absent or null)
 # or starts with '"' when it is a string; _WRONG_TYPE names the first wrong field and where it is.
 _STRUCT_PATHS = ("query_id", "query", "prompt", "pos", "neg") + tuple(
-    f"{k}{sub}" for k in ("positive_passages", "negative_passages")
-    for sub in ("", "[0].docid", "[0].text", "[0].title"))
-_STRUCT = ("json_extract_string(shape, ["
-           + ", ".join(f"'$.{path}'" for path in _STRUCT_PATHS) + "])")
+    f"{k}{sub}"
+    for k in ("positive_passages", "negative_passages")
+    for sub in ("", "[0].docid", "[0].text", "[0].title")
+)
+_STRUCT = "json_extract_string(shape, [" + ", ".join(f"'$.{path}'" for path in _STRUCT_PATHS) + "])"
 
 
 def _st(path: str) -> str:
@@ -309,16 +314,18 @@ def _st_str(path: str) -> str:
 def _st_passages(key: str) -> str:
     # empty (or all-null, see the null-element test) or objects with string docids; anything else, e.g. an
     # element that is not an object or no docid at all, is looked at closely
-    return (f"({_st(key)} = '[\"NULL\"]' OR ({_st(key + '[0].docid')} = 'VARCHAR' "
-            f"AND {_st_str(key + '[0].text')} AND {_st_str(key + '[0].title')}))")
+    return (
+        f"({_st(key)} = '[\"NULL\"]' OR ({_st(key + '[0].docid')} = 'VARCHAR' "
+        f"AND {_st_str(key + '[0].text')} AND {_st_str(key + '[0].title')}))"
+    )
 
 
 _TYPES_OK = f"""CASE fmt
-  WHEN 'tevatron' THEN {_st_str('query_id')} AND {_st_str('query')} AND {_st_str('prompt')}
+  WHEN 'tevatron' THEN {_st_str("query_id")} AND {_st_str("query")} AND {_st_str("prompt")}
     AND list_position(j.positive_passages, NULL) IS NULL AND list_position(j.negative_passages, NULL) IS NULL
-    AND {_st_passages('positive_passages')} AND {_st_passages('negative_passages')}
-  WHEN 'bge' THEN {_st_str('query')} AND {_st_str('prompt')}
-    AND {_st('pos')} IN ('["VARCHAR"]', '["NULL"]') AND {_st('neg')} IN ('["VARCHAR"]', '["NULL"]')
+    AND {_st_passages("positive_passages")} AND {_st_passages("negative_passages")}
+  WHEN 'bge' THEN {_st_str("query")} AND {_st_str("prompt")}
+    AND {_st("pos")} IN ('["VARCHAR"]', '["NULL"]') AND {_st("neg")} IN ('["VARCHAR"]', '["NULL"]')
     AND list_position(j.pos, NULL) IS NULL AND list_position(j.neg, NULL) IS NULL
 END"""
 
@@ -329,15 +336,19 @@ def _is_str(leaf: str) -> str:
 
 
 def _leaf_type(leaf: str) -> str:
-    return (f"CASE WHEN {leaf} IS NULL THEN 'null' WHEN left({leaf}, 1) = '\"' THEN 'string' "
-            f"WHEN left({leaf}, 1) = '{{' THEN 'object' WHEN left({leaf}, 1) = '[' THEN 'array' "
-            f"WHEN {leaf} IN ('true', 'false') THEN 'boolean' ELSE 'number' END")
+    return (
+        f"CASE WHEN {leaf} IS NULL THEN 'null' WHEN left({leaf}, 1) = '\"' THEN 'string' "
+        f"WHEN left({leaf}, 1) = '{{' THEN 'object' WHEN left({leaf}, 1) = '[' THEN 'array' "
+        f"WHEN {leaf} IN ('true', 'false') THEN 'boolean' ELSE 'number' END"
+    )
 
 
 def _type_name(duckdb_type: str) -> str:
     """SQL: the JSON type name of a json_type() result (which names DuckDB types)."""
-    return (f"CASE {duckdb_type} WHEN 'VARCHAR' THEN 'string' WHEN 'BOOLEAN' THEN 'boolean' "
-            f"WHEN 'OBJECT' THEN 'object' WHEN 'ARRAY' THEN 'array' WHEN 'NULL' THEN 'null' ELSE 'number' END")
+    return (
+        f"CASE {duckdb_type} WHEN 'VARCHAR' THEN 'string' WHEN 'BOOLEAN' THEN 'boolean' "
+        f"WHEN 'OBJECT' THEN 'object' WHEN 'ARRAY' THEN 'array' WHEN 'NULL' THEN 'null' ELSE 'number' END"
+    )
 
 
 def _path_type(path: str) -> str:
@@ -346,14 +357,18 @@ def _path_type(path: str) -> str:
 
 
 def _wrong_scalar(field: str) -> str:
-    return (f"CASE WHEN NOT {_is_str('jt.' + field)} THEN {{'field': '{field}', "
-            f"'detail': 'expected string, got ' || {_leaf_type('jt.' + field)}}} END")
+    return (
+        f"CASE WHEN NOT {_is_str('jt.' + field)} THEN {{'field': '{field}', "
+        f"'detail': 'expected string, got ' || {_leaf_type('jt.' + field)}}} END"
+    )
 
 
 def _wrong_list(key: str) -> str:
     """The list itself: present and not null, but not an array (it did not transform)."""
-    return (f"CASE WHEN j.{key} IS NULL AND json_type(line, '$.{key}') <> 'NULL' THEN {{'field': '{key}', "
-            f"'detail': 'expected array, got ' || {_path_type('$.' + key)}}} END")
+    return (
+        f"CASE WHEN j.{key} IS NULL AND json_type(line, '$.{key}') <> 'NULL' THEN {{'field': '{key}', "
+        f"'detail': 'expected array, got ' || {_path_type('$.' + key)}}} END"
+    )
 
 
 def _wrong_passages(key: str) -> str:
@@ -362,27 +377,30 @@ def _wrong_passages(key: str) -> str:
     fields = " ".join(
         f"WHEN NOT {_is_str('x.' + f)} THEN {{'field': '{f}', "
         f"'detail': 'expected string, got ' || {_leaf_type('x.' + f)} || {where}.{f})'}}"
-        for f in ("docid", "text", "title"))
+        for f in ("docid", "text", "title")
+    )
     return f"""coalesce(
       list_filter(list_transform(json_type(line, '$.{key}[*]'), lambda t, i: CASE WHEN t <> 'OBJECT' THEN
-        {{'field': '{key}', 'detail': 'expected object, got ' || {_type_name('t')} || {where})'}} END),
+        {{'field': '{key}', 'detail': 'expected object, got ' || {_type_name("t")} || {where})'}} END),
         lambda w: w IS NOT NULL)[1],
       list_filter(list_transform(jt.{key}, lambda x, i: CASE {fields} END), lambda w: w IS NOT NULL)[1])"""
 
 
 def _wrong_strings(key: str) -> str:
-    return (f"list_filter(list_transform(jt.{key}, lambda x, i: CASE WHEN x IS NULL OR left(x, 1) <> '\"' THEN "
-            f"{{'field': '{key}', 'detail': 'expected string, got ' || {_leaf_type('x')} || ' ({key}[' || i || '])'}} "
-            f"END), lambda w: w IS NOT NULL)[1]")
+    return (
+        f"list_filter(list_transform(jt.{key}, lambda x, i: CASE WHEN x IS NULL OR left(x, 1) <> '\"' THEN "
+        f"{{'field': '{key}', 'detail': 'expected string, got ' || {_leaf_type('x')} || ' ({key}[' || i || '])'}} "
+        f"END), lambda w: w IS NOT NULL)[1]"
+    )
 
 
 # First wrong field in this order, as STRUCT(field, detail); NULL when the types are right.
 _WRONG_TYPE = f"""CASE WHEN jt IS NOT NULL THEN CASE fmt
-  WHEN 'tevatron' THEN coalesce({_wrong_scalar('query_id')}, {_wrong_scalar('query')}, {_wrong_scalar('prompt')},
-    {_wrong_list('positive_passages')}, {_wrong_passages('positive_passages')},
-    {_wrong_list('negative_passages')}, {_wrong_passages('negative_passages')})
-  WHEN 'bge' THEN coalesce({_wrong_scalar('query')}, {_wrong_scalar('prompt')},
-    {_wrong_list('pos')}, {_wrong_strings('pos')}, {_wrong_list('neg')}, {_wrong_strings('neg')})
+  WHEN 'tevatron' THEN coalesce({_wrong_scalar("query_id")}, {_wrong_scalar("query")}, {_wrong_scalar("prompt")},
+    {_wrong_list("positive_passages")}, {_wrong_passages("positive_passages")},
+    {_wrong_list("negative_passages")}, {_wrong_passages("negative_passages")})
+  WHEN 'bge' THEN coalesce({_wrong_scalar("query")}, {_wrong_scalar("prompt")},
+    {_wrong_list("pos")}, {_wrong_strings("pos")}, {_wrong_list("neg")}, {_wrong_strings("neg")})
 END END"""
 
 # {src} yields (ord, source_file, line_no, fmt, line). First matching reason wins; NULL = the row is fine.
@@ -415,7 +433,8 @@ WITH v AS (
   FROM t
 ), typed AS (
   SELECT *,
-    CASE WHEN fmt IS NOT NULL AND NOT coalesce({_TYPES_OK}, false) THEN json_transform(line, '{_TYPES_SCHEMA}') END AS jt
+    CASE WHEN fmt IS NOT NULL AND NOT coalesce({_TYPES_OK}, false)
+         THEN json_transform(line, '{_TYPES_SCHEMA}') END AS jt
   FROM p
 ), parsed AS (
   SELECT ord, file_idx, source_file, line_no, line, ok_json, jtype, fmt,
@@ -541,9 +560,12 @@ def _file_keys(conn: duckdb.DuckDBPyConnection, labels: list[str]) -> tuple[list
     """Per file (file_key, dup), and dups, such that ord = (file_key + line_no) * dups + dup orders rows
     like ORDER BY source_file, line_no (with the connection's collation) and is unique. Files whose
     labels sort equal share a key, their lines interleave by line number."""
-    rank = dict(conn.execute(
-        "SELECT l, dense_rank() OVER (ORDER BY l) - 1 FROM (SELECT unnest($labels::VARCHAR[]) AS l)",
-        {"labels": labels}).fetchall())
+    rank = dict(
+        conn.execute(
+            "SELECT l, dense_rank() OVER (ORDER BY l) - 1 FROM (SELECT unnest($labels::VARCHAR[]) AS l)",
+            {"labels": labels},
+        ).fetchall()
+    )
     seen: dict[int, int] = {}
     keys = []
     for label in labels:
@@ -588,8 +610,9 @@ def _with_progress(pieces, label: str, progress: Callable[[str], None]):
             size = 0
 
 
-def stage_file(conn: duckdb.DuckDBPyConnection, f: _File, *, max_chars: int,
-               progress: Callable[[str], None] | None = None) -> int:
+def stage_file(
+    conn: duckdb.DuckDBPyConnection, f: _File, *, max_chars: int, progress: Callable[[str], None] | None = None
+) -> int:
     """Pass 1 over one file into ``_rows``; returns the number of lines read (incl. rejected)."""
     if not f.path.exists():
         raise IngestError(f"{f.path}: file not found")
@@ -602,14 +625,16 @@ def stage_file(conn: duckdb.DuckDBPyConnection, f: _File, *, max_chars: int,
         except duckdb.Error as e:
             raise IngestError(f"{f.path}: not a readable Parquet file ({e})") from e
         return conn.execute("SELECT count(*) FROM _rows WHERE source_file = ?", [f.label]).fetchall()[0][0]
-    if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz") or name.endswith(".json")
-            or name.endswith(".json.gz")):
+    if not (
+        name.endswith(".jsonl") or name.endswith(".jsonl.gz") or name.endswith(".json") or name.endswith(".json.gz")
+    ):
         raise IngestError(f"{f.path}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
 
     bad: list[tuple[int, bytes]] = []
     count = _LineCount()
     f.stream(lambda n, raw: bad.append((n, raw)), count, progress).execute(
-        conn, rows_sql.replace("{src}", _BATCH_SRC), f.params())
+        conn, rows_sql.replace("{src}", _BATCH_SRC), f.params()
+    )
     f.lines = count.lines
     for n, raw in bad:
         conn.execute(
@@ -624,16 +649,21 @@ def stage_file(conn: duckdb.DuckDBPyConnection, f: _File, *, max_chars: int,
 def collect_passages(conn: duckdb.DuckDBPyConnection, f: _File) -> None:
     """Pass 2 over one file: the passage texts its rows provide into ``_pass_part``, and the raw lines of
     its rows rejected by a conflict into ``_conflict_lines``."""
-    ords = [o for (o,) in conn.execute(
-        "SELECT ord FROM _rejected JOIN _rows USING (ord) WHERE file_idx = ?", [f.idx]).fetchall()]
+    ords = [
+        o
+        for (o,) in conn.execute(
+            "SELECT ord FROM _rejected JOIN _rows USING (ord) WHERE file_idx = ?", [f.idx]
+        ).fetchall()
+    ]
     n_needed = conn.execute("SELECT count(*) FROM _need_rows WHERE file_idx = ?", [f.idx]).fetchall()[0][0]
     if not ords and not n_needed:
         return
     if f.parquet:
         src = _PARQUET_SRC
         if ords:
-            conn.execute(f"INSERT INTO _conflict_lines SELECT s.ord, s.line FROM {src} s JOIN _rejected USING (ord)",
-                         f.params())
+            conn.execute(
+                f"INSERT INTO _conflict_lines SELECT s.ord, s.line FROM {src} s JOIN _rejected USING (ord)", f.params()
+            )
         if n_needed:
             conn.execute(_PASS2_SQL.replace("{src}", src), f.params())
         return
@@ -673,7 +703,8 @@ CREATE OR REPLACE TEMP TABLE _qid_conflict AS
 WITH g AS (SELECT ord, source_file, line_no, query_id, content_hash FROM _rows
            WHERE reason IS NULL AND fmt = 'tevatron')
 SELECT g.ord, 'duplicate_query_id_conflict' AS reason,
-       'query_id ' || g.query_id || ' first seen at ' || f.source_file || ':' || f.line_no || ' with different content' AS detail
+       'query_id ' || g.query_id || ' first seen at ' || f.source_file || ':' || f.line_no
+           || ' with different content' AS detail
 FROM g
 JOIN (SELECT query_id, arg_min(content_hash, ord) AS first_hash, arg_min(source_file, ord) AS source_file,
              arg_min(line_no, ord) AS line_no
@@ -780,13 +811,28 @@ def _q_insert(conn, dataset: str) -> None:
     )
 
 
-_TEMP_TABLES = ("_rows", "_q_lines", "_qid_conflict", "_doc_candidates", "_doc_conflict", "_rejected",
-                "_accepted", "_need_rows", "_pass_part", "_conflict_lines")
+_TEMP_TABLES = (
+    "_rows",
+    "_q_lines",
+    "_qid_conflict",
+    "_doc_candidates",
+    "_doc_conflict",
+    "_rejected",
+    "_accepted",
+    "_need_rows",
+    "_pass_part",
+    "_conflict_lines",
+)
 
 
-def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tuple[Path, str, str]], *,
-                   max_passage_chars: int = DEFAULT_MAX_PASSAGE_CHARS,
-                   progress: Callable[[str], None] | None = None) -> IngestStats:
+def ingest_dataset(
+    conn: duckdb.DuckDBPyConnection,
+    dataset: str,
+    files: list[tuple[Path, str, str]],
+    *,
+    max_passage_chars: int = DEFAULT_MAX_PASSAGE_CHARS,
+    progress: Callable[[str], None] | None = None,
+) -> IngestStats:
     """Replace the dataset's rows in raw_* with the contents of ``files`` = [(path, label, format)].
 
     Runs in one transaction: a failure leaves the previous version of the partition in place."""
@@ -794,8 +840,10 @@ def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tu
     try:
         _rows_table(conn)
         keys, dups = _file_keys(conn, [label for _, label, _ in files])
-        plan = [_File(i, Path(path), label, fmt, key, dup, dups)
-                for i, ((path, label, fmt), (key, dup)) in enumerate(zip(files, keys))]
+        plan = [
+            _File(i, Path(path), label, fmt, key, dup, dups)
+            for i, ((path, label, fmt), (key, dup)) in enumerate(zip(files, keys))
+        ]
         for f in plan:
             stats.lines_read += stage_file(conn, f, max_chars=max_passage_chars, progress=progress)
 
@@ -818,7 +866,8 @@ def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tu
             collect_passages(conn, f)
         changed = conn.execute(
             """SELECT count(*) FROM _rejected r JOIN _rows g USING (ord) LEFT JOIN _conflict_lines l USING (ord)
-               WHERE l.line IS NULL OR hash(l.line) <> g.line_hash""").fetchall()[0][0]
+               WHERE l.line IS NULL OR hash(l.line) <> g.line_hash"""
+        ).fetchall()[0][0]
         if changed:
             raise IngestError(f"{dataset}: {changed} rejected rows changed while being ingested")
 
@@ -851,11 +900,12 @@ def ingest_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, files: list[tu
             conn.execute(f"DROP TABLE IF EXISTS {t}")
 
     stats.instances, stats.queries = conn.execute(
-        "SELECT count(*), count(DISTINCT query_id) FROM raw_instances WHERE dataset = ?", [dataset]).fetchall()[0]
+        "SELECT count(*), count(DISTINCT query_id) FROM raw_instances WHERE dataset = ?", [dataset]
+    ).fetchall()[0]
     stats.passages = conn.execute("SELECT count(*) FROM raw_passages WHERE dataset = ?", [dataset]).fetchall()[0][0]
     rows = conn.execute(
-        """SELECT reason, count(*) FROM raw_quarantine WHERE dataset = ? GROUP BY reason ORDER BY 2 DESC""",
-        [dataset]).fetchall()
+        """SELECT reason, count(*) FROM raw_quarantine WHERE dataset = ? GROUP BY reason ORDER BY 2 DESC""", [dataset]
+    ).fetchall()
     stats.quarantine_by_reason = {r: n for r, n in rows}
     passage_level = {"negative_equals_positive", "duplicate_negative"}
     stats.quarantined_passages = sum(n for r, n in rows if r in passage_level)

@@ -47,8 +47,11 @@ def decide(ds: SourceDataset, recommendation: dict) -> Decision:
     rec = recommendation.get("datasets", {}).get(ds.name)
     if rec is not None and "keep" in rec:
         rule = recommendation.get("rule", "")
-        return Decision(bool(rec["keep"]), "recommendation",
-                        (rec.get("reason") or "leave-one-out recommendation") + (f" (rule: {rule})" if rule else ""))
+        return Decision(
+            bool(rec["keep"]),
+            "recommendation",
+            (rec.get("reason") or "leave-one-out recommendation") + (f" (rule: {rule})" if rule else ""),
+        )
     return Decision(True, "default", "no manual choice and no recommendation: kept")
 
 
@@ -62,14 +65,20 @@ class PruneStats:
     sampled_away: int = 0
 
 
-def prune_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, decision: Decision,
-                  max_negatives: int | None, max_instances: int | None = None) -> PruneStats:
+def prune_dataset(
+    conn: duckdb.DuckDBPyConnection,
+    dataset: str,
+    decision: Decision,
+    max_negatives: int | None,
+    max_instances: int | None = None,
+) -> PruneStats:
     """Replace ``pruned_instances`` for the dataset: exact-duplicate instances removed (first kept),
     negatives that are also positives of the same instance removed, optional cap on negatives, optional
     sample of the first ``max_instances`` instances (by instance id)."""
     stats = PruneStats()
-    stats.raw_instances = conn.execute("SELECT count(*) FROM raw_instances WHERE dataset = ?",
-                                       [dataset]).fetchall()[0][0]
+    stats.raw_instances = conn.execute("SELECT count(*) FROM raw_instances WHERE dataset = ?", [dataset]).fetchall()[0][
+        0
+    ]
     cap = int(max_negatives) if max_negatives else None
     conn.execute("BEGIN TRANSACTION")
     try:
@@ -87,19 +96,22 @@ def prune_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, decision: Decis
             )
             kept, before, after = conn.execute(
                 "SELECT count(*), coalesce(sum(len(r.negative_ids)), 0), coalesce(sum(len(negs)), 0) "
-                "FROM _dedup d JOIN raw_instances r USING (dataset, instance_id)").fetchall()[0]
+                "FROM _dedup d JOIN raw_instances r USING (dataset, instance_id)"
+            ).fetchall()[0]
             stats.kept_instances = kept
             stats.duplicates_removed = stats.raw_instances - kept
             stats.overlap_negatives_removed = int(before - after)
             if cap is not None:
                 stats.capped_negatives_removed = conn.execute(
-                    "SELECT coalesce(sum(greatest(len(negs) - ?, 0)), 0) FROM _dedup", [cap]).fetchall()[0][0]
+                    "SELECT coalesce(sum(greatest(len(negs) - ?, 0)), 0) FROM _dedup", [cap]
+                ).fetchall()[0][0]
             limit = f" LIMIT {int(max_instances)}" if max_instances else ""
             conn.execute(
                 f"""INSERT INTO pruned_instances (dataset, instance_id, query_id, positive_ids, negative_ids)
                     SELECT dataset, instance_id, query_id, positive_ids,
                            {"negs[1:" + str(cap) + "]" if cap is not None else "negs"}
-                    FROM _dedup ORDER BY instance_id{limit}""")
+                    FROM _dedup ORDER BY instance_id{limit}"""
+            )
             if max_instances:
                 stats.sampled_away = max(kept - int(max_instances), 0)
                 stats.kept_instances = kept - stats.sampled_away
@@ -108,9 +120,18 @@ def prune_dataset(conn: duckdb.DuckDBPyConnection, dataset: str, decision: Decis
             """INSERT INTO pruned_decisions (dataset, kept, decided_by, reason, raw_instances, kept_instances,
                                              duplicates_removed, overlap_negatives_removed, capped_negatives_removed)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            [dataset, decision.kept, decision.decided_by, decision.reason, stats.raw_instances,
-             stats.kept_instances, stats.duplicates_removed, stats.overlap_negatives_removed,
-             stats.capped_negatives_removed])
+            [
+                dataset,
+                decision.kept,
+                decision.decided_by,
+                decision.reason,
+                stats.raw_instances,
+                stats.kept_instances,
+                stats.duplicates_removed,
+                stats.overlap_negatives_removed,
+                stats.capped_negatives_removed,
+            ],
+        )
         conn.execute("COMMIT")
     except Exception:
         conn.execute("ROLLBACK")

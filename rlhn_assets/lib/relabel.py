@@ -21,11 +21,10 @@ from typing import Literal
 
 import duckdb
 
-from rlhn_assets.lib.db import replace_partition
-
 TREATMENTS = ("remove", "hn_remove", "rlhn")
 VARIANTS = ("default",) + tuple(f"{s}_{t}" for s in ("s1", "s2") for t in TREATMENTS)
 FnLists = Literal["better", "better+worse"]
+
 
 def forwarded_sql(forward_errors: bool) -> str:
     """Instance ids of a dataset ($1) that tier 1 forwards to tier 2."""
@@ -62,8 +61,15 @@ class VariantStats:
     error_verdicts: int = 0
 
 
-def build_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, *, fn_lists: FnLists = "better",
-                  ambiguity_k: int = 7, judged: bool = True) -> VariantStats:
+def build_variant(
+    conn: duckdb.DuckDBPyConnection,
+    dataset: str,
+    variant: str,
+    *,
+    fn_lists: FnLists = "better",
+    ambiguity_k: int = 7,
+    judged: bool = True,
+) -> VariantStats:
     """Replace ``relabeled_instances`` for (dataset, variant)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
@@ -75,32 +81,49 @@ def build_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, *
         stage, treatment = 0, "default"
     else:
         stage, treatment = int(variant[1]), variant.split("_", 1)[1]
-    fn_cte = (f"""SELECT instance_id, list(docid ORDER BY neg_index) AS fn_ids,
+    fn_cte = (
+        f"""SELECT instance_id, list(docid ORDER BY neg_index) AS fn_ids,
                          count(*) FILTER (WHERE verdict IN {fn_verdicts}) AS n_fn
                   FROM ({verdicts_sql(stage)}) v WHERE verdict IN {fn_verdicts} GROUP BY instance_id"""
-              if stage else "SELECT NULL::VARCHAR AS instance_id, []::VARCHAR[] AS fn_ids, 0 AS n_fn WHERE false")
-    keep = {"default": "true", "remove": "n_fn = 0", "hn_remove": f"n_fn <= {int(ambiguity_k)}",
-            "rlhn": f"n_fn <= {int(ambiguity_k)}"}[treatment]
+        if stage
+        else "SELECT NULL::VARCHAR AS instance_id, []::VARCHAR[] AS fn_ids, 0 AS n_fn WHERE false"
+    )
+    keep = {
+        "default": "true",
+        "remove": "n_fn = 0",
+        "hn_remove": f"n_fn <= {int(ambiguity_k)}",
+        "rlhn": f"n_fn <= {int(ambiguity_k)}",
+    }[treatment]
     positives = "p.positive_ids || fn_ids" if treatment == "rlhn" else "p.positive_ids"
-    negatives = ("list_filter(p.negative_ids, lambda x: NOT list_contains(fn_ids, x))"
-                 if treatment in ("rlhn", "hn_remove") else "p.negative_ids")
+    negatives = (
+        "list_filter(p.negative_ids, lambda x: NOT list_contains(fn_ids, x))"
+        if treatment in ("rlhn", "hn_remove")
+        else "p.negative_ids"
+    )
     conn.execute("BEGIN TRANSACTION")
     try:
         conn.execute("DELETE FROM relabeled_instances WHERE dataset = $1 AND variant = $2", [dataset, variant])
-        conn.execute(f"""
+        conn.execute(
+            f"""
             CREATE OR REPLACE TEMP TABLE _rel AS
             SELECT p.instance_id, p.query_id, p.positive_ids, p.negative_ids,
                    coalesce(f.fn_ids, []::VARCHAR[]) AS fn_ids, coalesce(f.n_fn, 0) AS n_fn
             FROM pruned_instances p LEFT JOIN ({fn_cte}) f USING (instance_id)
-            WHERE p.dataset = $1""", [dataset])
-        conn.execute(f"""
+            WHERE p.dataset = $1""",
+            [dataset],
+        )
+        conn.execute(
+            f"""
             INSERT INTO relabeled_instances (dataset, variant, instance_id, query_id, positive_ids, negative_ids,
                                              false_negatives)
             SELECT $1, $2, p.instance_id, p.query_id, {positives}, {negatives}, n_fn
-            FROM _rel p WHERE {keep} ORDER BY p.instance_id""", [dataset, variant])
+            FROM _rel p WHERE {keep} ORDER BY p.instance_id""",
+            [dataset, variant],
+        )
         n_in, n_fn_inst, n_fn, n_amb = conn.execute(
             f"SELECT count(*), count(*) FILTER (WHERE n_fn > 0), coalesce(sum(n_fn), 0), "
-            f"count(*) FILTER (WHERE n_fn > {int(ambiguity_k)}) FROM _rel").fetchall()[0]
+            f"count(*) FILTER (WHERE n_fn > {int(ambiguity_k)}) FROM _rel"
+        ).fetchall()[0]
         conn.execute("DROP TABLE _rel")
         conn.execute("COMMIT")
     except Exception:
@@ -108,14 +131,16 @@ def build_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, *
         raise
     stats.instances_in, stats.instances_with_fn, stats.false_negatives = n_in, n_fn_inst, int(n_fn)
     stats.instances_out = conn.execute(
-        "SELECT count(*) FROM relabeled_instances WHERE dataset = $1 AND variant = $2", [dataset, variant]).fetchall()[0][0]
+        "SELECT count(*) FROM relabeled_instances WHERE dataset = $1 AND variant = $2", [dataset, variant]
+    ).fetchall()[0][0]
     if treatment in ("rlhn", "hn_remove"):
         stats.dropped_ambiguous = n_amb
     elif treatment == "remove":
         stats.dropped_remove = n_fn_inst
     if stage:
         stats.error_verdicts = conn.execute(
-            f"SELECT count(*) FROM ({verdicts_sql(stage)}) v WHERE verdict = 'error'", [dataset]).fetchall()[0][0]
+            f"SELECT count(*) FROM ({verdicts_sql(stage)}) v WHERE verdict = 'error'", [dataset]
+        ).fetchall()[0][0]
     return stats
 
 
@@ -126,7 +151,8 @@ def export_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, 
     select = """
       WITH r AS (SELECT * FROM relabeled_instances WHERE dataset = $1 AND variant = $2),
       refs AS (
-        SELECT instance_id, 'pos' AS side, unnest(positive_ids) AS docid, generate_subscripts(positive_ids, 1) AS i FROM r
+        SELECT instance_id, 'pos' AS side, unnest(positive_ids) AS docid, generate_subscripts(positive_ids, 1) AS i
+        FROM r
         UNION ALL
         SELECT instance_id, 'neg', unnest(negative_ids), generate_subscripts(negative_ids, 1) FROM r),
       lists AS (

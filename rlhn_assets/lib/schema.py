@@ -94,24 +94,33 @@ class SchemaTooNew(RuntimeError):
 
 def stored_version(conn: duckdb.DuckDBPyConnection, schema: str) -> int:
     """The schema version recorded in the file (0 for a file made before versions were recorded, or a new one)."""
-    has = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'rlhn_schema_version' "
-                       "AND table_schema = current_schema()").fetchall()[0][0]
+    has = conn.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'rlhn_schema_version' "
+        "AND table_schema = current_schema()"
+    ).fetchall()[0][0]
     if not has:
         return 0
     (row,) = conn.execute("SELECT max(version) FROM rlhn_schema_version WHERE schema = $1", [schema]).fetchall()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def apply_versioned(conn: duckdb.DuckDBPyConnection, schema: str, version: int, tables: dict[str, str] | list[str],
-                    migrations: tuple[str, ...] = ()) -> bool:
+def apply_versioned(
+    conn: duckdb.DuckDBPyConnection,
+    schema: str,
+    version: int,
+    tables: dict[str, str] | list[str],
+    migrations: tuple[str, ...] = (),
+) -> bool:
     """Create ``tables`` and run ``migrations`` unless the file already records ``version`` of ``schema``;
     returns True when it changed the file. Raises SchemaTooNew for a file of a later version."""
     current = stored_version(conn, schema)
     if current == version:
         return False
     if current > version:
-        raise SchemaTooNew(f"{schema} schema version {current} in this DuckDB file is newer than this code's "
-                           f"({version}): upgrade rlhn_assets, or use another file")
+        raise SchemaTooNew(
+            f"{schema} schema version {current} in this DuckDB file is newer than this code's "
+            f"({version}): upgrade rlhn_assets, or use another file"
+        )
     statements = list(tables.values() if isinstance(tables, dict) else tables)
     conn.execute("BEGIN TRANSACTION")
     try:

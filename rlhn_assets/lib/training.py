@@ -41,13 +41,12 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from rlhn_assets.lib.embeddings import base_model_path as _default_base_model_path
-from rlhn_assets.lib.embeddings import dir_hash
-from rlhn_assets.lib.embeddings import resolve_precision
+from rlhn_assets.lib.embeddings import dir_hash, resolve_precision
 
 Log = Callable[[str], None]
 
@@ -294,8 +293,17 @@ def _save_atomically(model, output_dir: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _finish(kind: str, model, trainer_output, output_dir: Path, rows: int, started: float,
-            settings: dict, history: list[tuple[int, float]], log: Log | None) -> TrainResult:
+def _finish(
+    kind: str,
+    model,
+    trainer_output,
+    output_dir: Path,
+    rows: int,
+    started: float,
+    settings: dict,
+    history: list[tuple[int, float]],
+    log: Log | None,
+) -> TrainResult:
     _save_atomically(model, output_dir)
     version = dir_hash(output_dir)
     final = history[-1][1] if history else None
@@ -303,14 +311,25 @@ def _finish(kind: str, model, trainer_output, output_dir: Path, rows: int, start
     steps = int(trainer_output.global_step)
     if log:
         loss_s = f"{final:.4f}" if final is not None else "n/a"
-        log(f"{kind}: {steps} steps in {seconds:.1f} s, final loss {loss_s}; "
-            f"saved {output_dir} (version {version[:12]})")
-    return TrainResult(model_dir=Path(output_dir), data_version=version, train_rows=rows, steps=steps,
-                       final_loss=final, seconds=seconds, settings=settings, loss_history=list(history))
+        log(
+            f"{kind}: {steps} steps in {seconds:.1f} s, final loss {loss_s}; "
+            f"saved {output_dir} (version {version[:12]})"
+        )
+    return TrainResult(
+        model_dir=Path(output_dir),
+        data_version=version,
+        train_rows=rows,
+        steps=steps,
+        final_loss=final,
+        seconds=seconds,
+        settings=settings,
+        loss_history=list(history),
+    )
 
 
-def _training_rows(kind: str, build_rows, instances: Sequence[TrainingInstance], settings: TrainSettings,
-                   empty_message: str):
+def _training_rows(
+    kind: str, build_rows, instances: Sequence[TrainingInstance], settings: TrainSettings, empty_message: str
+):
     """The set-up both kinds share: offline hub, the clock, the training table (an error if it is empty)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
@@ -320,28 +339,51 @@ def _training_rows(kind: str, build_rows, instances: Sequence[TrainingInstance],
     return started, dataset
 
 
-def _fit(kind: str, model, loss, dataset, settings: TrainSettings, trainer_cls, args_cls, extra_args: dict,
-         output_dir: str | Path, started: float, info: dict, log: Log | None) -> TrainResult:
+def _fit(
+    kind: str,
+    model,
+    loss,
+    dataset,
+    settings: TrainSettings,
+    trainer_cls,
+    args_cls,
+    extra_args: dict,
+    output_dir: str | Path,
+    started: float,
+    info: dict,
+    log: Log | None,
+) -> TrainResult:
     """One sentence-transformers trainer run (retriever or reranker) and the saved, hashed model."""
     history: list[tuple[int, float]] = []
     rows = len(dataset)
     with tempfile.TemporaryDirectory(prefix="rlhn-train-") as tmp:
         args = args_cls(**_common_args(settings, rows, tmp), **extra_args)
-        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, loss=loss,
-                              callbacks=[_log_callback(kind, log, history)])
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[_log_callback(kind, log, history)]
+        )
         _quiet(trainer)
         with _threads(settings.torch_threads):
             output = trainer.train()
     return _finish(kind, model, output, Path(output_dir), rows, started, {**settings.to_dict(), **info}, history, log)
 
 
-def train_retriever(instances: Sequence[TrainingInstance], settings: TrainSettings, output_dir: str | Path, *,
-                    base_model_path: str | Path | None = None, log: Log | None = None) -> TrainResult:
+def train_retriever(
+    instances: Sequence[TrainingInstance],
+    settings: TrainSettings,
+    output_dir: str | Path,
+    *,
+    base_model_path: str | Path | None = None,
+    log: Log | None = None,
+) -> TrainResult:
     """Fine-tune the bi-encoder with MNRL (in-batch + hard negatives) and save it to ``output_dir``."""
     started, dataset = _training_rows(
-        "retriever", retriever_rows, instances, settings,
+        "retriever",
+        retriever_rows,
+        instances,
+        settings,
         "no instance has a positive, or no instance has any negative (set hard_negatives=0 to train on in-batch "
-        "negatives only)")
+        "negatives only)",
+    )
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
@@ -353,23 +395,43 @@ def train_retriever(instances: Sequence[TrainingInstance], settings: TrainSettin
 
     base = Path(base_model_path or _default_base_model_path())
     if log:
-        log(f"retriever: {len(dataset)} rows ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs), "
+        log(
+            f"retriever: {len(dataset)} rows ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs), "
             f"batch {settings.batch_size}, {settings.hard_negatives} hard negatives, scale {settings.scale}, "
-            f"~{_planned_steps(len(dataset), settings)} steps, base {base.name}")
+            f"~{_planned_steps(len(dataset), settings)} steps, base {base.name}"
+        )
     set_seed(settings.seed)
     model = SentenceTransformer(str(base), device="cpu")
     model.max_seq_length = settings.max_seq_length
     loss = MultipleNegativesRankingLoss(model, scale=settings.scale)
-    return _fit("retriever", model, loss, dataset, settings, SentenceTransformerTrainer,
-                SentenceTransformerTrainingArguments, {"batch_sampler": BatchSamplers.NO_DUPLICATES}, output_dir,
-                started, {"kind": "retriever", "loss": "MultipleNegativesRankingLoss", "base_model": str(base)}, log)
+    return _fit(
+        "retriever",
+        model,
+        loss,
+        dataset,
+        settings,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        {"batch_sampler": BatchSamplers.NO_DUPLICATES},
+        output_dir,
+        started,
+        {"kind": "retriever", "loss": "MultipleNegativesRankingLoss", "base_model": str(base)},
+        log,
+    )
 
 
-def train_reranker(instances: Sequence[TrainingInstance], settings: TrainSettings, output_dir: str | Path, *,
-                   base_model_path: str | Path | None = None, log: Log | None = None) -> TrainResult:
+def train_reranker(
+    instances: Sequence[TrainingInstance],
+    settings: TrainSettings,
+    output_dir: str | Path,
+    *,
+    base_model_path: str | Path | None = None,
+    log: Log | None = None,
+) -> TrainResult:
     """Fine-tune a cross-encoder (MiniLM weights + new 1-logit head) with BCE and save it to ``output_dir``."""
-    started, dataset = _training_rows("reranker", reranker_pairs, instances, settings,
-                                      "no instance has a positive, or no instance has any negative")
+    started, dataset = _training_rows(
+        "reranker", reranker_pairs, instances, settings, "no instance has a positive, or no instance has any negative"
+    )
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
@@ -378,12 +440,30 @@ def train_reranker(instances: Sequence[TrainingInstance], settings: TrainSetting
     base = Path(base_model_path or _default_base_model_path())
     n_neg = max(0, settings.reranker_negatives)
     if log:
-        log(f"reranker: {len(dataset)} pairs ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs x "
+        log(
+            f"reranker: {len(dataset)} pairs ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs x "
             f"(1 + {n_neg})), batch {settings.batch_size}, ~{_planned_steps(len(dataset), settings)} steps, "
-            f"base {base.name}")
+            f"base {base.name}"
+        )
     set_seed(settings.seed)  # the classifier head is freshly initialised: seed it
     model = CrossEncoder(str(base), num_labels=1, max_length=settings.max_seq_length, device="cpu")
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(max(1, n_neg))))
-    return _fit("reranker", model, loss, dataset, settings, CrossEncoderTrainer, CrossEncoderTrainingArguments, {},
-                output_dir, started, {"kind": "reranker", "loss": "BinaryCrossEntropyLoss",
-                                      "pos_weight": float(max(1, n_neg)), "base_model": str(base)}, log)
+    return _fit(
+        "reranker",
+        model,
+        loss,
+        dataset,
+        settings,
+        CrossEncoderTrainer,
+        CrossEncoderTrainingArguments,
+        {},
+        output_dir,
+        started,
+        {
+            "kind": "reranker",
+            "loss": "BinaryCrossEntropyLoss",
+            "pos_weight": float(max(1, n_neg)),
+            "base_model": str(base),
+        },
+        log,
+    )

@@ -8,18 +8,26 @@ import duckdb
 from rlhn_assets.lib.training import TrainingInstance
 
 
-def load_training_instances(conn: duckdb.DuckDBPyConnection, variant: str | None, *, max_negatives: int,
-                            exclude_datasets: tuple[str, ...] = (), max_per_dataset: int | None = None
-                            ) -> tuple[list[TrainingInstance], dict[str, int]]:
+def load_training_instances(
+    conn: duckdb.DuckDBPyConnection,
+    variant: str | None,
+    *,
+    max_negatives: int,
+    exclude_datasets: tuple[str, ...] = (),
+    max_per_dataset: int | None = None,
+) -> tuple[list[TrainingInstance], dict[str, int]]:
     """(instances, rows per dataset) of ``variant`` (None: ``raw_instances`` of every dataset), without
     ``exclude_datasets``, at most ``max_per_dataset`` per dataset (the first by instance id); passages are
     'title text' with the title folded in."""
-    source = ("SELECT dataset, instance_id, query_id, positive_ids, negative_ids FROM raw_instances"
-              if variant is None else
-              "SELECT dataset, instance_id, query_id, positive_ids, negative_ids FROM relabeled_instances "
-              "WHERE variant = $variant")
+    source = (
+        "SELECT dataset, instance_id, query_id, positive_ids, negative_ids FROM raw_instances"
+        if variant is None
+        else "SELECT dataset, instance_id, query_id, positive_ids, negative_ids FROM relabeled_instances "
+        "WHERE variant = $variant"
+    )
     cap = f"WHERE n <= {int(max_per_dataset)}" if max_per_dataset else ""
-    rows = conn.execute(f"""
+    rows = conn.execute(
+        f"""
         WITH r AS (SELECT * EXCLUDE (n) FROM (
                      SELECT *, row_number() OVER (PARTITION BY dataset ORDER BY instance_id) AS n
                      FROM ({source}) WHERE NOT list_contains($excluded::VARCHAR[], dataset)) {cap}),
@@ -39,7 +47,8 @@ def load_training_instances(conn: duckdb.DuckDBPyConnection, variant: str | None
         FROM r JOIN texts t USING (dataset, instance_id)
         JOIN raw_queries q ON q.dataset = r.dataset AND q.query_id = r.query_id
         ORDER BY r.dataset, r.instance_id""",
-        {"excluded": list(exclude_datasets), **({} if variant is None else {"variant": variant})}).fetchall()
+        {"excluded": list(exclude_datasets), **({} if variant is None else {"variant": variant})},
+    ).fetchall()
     sizes: dict[str, int] = {}
     out = []
     for ds, q, pos, neg in rows:

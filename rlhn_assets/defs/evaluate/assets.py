@@ -29,15 +29,20 @@ def recorded(instance: dg.DagsterInstance, asset: str, partition: str, keys: tup
     """The metadata ``keys`` of the latest materialization of ``asset[partition]``: what a downstream partition
     uses, whatever files appeared since. A Failure naming what to materialize if there is none."""
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
     if not records:
-        raise dg.Failure(f"no materialization of {asset}[{partition}] in this Dagster instance: "
-                         f"materialize {asset}[{partition}] first")
+        raise dg.Failure(
+            f"no materialization of {asset}[{partition}] in this Dagster instance: "
+            f"materialize {asset}[{partition}] first"
+        )
     metadata = records[0].asset_materialization.metadata
     missing = [k for k in keys if k not in metadata]
     if missing:
-        raise dg.Failure(f"the latest materialization of {asset}[{partition}] records no {', '.join(missing)}: "
-                         f"re-materialize {asset}[{partition}]")
+        raise dg.Failure(
+            f"the latest materialization of {asset}[{partition}] records no {', '.join(missing)}: "
+            f"re-materialize {asset}[{partition}]"
+        )
     return {k: metadata[k].value for k in keys}
 
 
@@ -62,9 +67,16 @@ def retrieve(ds, path: str, version: str, config: EvalConfig, log=None):
 
     model = load_model(path)
     model.max_seq_length = config.max_seq_length
-    results, info = dense_search(model, f"{version}:len{config.max_seq_length}", ds, top_k=config.top_k,
-                                 cache_dir=settings.cache_dir() / "embeddings", batch_size=config.batch_size,
-                                 progress=log, precision=config.precision)
+    results, info = dense_search(
+        model,
+        f"{version}:len{config.max_seq_length}",
+        ds,
+        top_k=config.top_k,
+        cache_dir=settings.cache_dir() / "embeddings",
+        batch_size=config.batch_size,
+        progress=log,
+        precision=config.precision,
+    )
     return results, info
 
 
@@ -90,9 +102,14 @@ def base_retriever(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     path = base_model_path()
     version = dir_hash(path)[:16]
     context.log.info(f"base retriever {path}: {version}")
-    return dg.MaterializeResult(data_version=dg.DataVersion(version),
-                                metadata={"model_path": dg.MetadataValue.path(str(path)), "model_data_version": version,
-                                          "package_version": _BASE_PACKAGE_VERSION})
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "model_path": dg.MetadataValue.path(str(path)),
+            "model_data_version": version,
+            "package_version": _BASE_PACKAGE_VERSION,
+        },
+    )
 
 
 @dg.asset(
@@ -100,9 +117,11 @@ def base_retriever(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     group_name="evaluate",
     code_version="2",
     automation_condition=PIPELINE_PARTIAL_DEPS,  # each partition has only some of the three deps
-    deps=[dg.AssetDep(base_retriever, partition_mapping=_BASE_TO_MODEL),
-          dg.AssetDep(trained_retriever, partition_mapping=_VARIANT_TO_MODEL),
-          dg.AssetDep(trained_reranker, partition_mapping=_VARIANT_TO_MODEL)],
+    deps=[
+        dg.AssetDep(base_retriever, partition_mapping=_BASE_TO_MODEL),
+        dg.AssetDep(trained_retriever, partition_mapping=_VARIANT_TO_MODEL),
+        dg.AssetDep(trained_reranker, partition_mapping=_VARIANT_TO_MODEL),
+    ],
     kinds={"sentence_transformers"},
     description=(
         "The model that `eval_scores[<eval set>|<model>]` evaluates, pinned: the path and data version recorded by "
@@ -115,8 +134,12 @@ def eval_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     model = context.partition_key
     if model == BASE_MODEL:
         rec = recorded(context.instance, "base_retriever", model, _MODEL_KEYS)
-        pinned = {"retriever": ("base_retriever[base]",
-                                [{"seed": None, "path": rec["model_path"], "version": rec["model_data_version"]}])}
+        pinned = {
+            "retriever": (
+                "base_retriever[base]",
+                [{"seed": None, "path": rec["model_path"], "version": rec["model_data_version"]}],
+            )
+        }
     else:
         pinned = {}
         for role, asset in (("retriever", "trained_retriever"), ("reranker", "trained_reranker")):
@@ -132,12 +155,18 @@ def eval_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             pinned[role] = (f"{asset}[{model}]", list(rec["models"]))
     metadata: dict = {}
     for role, (asset, models) in pinned.items():
-        metadata |= {f"{role}_models": dg.MetadataValue.json(models), f"{role}_asset": asset,
-                     f"{role}_version": "+".join(f"{m['seed']}:{m['version']}" if m["seed"] is not None else m["version"]
-                                                 for m in models)}
+        metadata |= {
+            f"{role}_models": dg.MetadataValue.json(models),
+            f"{role}_asset": asset,
+            f"{role}_version": "+".join(
+                f"{m['seed']}:{m['version']}" if m["seed"] is not None else m["version"] for m in models
+            ),
+        }
     version = hashlib.sha256("|".join(f"{r}={metadata[f'{r}_version']}" for r in pinned).encode()).hexdigest()[:16]
-    context.log.info(f"{model}: " + ", ".join(f"{r} {metadata[f'{r}_asset']} seeds "
-                                              f"{[m['seed'] for m in pinned[r][1]]}" for r in pinned))
+    context.log.info(
+        f"{model}: "
+        + ", ".join(f"{r} {metadata[f'{r}_asset']} seeds {[m['seed'] for m in pinned[r][1]]}" for r in pinned)
+    )
     return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata=metadata)
 
 
@@ -152,8 +181,10 @@ def _pinned(instance: dg.DagsterInstance, model: str, role: str) -> list[dict] |
         raise
     for m in rec[f"{role}_models"]:
         if not Path(m["path"]).is_dir():
-            raise dg.Failure(f"the {role} folder {m['path']} (seed {m['seed']}) recorded by eval_model[{model}] is "
-                             f"gone: re-materialize {rec[f'{role}_asset']} and eval_model[{model}]")
+            raise dg.Failure(
+                f"the {role} folder {m['path']} (seed {m['seed']}) recorded by eval_model[{model}] is "
+                f"gone: re-materialize {rec[f'{role}_asset']} and eval_model[{model}]"
+            )
     return list(rec[f"{role}_models"])
 
 
@@ -180,7 +211,9 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
     eval_set, model_name = keys["eval_set"], keys["model"]
     # the models eval_model[model_name] pinned (one per seed), resolved before any work so a missing one fails at once
     retrievers = _pinned(context.instance, model_name, "retriever")
-    rerankers = {m["seed"]: m for m in (_pinned(context.instance, model_name, "reranker") or [])} if config.rerank else {}
+    rerankers = (
+        {m["seed"]: m for m in (_pinned(context.instance, model_name, "reranker") or [])} if config.rerank else {}
+    )
     ds = load_beir_eval(settings.data_dir() / "eval" / eval_set, "test")
     rows, infos = [], []
     for i, m in enumerate(retrievers, start=1):
@@ -195,10 +228,12 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
             from rlhn_assets.lib.embeddings import load_cross_encoder
 
             t1 = time.perf_counter()
-            reranked = rerank(load_cross_encoder(reranker["path"]), ds, results, top_k=config.rerank_top_k,
-                              progress=context.log.info)
-            rows.append(("reranker", m["seed"], evaluate(ds.qrels, reranked), reranker["version"],
-                         time.perf_counter() - t1))
+            reranked = rerank(
+                load_cross_encoder(reranker["path"]), ds, results, top_k=config.rerank_top_k, progress=context.log.info
+            )
+            rows.append(
+                ("reranker", m["seed"], evaluate(ds.qrels, reranked), reranker["version"], time.perf_counter() - t1)
+            )
     chash = corpus_hash(ds)[:16]
     with duckdb.get_connection() as conn:
         conn.execute("BEGIN TRANSACTION")
@@ -206,20 +241,40 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
         conn.execute("DELETE FROM eval_per_query WHERE eval_set = $1 AND model = $2", [eval_set, model_name])
         for stage, seed, m, mv, secs in rows:
             conn.execute(
-                """INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10, queries_scored,
+                """INSERT INTO eval_scores (eval_set, model, stage, ndcg_at_10, recall_at_100, mrr_at_10,
+                                          queries_scored,
                                             queries_total, model_version, corpus_hash, seconds, seed)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [eval_set, model_name, stage, m["ndcg@10"], m["recall@100"], m["mrr@10"], m["queries_scored"],
-                 len(ds.qrels), mv, chash, round(secs, 2), seed])
+                [
+                    eval_set,
+                    model_name,
+                    stage,
+                    m["ndcg@10"],
+                    m["recall@100"],
+                    m["mrr@10"],
+                    m["queries_scored"],
+                    len(ds.qrels),
+                    mv,
+                    chash,
+                    round(secs, 2),
+                    seed,
+                ],
+            )
             conn.executemany(
-                "INSERT INTO eval_per_query (eval_set, model, stage, query_id, ndcg_at_10, seed) VALUES (?, ?, ?, ?, ?, ?)",
-                [[eval_set, model_name, stage, q, v, seed] for q, v in m["per_query_ndcg@10"].items()])
+                "INSERT INTO eval_per_query (eval_set, model, stage, query_id, ndcg_at_10, seed) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [[eval_set, model_name, stage, q, v, seed] for q, v in m["per_query_ndcg@10"].items()],
+            )
         conn.execute("COMMIT")
-    md = {"queries": len(ds.qrels), "passages": len(ds.corpus), "seeds": dg.MetadataValue.json([m["seed"] for m in retrievers]),
-          "model_version": "+".join(m["version"] for m in retrievers),
-          "corpus_cache_hits": sum(bool(i.get("corpus_cache_hit")) for i in infos),
-          "encode_seconds": round(sum(i.get("encode_seconds", 0) for i in infos), 1),
-          "precision": ",".join(sorted({str(i.get("precision", "fp32")) for i in infos})) or "n/a"}
+    md = {
+        "queries": len(ds.qrels),
+        "passages": len(ds.corpus),
+        "seeds": dg.MetadataValue.json([m["seed"] for m in retrievers]),
+        "model_version": "+".join(m["version"] for m in retrievers),
+        "corpus_cache_hits": sum(bool(i.get("corpus_cache_hit")) for i in infos),
+        "encode_seconds": round(sum(i.get("encode_seconds", 0) for i in infos), 1),
+        "precision": ",".join(sorted({str(i.get("precision", "fp32")) for i in infos})) or "n/a",
+    }
     for stage in ("retriever", "reranker"):
         got = [r for r in rows if r[0] == stage]
         if not got:
@@ -229,10 +284,20 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
             md[f"{stage}_{metric}"] = round(sum(vals) / len(vals), 4)  # mean over seeds
         md[f"{stage}_seconds"] = round(sum(r[4] for r in got), 1)
         if len(got) > 1:
-            md[f"{stage}_per_seed"] = dg.MetadataValue.md(md_table(
-                ["seed", "nDCG@10", "Recall@100", "MRR@10"],
-                [(r[1], round(r[2]["ndcg@10"], 4), round(r[2]["recall@100"], 4), round(r[2]["mrr@10"], 4)) for r in got]))
-    context.log.info(f"{eval_set}/{model_name}: " + ", ".join(
-        f"{s} seed {sd} nDCG@10 {m['ndcg@10']:.4f}" if sd is not None else f"{s} nDCG@10 {m['ndcg@10']:.4f}"
-        for s, sd, m, _, _ in rows))
+            md[f"{stage}_per_seed"] = dg.MetadataValue.md(
+                md_table(
+                    ["seed", "nDCG@10", "Recall@100", "MRR@10"],
+                    [
+                        (r[1], round(r[2]["ndcg@10"], 4), round(r[2]["recall@100"], 4), round(r[2]["mrr@10"], 4))
+                        for r in got
+                    ],
+                )
+            )
+    context.log.info(
+        f"{eval_set}/{model_name}: "
+        + ", ".join(
+            f"{s} seed {sd} nDCG@10 {m['ndcg@10']:.4f}" if sd is not None else f"{s} nDCG@10 {m['ndcg@10']:.4f}"
+            for s, sd, m, _, _ in rows
+        )
+    )
     return dg.MaterializeResult(metadata=md)

@@ -11,13 +11,19 @@ BASE_TOLERANCE = 0.05
 
 
 def _rows(conn, eval_set, model):
-    return conn.execute("SELECT stage, ndcg_at_10, recall_at_100, mrr_at_10, queries_scored, queries_total, seed "
-                        "FROM eval_scores WHERE eval_set = $1 AND model = $2 ORDER BY stage, seed",
-                        [eval_set, model]).fetchall()
+    return conn.execute(
+        "SELECT stage, ndcg_at_10, recall_at_100, mrr_at_10, queries_scored, queries_total, seed "
+        "FROM eval_scores WHERE eval_set = $1 AND model = $2 ORDER BY stage, seed",
+        [eval_set, model],
+    ).fetchall()
 
 
-@dg.asset_check(asset=eval_scores, partitions_def=eval_pd, blocking=True,
-                description="Scores are in [0, 1] and every query of the eval set was scored (per stage).")
+@dg.asset_check(
+    asset=eval_scores,
+    partitions_def=eval_pd,
+    blocking=True,
+    description="Scores are in [0, 1] and every query of the eval set was scored (per stage).",
+)
 def eval_scores_valid_and_complete(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
     k = context.partition_key.keys_by_dimension
     with duckdb.get_connection() as conn:
@@ -29,16 +35,23 @@ def eval_scores_valid_and_complete(context: dg.AssetCheckExecutionContext, duckd
             problems.append(f"{what}: a score outside [0, 1]")
         if scored != total:
             problems.append(f"{what}: {scored}/{total} queries scored")
-    return dg.AssetCheckResult(passed=bool(rows) and not problems,
-                               description="; ".join(problems) or f"{len(rows)} (stage, seed) row(s) valid and complete",
-                               metadata={"stages": len(rows)})
+    return dg.AssetCheckResult(
+        passed=bool(rows) and not problems,
+        description="; ".join(problems) or f"{len(rows)} (stage, seed) row(s) valid and complete",
+        metadata={"stages": len(rows)},
+    )
 
 
-@dg.asset_check(asset=eval_scores, partitions_def=eval_pd, blocking=True,
-                description=f"On SciFact, a trained retriever loads and its nDCG@10 is at least the base model's minus "
-                            f"{BASE_TOLERANCE} (catches a broken training run). Other partitions: not applicable.")
-def trained_retriever_not_worse_than_base(context: dg.AssetCheckExecutionContext,
-                                          duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=eval_scores,
+    partitions_def=eval_pd,
+    blocking=True,
+    description=f"On SciFact, a trained retriever loads and its nDCG@10 is at least the base model's minus "
+    f"{BASE_TOLERANCE} (catches a broken training run). Other partitions: not applicable.",
+)
+def trained_retriever_not_worse_than_base(
+    context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB
+) -> dg.AssetCheckResult:
     k = context.partition_key.keys_by_dimension
     if k["eval_set"] != "scifact" or k["model"] == "base":
         return dg.AssetCheckResult(passed=True, description="not applicable (SciFact, trained models only)")
@@ -51,7 +64,9 @@ def trained_retriever_not_worse_than_base(context: dg.AssetCheckExecutionContext
         return dg.AssetCheckResult(passed=False, description=f"no retriever score for {k['model']} on SciFact")
     worst_seed = min(mine, key=lambda sd: mine[sd])  # every seed must pass: one broken run is a broken run
     ok = mine[worst_seed] >= base["retriever"] - BASE_TOLERANCE
-    return dg.AssetCheckResult(passed=ok, description=f"nDCG@10 per seed {mine} vs base {base['retriever']:.4f} "
-                                                      f"(tolerance {BASE_TOLERANCE}; worst seed {worst_seed})",
-                               metadata={"ndcg@10": mine[worst_seed], "base_ndcg@10": base["retriever"],
-                                         "seeds": len(mine)})
+    return dg.AssetCheckResult(
+        passed=ok,
+        description=f"nDCG@10 per seed {mine} vs base {base['retriever']:.4f} "
+        f"(tolerance {BASE_TOLERANCE}; worst seed {worst_seed})",
+        metadata={"ndcg@10": mine[worst_seed], "base_ndcg@10": base["retriever"], "seeds": len(mine)},
+    )

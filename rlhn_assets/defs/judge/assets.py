@@ -3,16 +3,20 @@ import time
 import dagster as dg
 
 from rlhn_assets.conditions import PIPELINE
-
 from rlhn_assets.defs.prune.assets import pruned
+from rlhn_assets.lib.judging.budget import decision_for, write_estimates
 from rlhn_assets.lib.judging.judges import listwise_calls
 from rlhn_assets.lib.judging.store import count_instances, iter_batches, write_judgments
 from rlhn_assets.lib.markdown import md_table
 from rlhn_assets.lib.relabel import flagged_negatives_sql, forwarded_sql
 from rlhn_assets.partitions import dataset_pd
-from rlhn_assets.lib.judging.budget import decision_for, write_estimates
-from rlhn_assets.resources import (ONE_TOKEN_KINDS, DatasetRegistryResource, JudgeTierResource, JudgingBudgetResource,
-                                   RLHNDuckDB)
+from rlhn_assets.resources import (
+    ONE_TOKEN_KINDS,
+    DatasetRegistryResource,
+    JudgeTierResource,
+    JudgingBudgetResource,
+    RLHNDuckDB,
+)
 
 # A retry reruns the whole step; the response cache makes that cheap and deterministic.
 JUDGE_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
@@ -55,24 +59,41 @@ def _budget_gate(tier: int, judge_res: JudgeTierResource, budget: JudgingBudgetR
     tier alone cannot skip it)."""
     if not judge_res.is_paid:
         return
-    est, decision = decision_for(conn, dataset, max_usd_per_dataset=budget.max_usd_per_dataset,
-                                 max_usd_per_run=budget.max_usd_per_run, basis=budget.basis)
+    est, decision = decision_for(
+        conn,
+        dataset,
+        max_usd_per_dataset=budget.max_usd_per_dataset,
+        max_usd_per_run=budget.max_usd_per_run,
+        basis=budget.basis,
+    )
     mine = [e for e in est if e.tier == tier]
     if not mine:
-        raise dg.Failure(f"{dataset} tier {tier} calls a paid endpoint ({judge_res.model} at {judge_res.endpoint}) "
-                         f"and has no cost estimate: materialize judging_cost_estimate[{dataset}] first",
-                         allow_retries=False)
+        raise dg.Failure(
+            f"{dataset} tier {tier} calls a paid endpoint ({judge_res.model} at {judge_res.endpoint}) "
+            f"and has no cost estimate: materialize judging_cost_estimate[{dataset}] first",
+            allow_retries=False,
+        )
     if (mine[0].model, mine[0].kind) != (judge_res.model, judge_res.kind):
-        raise dg.Failure(f"{dataset} tier {tier}: the stored cost estimate is for {mine[0].kind} {mine[0].model}, "
-                         f"this run judges with {judge_res.kind} {judge_res.model}: re-materialize "
-                         f"judging_cost_estimate[{dataset}] with this run's tier settings",
-                         allow_retries=False)
+        raise dg.Failure(
+            f"{dataset} tier {tier}: the stored cost estimate is for {mine[0].kind} {mine[0].model}, "
+            f"this run judges with {judge_res.kind} {judge_res.model}: re-materialize "
+            f"judging_cost_estimate[{dataset}] with this run's tier settings",
+            allow_retries=False,
+        )
     if not decision.passed:
         raise dg.Failure(decision.description, allow_retries=False)  # a retry cannot change the budget
 
 
-def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, registry: DatasetRegistryResource,
-              config: JudgeRunConfig, only_sql: str | None, budget: JudgingBudgetResource) -> dg.MaterializeResult:
+def _run_tier(
+    context,
+    tier: int,
+    judge_res: JudgeTierResource,
+    duckdb: RLHNDuckDB,
+    registry: DatasetRegistryResource,
+    config: JudgeRunConfig,
+    only_sql: str | None,
+    budget: JudgingBudgetResource,
+) -> dg.MaterializeResult:
     dataset = context.partition_key
     reason = _skip_reason(registry, duckdb, dataset)
     with duckdb.get_connection() as conn:
@@ -99,56 +120,70 @@ def _run_tier(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuck
                 import dataclasses
 
                 with duckdb.get_connection() as conn:
-                    flagged = {(i, k) for i, k in conn.execute(flagged_negatives_sql(config.forward_errors),
-                                                               [dataset]).fetchall()}
+                    flagged = {
+                        (i, k)
+                        for i, k in conn.execute(flagged_negatives_sql(config.forward_errors), [dataset]).fetchall()
+                    }
                 judged, positions = _only_flagged(batch, flagged)
-                rows = [dataclasses.replace(j, neg_index=positions[j.instance_id][j.neg_index - 1])
-                        for j in judge.judge(judged, progress=context.log.info)]
+                rows = [
+                    dataclasses.replace(j, neg_index=positions[j.instance_id][j.neg_index - 1])
+                    for j in judge.judge(judged, progress=context.log.info)
+                ]
             else:
                 rows = judge.judge(batch, progress=context.log.info)
             with duckdb.get_connection() as conn:
                 write_judgments(conn, dataset, tier, judge, rows)
             done += len(batch)
             s = judge.stats
-            context.log.info(f"{dataset} tier {tier} ({judge.kind}): {done:,}/{total:,} instances, "
-                             f"{s.negatives:,} negatives, {s.calls:,} calls, {s.cache_hits:,} cache hits, "
-                             f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s")
+            context.log.info(
+                f"{dataset} tier {tier} ({judge.kind}): {done:,}/{total:,} instances, "
+                f"{s.negatives:,} negatives, {s.calls:,} calls, {s.cache_hits:,} cache hits, "
+                f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s"
+            )
         stats = judge.stats
     seconds = time.perf_counter() - t0
     flagged = stats.verdicts["better"] + stats.verdicts["worse"]
     with duckdb.get_connection() as conn:
         inst_flagged = conn.execute(
             "SELECT count(DISTINCT instance_id) FROM judgments WHERE dataset = $1 AND tier = $2 "
-            "AND verdict IN ('better', 'worse')", [dataset, tier]).fetchall()[0][0]
+            "AND verdict IN ('better', 'worse')",
+            [dataset, tier],
+        ).fetchall()[0][0]
         preview = conn.execute(
             """SELECT j.instance_id, q.query, j.neg_index, j.verdict, j.score, p.text
                FROM judgments j JOIN pruned_instances i USING (dataset, instance_id)
                JOIN raw_queries q ON q.dataset = j.dataset AND q.query_id = i.query_id
                JOIN raw_passages p ON p.dataset = j.dataset AND p.docid = j.docid
                WHERE j.dataset = $1 AND j.tier = $2 AND j.verdict IN ('better', 'worse')
-               ORDER BY j.instance_id, j.neg_index LIMIT 8""", [dataset, tier]).fetchall()
-    return dg.MaterializeResult(metadata=base | {
-        "instances_judged": stats.instances,
-        "negatives_judged": stats.negatives,
-        "verdicts": dg.MetadataValue.md(md_table(["verdict", "negatives"], list(stats.verdicts.items()))),
-        "flagged_negatives": flagged,
-        "flagged_negative_rate": round(flagged / stats.negatives, 4) if stats.negatives else 0.0,
-        "flagged_instances": inst_flagged,
-        "flagged_instance_rate": round(inst_flagged / stats.instances, 4) if stats.instances else 0.0,
-        "error_verdicts": stats.errors,
-        "error_rate": round(stats.errors / stats.negatives, 4) if stats.negatives else 0.0,
-        "llm_calls": stats.calls,
-        "cache_hits": stats.cache_hits,
-        "parse_retries": stats.parse_retries,
-        "truncated_answers": stats.truncated,
-        "tokens_in": stats.tokens_in,
-        "tokens_out": stats.tokens_out,
-        "cost_usd": round(judge_res.cost_usd(stats.tokens_in, stats.tokens_out), 4),
-        "wall_seconds": round(seconds, 1),
-        "judgments_per_second": round(stats.negatives / seconds, 2) if seconds else 0.0,
-        "flagged_preview": dg.MetadataValue.md(md_table(
-            ["instance", "query", "neg #", "verdict", "score", "passage"], preview, max_chars=60)),
-    })
+               ORDER BY j.instance_id, j.neg_index LIMIT 8""",
+            [dataset, tier],
+        ).fetchall()
+    return dg.MaterializeResult(
+        metadata=base
+        | {
+            "instances_judged": stats.instances,
+            "negatives_judged": stats.negatives,
+            "verdicts": dg.MetadataValue.md(md_table(["verdict", "negatives"], list(stats.verdicts.items()))),
+            "flagged_negatives": flagged,
+            "flagged_negative_rate": round(flagged / stats.negatives, 4) if stats.negatives else 0.0,
+            "flagged_instances": inst_flagged,
+            "flagged_instance_rate": round(inst_flagged / stats.instances, 4) if stats.instances else 0.0,
+            "error_verdicts": stats.errors,
+            "error_rate": round(stats.errors / stats.negatives, 4) if stats.negatives else 0.0,
+            "llm_calls": stats.calls,
+            "cache_hits": stats.cache_hits,
+            "parse_retries": stats.parse_retries,
+            "truncated_answers": stats.truncated,
+            "tokens_in": stats.tokens_in,
+            "tokens_out": stats.tokens_out,
+            "cost_usd": round(judge_res.cost_usd(stats.tokens_in, stats.tokens_out), 4),
+            "wall_seconds": round(seconds, 1),
+            "judgments_per_second": round(stats.negatives / seconds, 2) if seconds else 0.0,
+            "flagged_preview": dg.MetadataValue.md(
+                md_table(["instance", "query", "neg #", "verdict", "score", "passage"], preview, max_chars=60)
+            ),
+        }
+    )
 
 
 def _chars_per_token() -> float:
@@ -170,8 +205,13 @@ def _chars_per_token() -> float:
         "the budget (`judging_budget`: RLHN_JUDGING_BUDGET_USD, default 0 USD)."
     ),
 )
-def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB, registry: DatasetRegistryResource,
-                          tier1_judge: JudgeTierResource, tier2_judge: JudgeTierResource) -> dg.MaterializeResult:
+def judging_cost_estimate(
+    context: dg.AssetExecutionContext,
+    duckdb: RLHNDuckDB,
+    registry: DatasetRegistryResource,
+    tier1_judge: JudgeTierResource,
+    tier2_judge: JudgeTierResource,
+) -> dg.MaterializeResult:
     dataset = context.partition_key
     reason = _skip_reason(registry, duckdb, dataset)
     if reason:
@@ -179,7 +219,9 @@ def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB,
             write_estimates(conn, dataset, [])
         return dg.MaterializeResult(metadata={"status": reason})
     with duckdb.get_connection() as conn:
-        has_t1 = conn.execute("SELECT count(*) FROM judgments WHERE dataset = $1 AND tier = 1", [dataset]).fetchall()[0][0]
+        has_t1 = conn.execute("SELECT count(*) FROM judgments WHERE dataset = $1 AND tier = 1", [dataset]).fetchall()[
+            0
+        ][0]
     rows, stored = [], []
     for res, only in ((tier1_judge, None), (tier2_judge, forwarded_sql(True) if has_t1 else None)):
         calls = chars = negatives = instances = 0
@@ -188,8 +230,7 @@ def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB,
             for inst in batch:
                 negatives += len(inst.negatives)
                 if res.kind == "listwise":
-                    for _, r in listwise_calls(inst, res.prompt_family,
-                                               structured=res.response_format_style != "none"):
+                    for _, r in listwise_calls(inst, res.prompt_family, structured=res.response_format_style != "none"):
                         calls += 1
                         chars += sum(len(m["content"]) for m in r.messages)
                 elif res.kind in ONE_TOKEN_KINDS:
@@ -200,34 +241,80 @@ def judging_cost_estimate(context: dg.AssetExecutionContext, duckdb: RLHNDuckDB,
         out_max = calls * (1 if res.kind in ONE_TOKEN_KINDS else res.max_tokens)
         out_typical = calls * (1 if res.kind in ONE_TOKEN_KINDS else 500)
         model = res.model if res.kind != "embedding_margin" else "MiniLM"
-        rows.append([f"tier {res.tier}", res.kind, model, "yes" if res.is_paid else "no", instances, negatives,
-                     calls, tokens_in, out_typical, out_max,
-                     round(res.cost_usd(tokens_in, out_typical), 4), round(res.cost_usd(tokens_in, out_max), 4)])
-        stored.append({"dataset": dataset, "tier": res.tier, "kind": res.kind, "model": res.model,
-                       "endpoint": res.endpoint if res.kind != "embedding_margin" else "",
-                       "paid": res.is_paid, "priced": bool(res.price_in_per_m or res.price_out_per_m),
-                       "instances": instances, "negatives": negatives, "calls": calls, "tokens_in": tokens_in,
-                       "tokens_out_typical": out_typical, "tokens_out_max": out_max,
-                       "usd_typical": res.cost_usd(tokens_in, out_typical), "usd_max": res.cost_usd(tokens_in, out_max),
-                       "run_id": context.run_id})
+        rows.append(
+            [
+                f"tier {res.tier}",
+                res.kind,
+                model,
+                "yes" if res.is_paid else "no",
+                instances,
+                negatives,
+                calls,
+                tokens_in,
+                out_typical,
+                out_max,
+                round(res.cost_usd(tokens_in, out_typical), 4),
+                round(res.cost_usd(tokens_in, out_max), 4),
+            ]
+        )
+        stored.append(
+            {
+                "dataset": dataset,
+                "tier": res.tier,
+                "kind": res.kind,
+                "model": res.model,
+                "endpoint": res.endpoint if res.kind != "embedding_margin" else "",
+                "paid": res.is_paid,
+                "priced": bool(res.price_in_per_m or res.price_out_per_m),
+                "instances": instances,
+                "negatives": negatives,
+                "calls": calls,
+                "tokens_in": tokens_in,
+                "tokens_out_typical": out_typical,
+                "tokens_out_max": out_max,
+                "usd_typical": res.cost_usd(tokens_in, out_typical),
+                "usd_max": res.cost_usd(tokens_in, out_max),
+                "run_id": context.run_id,
+            }
+        )
     with duckdb.get_connection() as conn:
         write_estimates(conn, dataset, stored)
-    headers = ["tier", "kind", "model", "paid", "instances", "negatives", "calls", "tokens_in", "tokens_out_typical",
-               "tokens_out_max", "usd_typical", "usd_max"]
+    headers = [
+        "tier",
+        "kind",
+        "model",
+        "paid",
+        "instances",
+        "negatives",
+        "calls",
+        "tokens_in",
+        "tokens_out_typical",
+        "tokens_out_max",
+        "usd_typical",
+        "usd_max",
+    ]
     # The judges depend on the estimate: its data version is its content, so re-estimating unchanged numbers
     # does not make them stale.
     import hashlib
     import json
 
-    version = hashlib.sha256(json.dumps([{k: v for k, v in r.items() if k != "run_id"} for r in stored],
-                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata={
-        "estimate": dg.MetadataValue.md(md_table(headers, rows)),
-        "tier2_basis": "instances forwarded by the stored tier-1 verdicts" if has_t1 else "upper bound: every instance",
-        "usd_typical_total": sum(r[10] for r in rows),
-        "usd_max_total": sum(r[11] for r in rows),
-        "calls_total": sum(r[6] for r in rows),
-    })
+    version = hashlib.sha256(
+        json.dumps(
+            [{k: v for k, v in r.items() if k != "run_id"} for r in stored], sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:16]
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "estimate": dg.MetadataValue.md(md_table(headers, rows)),
+            "tier2_basis": "instances forwarded by the stored tier-1 verdicts"
+            if has_t1
+            else "upper bound: every instance",
+            "usd_typical_total": sum(r[10] for r in rows),
+            "usd_max_total": sum(r[11] for r in rows),
+            "calls_total": sum(r[6] for r in rows),
+        },
+    )
 
 
 def _judge_tier_asset(deps: list, description: str):
@@ -256,9 +343,14 @@ def _judge_tier_asset(deps: list, description: str):
         "`data/llm_cache.duckdb` as they arrive, so a rerun never pays twice."
     ),
 )
-def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, duckdb: RLHNDuckDB,
-                    registry: DatasetRegistryResource, tier1_judge: JudgeTierResource,
-                    judging_budget: JudgingBudgetResource) -> dg.MaterializeResult:
+def tier1_judgments(
+    context: dg.AssetExecutionContext,
+    config: JudgeRunConfig,
+    duckdb: RLHNDuckDB,
+    registry: DatasetRegistryResource,
+    tier1_judge: JudgeTierResource,
+    judging_budget: JudgingBudgetResource,
+) -> dg.MaterializeResult:
     return _run_tier(context, 1, tier1_judge, duckdb, registry, config, None, judging_budget)
 
 
@@ -271,8 +363,14 @@ def tier1_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, d
         "on a llama.cpp server the step starts itself; `paper` preset: gpt-4o listwise). Table `judgments` (tier = 2)."
     ),
 )
-def tier2_judgments(context: dg.AssetExecutionContext, config: JudgeRunConfig, duckdb: RLHNDuckDB,
-                    registry: DatasetRegistryResource, tier2_judge: JudgeTierResource,
-                    judging_budget: JudgingBudgetResource) -> dg.MaterializeResult:
-    return _run_tier(context, 2, tier2_judge, duckdb, registry, config, forwarded_sql(config.forward_errors),
-                     judging_budget)
+def tier2_judgments(
+    context: dg.AssetExecutionContext,
+    config: JudgeRunConfig,
+    duckdb: RLHNDuckDB,
+    registry: DatasetRegistryResource,
+    tier2_judge: JudgeTierResource,
+    judging_budget: JudgingBudgetResource,
+) -> dg.MaterializeResult:
+    return _run_tier(
+        context, 2, tier2_judge, duckdb, registry, config, forwarded_sql(config.forward_errors), judging_budget
+    )

@@ -44,8 +44,9 @@ def _train_cached(label: str, instances, train_settings, log) -> tuple[str, str]
         return found["path"], found["data_version"]
     staged = store.staging_dir("retriever", variant, seed)
     result = train_retriever(instances, train_settings, staged, log=log)
-    path = store.publish("retriever", variant, seed, staged, result.data_version, key,
-                         {"steps": result.steps, "queries": len(instances)})
+    path = store.publish(
+        "retriever", variant, seed, staged, result.data_version, key, {"steps": result.steps, "queries": len(instances)}
+    )
     return str(path), result.data_version
 
 
@@ -58,8 +59,13 @@ def _scores(model_path: str, version: str, datasets: dict, max_seq_length: int, 
     out = {}
     for name, ds in datasets.items():
         # the same cache key as eval_scores, so the ALL / base models share embeddings with it when identical
-        results, _ = dense_search(model, f"{version[:16]}:len{max_seq_length}", ds,
-                                  cache_dir=settings.cache_dir() / "embeddings", progress=None)
+        results, _ = dense_search(
+            model,
+            f"{version[:16]}:len{max_seq_length}",
+            ds,
+            cache_dir=settings.cache_dir() / "embeddings",
+            progress=None,
+        )
         out[name] = evaluate(ds.qrels, results)["ndcg@10"]
     log("  nDCG@10 " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
     return out
@@ -80,8 +86,9 @@ def _scores(model_path: str, version: str, datasets: dict, max_seq_length: int, 
         "No automation: it trains N+1 models, so it runs when you ask for it."
     ),
 )
-def dataset_pruning(context: dg.AssetExecutionContext, config: LeaveOneOutConfig, duckdb: RLHNDuckDB,
-                    registry: DatasetRegistryResource) -> dg.MaterializeResult:
+def dataset_pruning(
+    context: dg.AssetExecutionContext, config: LeaveOneOutConfig, duckdb: RLHNDuckDB, registry: DatasetRegistryResource
+) -> dg.MaterializeResult:
     from rlhn_assets.lib import leave_one_out as loo
     from rlhn_assets.lib.embeddings import base_model_path, dir_hash
     from rlhn_assets.lib.evaluation import list_eval_sets, load_beir_eval
@@ -101,8 +108,9 @@ def dataset_pruning(context: dg.AssetExecutionContext, config: LeaveOneOutConfig
     t0 = time.perf_counter()
 
     with duckdb.get_connection() as conn:
-        all_instances, sizes = load_training_instances(conn, None, max_negatives=max_neg,
-                                                       max_per_dataset=config.max_instances_per_dataset)
+        all_instances, sizes = load_training_instances(
+            conn, None, max_negatives=max_neg, max_per_dataset=config.max_instances_per_dataset
+        )
     datasets = [d for d in reg.names if sizes.get(d)]
     if len(datasets) < 2:
         raise dg.Failure(f"leave-one-out needs at least 2 ingested datasets, found {datasets}: materialize raw_bge")
@@ -116,11 +124,19 @@ def dataset_pruning(context: dg.AssetExecutionContext, config: LeaveOneOutConfig
     without, queries = {}, {}
     for i, ds in enumerate(datasets, 3):
         with duckdb.get_connection() as conn:
-            inst, _ = load_training_instances(conn, None, max_negatives=max_neg, exclude_datasets=(ds,),
-                                              max_per_dataset=config.max_instances_per_dataset)
+            inst, _ = load_training_instances(
+                conn,
+                None,
+                max_negatives=max_neg,
+                exclude_datasets=(ds,),
+                max_per_dataset=config.max_instances_per_dataset,
+            )
         context.log.info(f"[{i}/{steps}] without {ds}: {len(inst):,} queries")
         path, version = _train_cached(f"without-{ds}", inst, train_settings, context.log.info)
-        without[ds], queries[ds] = _scores(path, version, evals, config.eval_max_seq_length, context.log.info), len(inst)
+        without[ds], queries[ds] = (
+            _scores(path, version, evals, config.eval_max_seq_length, context.log.info),
+            len(inst),
+        )
 
     in_domain = {d: loo.in_domain_sets(d, reg.get(d).in_domain_eval, eval_sets) for d in datasets}
     rows = loo.recommend(all_scores, without, eval_sets, in_domain, queries, rule)
@@ -131,25 +147,33 @@ def dataset_pruning(context: dg.AssetExecutionContext, config: LeaveOneOutConfig
     loo.write_csv(rows, all_scores, eval_sets, out / "leave_one_out.csv")
     png = loo.delta_chart_png(rows)
     (out / "leave_one_out.png").write_bytes(png)
-    provenance = {"train": train_settings.to_dict(), "eval_sets": eval_sets, "training_set_sizes": sizes,
-                  "max_instances_per_dataset": config.max_instances_per_dataset}
+    provenance = {
+        "train": train_settings.to_dict(),
+        "eval_sets": eval_sets,
+        "training_set_sizes": sizes,
+        "max_instances_per_dataset": config.max_instances_per_dataset,
+    }
     if config.apply:
         tmp = out / (Path(RECOMMENDATION_FILE).name + ".tmp")
         tmp.write_text(json.dumps(loo.recommendation_doc(rows, rule, provenance), indent=2) + "\n")
         os.replace(tmp, reg.data_dir / RECOMMENDATION_FILE)
-        context.log.info(f"wrote {reg.data_dir / RECOMMENDATION_FILE}: the `pruned` stage follows it for "
-                         "datasets without a manual keep:")
+        context.log.info(
+            f"wrote {reg.data_dir / RECOMMENDATION_FILE}: the `pruned` stage follows it for "
+            "datasets without a manual keep:"
+        )
     manual = {d: reg.get(d).keep for d in datasets if reg.get(d).keep is not None}
     context.log.info("\n" + md)
-    return dg.MaterializeResult(metadata={
-        "leave_one_out": dg.MetadataValue.md(md),
-        "chart": dg.MetadataValue.md(png_markdown(png, "change of average nDCG@10 when a dataset is left out")),
-        "rule": rule.describe(),
-        "recommended_prune": dg.MetadataValue.json(sorted(r.dataset for r in rows if not r.keep)),
-        "manual_overrides": dg.MetadataValue.json(manual),
-        "applied": config.apply,
-        "avg_ndcg@10_all": round(loo.average(all_scores, eval_sets), 4),
-        "models_trained": len(datasets) + 1,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "report": dg.MetadataValue.path(str(out / "leave_one_out.md")),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            "leave_one_out": dg.MetadataValue.md(md),
+            "chart": dg.MetadataValue.md(png_markdown(png, "change of average nDCG@10 when a dataset is left out")),
+            "rule": rule.describe(),
+            "recommended_prune": dg.MetadataValue.json(sorted(r.dataset for r in rows if not r.keep)),
+            "manual_overrides": dg.MetadataValue.json(manual),
+            "applied": config.apply,
+            "avg_ndcg@10_all": round(loo.average(all_scores, eval_sets), 4),
+            "models_trained": len(datasets) + 1,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "report": dg.MetadataValue.path(str(out / "leave_one_out.md")),
+        }
+    )

@@ -2,9 +2,8 @@ from typing import Literal
 
 import dagster as dg
 
-from rlhn_assets.conditions import PIPELINE
-
 from rlhn_assets import settings
+from rlhn_assets.conditions import PIPELINE
 from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
 from rlhn_assets.lib.markdown import md_table
 from rlhn_assets.lib.relabel import build_variant, export_variant
@@ -29,8 +28,6 @@ class RelabelConfig(dg.Config):
     export_dir: str = ""  # default: <data dir>/exports
 
 
-
-
 ONE_TOKEN_KINDS = ("pointwise", "graded")
 
 
@@ -39,8 +36,12 @@ def stage2_fn_lists(conn, dataset: str, setting: str) -> str:
     one-token judge kind (``pointwise``, ``graded``, with or without ``+calibrated``), else ``better``."""
     if setting != "auto":
         return setting
-    kinds = {k for (k,) in conn.execute("SELECT DISTINCT judge_kind FROM judgments WHERE dataset = $1 AND tier = 2",
-                                         [dataset]).fetchall()}
+    kinds = {
+        k
+        for (k,) in conn.execute(
+            "SELECT DISTINCT judge_kind FROM judgments WHERE dataset = $1 AND tier = 2", [dataset]
+        ).fetchall()
+    }
     one_token = bool(kinds) and all(k and k.split("+")[0] in ONE_TOKEN_KINDS for k in kinds)
     return "better+worse" if one_token else "better"
 
@@ -57,8 +58,10 @@ def export_paths(variant: str, dataset: str, export_dir: str = ""):
     group_name="relabel",
     code_version="2",
     automation_condition=PIPELINE,
-    deps=[dg.AssetDep(tier1_judgments, partition_mapping=_BY_DATASET),
-          dg.AssetDep(tier2_judgments, partition_mapping=_BY_DATASET)],
+    deps=[
+        dg.AssetDep(tier1_judgments, partition_mapping=_BY_DATASET),
+        dg.AssetDep(tier2_judgments, partition_mapping=_BY_DATASET),
+    ],
     kinds={"duckdb", "parquet"},
     description=(
         "The dataset variants of the paper (§3), per dataset x variant: `default` (pruned, unchanged), and from "
@@ -68,16 +71,17 @@ def export_paths(variant: str, dataset: str, export_dir: str = ""):
         "schema to data/exports/<variant>/<dataset>.{parquet,jsonl.gz}."
     ),
 )
-def relabeled(context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: RLHNDuckDB,
-              registry: DatasetRegistryResource) -> dg.MaterializeResult:
+def relabeled(
+    context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: RLHNDuckDB, registry: DatasetRegistryResource
+) -> dg.MaterializeResult:
     keys = context.partition_key.keys_by_dimension
     dataset, variant = keys["dataset"], keys["variant"]
     judged = registry.load().get(dataset).judge
     with duckdb.get_connection() as conn:
-        fn_lists = (stage2_fn_lists(conn, dataset, config.fn_lists_stage2) if variant.startswith("s2_")
-                    else config.fn_lists)
-        stats = build_variant(conn, dataset, variant, fn_lists=fn_lists, ambiguity_k=config.ambiguity_k,
-                              judged=judged)
+        fn_lists = (
+            stage2_fn_lists(conn, dataset, config.fn_lists_stage2) if variant.startswith("s2_") else config.fn_lists
+        )
+        stats = build_variant(conn, dataset, variant, fn_lists=fn_lists, ambiguity_k=config.ambiguity_k, judged=judged)
         md = {
             "dagster/row_count": stats.instances_out,
             "instances": stats.instances_out,
@@ -93,7 +97,9 @@ def relabeled(context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: 
         }
         pos_neg = conn.execute(
             "SELECT avg(len(positive_ids)), avg(len(negative_ids)) FROM relabeled_instances "
-            "WHERE dataset = $1 AND variant = $2", [dataset, variant]).fetchall()[0]
+            "WHERE dataset = $1 AND variant = $2",
+            [dataset, variant],
+        ).fetchall()[0]
         md["positives_per_instance_mean"] = round(float(pos_neg[0] or 0), 3)
         md["negatives_per_instance_mean"] = round(float(pos_neg[1] or 0), 3)
         if config.export:
@@ -102,9 +108,23 @@ def relabeled(context: dg.AssetExecutionContext, config: RelabelConfig, duckdb: 
             md["export_parquet"] = dg.MetadataValue.path(str(pq))
             md["export_jsonl"] = dg.MetadataValue.path(str(jl))
             md["exported_rows"] = n
-    context.log.info(f"{dataset}/{variant}: {stats.instances_out:,}/{stats.instances_in:,} instances, "
-                     f"{stats.false_negatives:,} false negatives")
-    md["summary"] = dg.MetadataValue.md(md_table(["instances in", "out", "with FN", "FNs", "dropped (>k)", "dropped (remove)"],
-                                                 [[stats.instances_in, stats.instances_out, stats.instances_with_fn,
-                                                   stats.false_negatives, stats.dropped_ambiguous, stats.dropped_remove]]))
+    context.log.info(
+        f"{dataset}/{variant}: {stats.instances_out:,}/{stats.instances_in:,} instances, "
+        f"{stats.false_negatives:,} false negatives"
+    )
+    md["summary"] = dg.MetadataValue.md(
+        md_table(
+            ["instances in", "out", "with FN", "FNs", "dropped (>k)", "dropped (remove)"],
+            [
+                [
+                    stats.instances_in,
+                    stats.instances_out,
+                    stats.instances_with_fn,
+                    stats.false_negatives,
+                    stats.dropped_ambiguous,
+                    stats.dropped_remove,
+                ]
+            ],
+        )
+    )
     return dg.MaterializeResult(metadata=md)

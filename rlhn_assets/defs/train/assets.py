@@ -2,7 +2,7 @@ import functools
 import hashlib
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -38,11 +38,18 @@ def _settings(config: TrainConfig, seed: int):
     from rlhn_assets.lib.embeddings import resolve_precision
     from rlhn_assets.lib.training import TrainSettings
 
-    return TrainSettings(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                         hard_negatives=config.hard_negatives, scale=config.scale,
-                         max_seq_length=config.max_seq_length, seed=seed, max_steps=config.max_steps,
-                         reranker_negatives=config.reranker_negatives,
-                         precision=resolve_precision(config.precision, "cpu"))
+    return TrainSettings(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        hard_negatives=config.hard_negatives,
+        scale=config.scale,
+        max_seq_length=config.max_seq_length,
+        seed=seed,
+        max_steps=config.max_steps,
+        reranker_negatives=config.reranker_negatives,
+        precision=resolve_precision(config.precision, "cpu"),
+    )
 
 
 def model_store():
@@ -82,21 +89,33 @@ def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.Ma
         key = input_key(kind, train_settings.to_dict(), base_version, instances)
         found = store.find(kind, variant, seed, key)
         if found:  # same data, settings, seed, base model and code: the model exists, do not train it again
-            context.log.info(f"{kind}[{variant}] seed {seed} ({i}/{len(seeds)}): reusing {found['path']} "
-                             f"(trained {found.get('trained_at', '?')}, same inputs {key[:12]})")
+            context.log.info(
+                f"{kind}[{variant}] seed {seed} ({i}/{len(seeds)}): reusing {found['path']} "
+                f"(trained {found.get('trained_at', '?')}, same inputs {key[:12]})"
+            )
             runs.append({**found, "seed": seed, "reused": True})
             continue
         context.log.info(f"{kind}[{variant}] seed {seed} ({i}/{len(seeds)}): training")
         staged = store.staging_dir(kind, variant, seed)
         t0 = time.perf_counter()
         result = fn(instances, train_settings, staged, log=context.log.info)
-        summary = {"variant": variant, "seed": seed, "train_rows": result.train_rows, "steps": result.steps,
-                   "final_loss": result.final_loss, "training_set_sizes": sizes, "queries": len(instances),
-                   "seconds": round(time.perf_counter() - t0, 1), "settings": result.settings,
-                   "loss_history": result.loss_history, "trained_at": datetime.now(timezone.utc).isoformat()}
+        summary = {
+            "variant": variant,
+            "seed": seed,
+            "train_rows": result.train_rows,
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "training_set_sizes": sizes,
+            "queries": len(instances),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "settings": result.settings,
+            "loss_history": result.loss_history,
+            "trained_at": datetime.now(UTC).isoformat(),
+        }
         path = store.publish(kind, variant, seed, staged, result.data_version, key, summary)
-        runs.append({**summary, "path": str(path), "data_version": result.data_version, "input_key": key,
-                     "reused": False})
+        runs.append(
+            {**summary, "path": str(path), "data_version": result.data_version, "input_key": key, "reused": False}
+        )
     with duckdb.get_connection() as conn:
         conn.execute("BEGIN TRANSACTION")
         conn.execute("DELETE FROM trained_models WHERE kind = $1 AND variant = $2", [kind, variant])
@@ -105,9 +124,26 @@ def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.Ma
                                            steps, final_loss, seconds, settings_json, training_set_sizes_json,
                                            trained_at)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            [[kind, variant, r["seed"], r["input_key"], r["data_version"][:16], r["path"], r["queries"],
-              r["train_rows"], r["steps"], r["final_loss"], r["seconds"], json.dumps(r["settings"], default=str),
-              json.dumps(r["training_set_sizes"]), r.get("trained_at")] for r in runs])
+            [
+                [
+                    kind,
+                    variant,
+                    r["seed"],
+                    r["input_key"],
+                    r["data_version"][:16],
+                    r["path"],
+                    r["queries"],
+                    r["train_rows"],
+                    r["steps"],
+                    r["final_loss"],
+                    r["seconds"],
+                    json.dumps(r["settings"], default=str),
+                    json.dumps(r["training_set_sizes"]),
+                    r.get("trained_at"),
+                ]
+                for r in runs
+            ],
+        )
         conn.execute("COMMIT")
     # the asset's data version: its models' content hashes, so retraining one seed changes it
     version = hashlib.sha256("|".join(f"{r['seed']}:{r['data_version']}" for r in runs).encode()).hexdigest()[:16]
@@ -128,14 +164,27 @@ def _train(context, kind: str, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.Ma
             "final_loss": float(runs[0]["final_loss"]) if runs[0]["final_loss"] is not None else float("nan"),
             "seconds": round(sum(r["seconds"] for r in trained), 1),
             "training_set_sizes": dg.MetadataValue.md(md_table(["dataset", "queries"], sorted(sizes.items()))),
-            "runs": dg.MetadataValue.md(md_table(
-                ["seed", "model version", "steps", "final loss", "seconds", "reused"],
-                [(r["seed"], r["data_version"][:12], r["steps"],
-                  round(r["final_loss"], 4) if r["final_loss"] is not None else "n/a", r["seconds"], r["reused"])
-                 for r in runs])),
-            "loss_curve": dg.MetadataValue.md(md_table(["step", "loss"], [tuple(x) for x in
-                                                                          (runs[0].get("loss_history") or [])[-20:]])),
-        })
+            "runs": dg.MetadataValue.md(
+                md_table(
+                    ["seed", "model version", "steps", "final loss", "seconds", "reused"],
+                    [
+                        (
+                            r["seed"],
+                            r["data_version"][:12],
+                            r["steps"],
+                            round(r["final_loss"], 4) if r["final_loss"] is not None else "n/a",
+                            r["seconds"],
+                            r["reused"],
+                        )
+                        for r in runs
+                    ],
+                )
+            ),
+            "loss_curve": dg.MetadataValue.md(
+                md_table(["step", "loss"], [tuple(x) for x in (runs[0].get("loss_history") or [])[-20:]])
+            ),
+        },
+    )
 
 
 # What both trained_* assets share: one partition per variant, the `training` pool (dagster.yaml: one training at a
@@ -163,7 +212,9 @@ _TRAINED_ASSET = dict(
         "inputs is reused), listed in table `trained_models`."
     ),
 )
-def trained_retriever(context: dg.AssetExecutionContext, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.MaterializeResult:
+def trained_retriever(
+    context: dg.AssetExecutionContext, config: TrainConfig, duckdb: RLHNDuckDB
+) -> dg.MaterializeResult:
     return _train(context, "retriever", config, duckdb)
 
 
@@ -175,5 +226,7 @@ def trained_retriever(context: dg.AssetExecutionContext, config: TrainConfig, du
         "(query, hard negative) = 0 pairs. Evaluated by re-ranking the trained retriever's top-100."
     ),
 )
-def trained_reranker(context: dg.AssetExecutionContext, config: TrainConfig, duckdb: RLHNDuckDB) -> dg.MaterializeResult:
+def trained_reranker(
+    context: dg.AssetExecutionContext, config: TrainConfig, duckdb: RLHNDuckDB
+) -> dg.MaterializeResult:
     return _train(context, "reranker", config, duckdb)

@@ -12,13 +12,17 @@ from rlhn_assets.resources import RLHNDuckDB
 # A fixed probe: a query, a passage that answers it and one that does not (not from any dataset: a health check,
 # not a measurement; the scores must differ and be finite, not be in a given order).
 PROBE_QUERY = "what is the boiling point of water at sea level"
-PROBE_PASSAGES = ("At sea level, pure water boils at 100 degrees Celsius (212 degrees Fahrenheit).",
-                  "The stock market closed higher on Friday after strong quarterly earnings reports.")
+PROBE_PASSAGES = (
+    "At sea level, pure water boils at 100 degrees Celsius (212 degrees Fahrenheit).",
+    "The stock market closed higher on Friday after strong quarterly earnings reports.",
+)
 
 
 def _models(conn, kind: str, variant: str) -> list[tuple]:
-    return conn.execute("SELECT seed, path, final_loss FROM trained_models WHERE kind = $1 AND variant = $2 "
-                        "ORDER BY seed", [kind, variant]).fetchall()
+    return conn.execute(
+        "SELECT seed, path, final_loss FROM trained_models WHERE kind = $1 AND variant = $2 ORDER BY seed",
+        [kind, variant],
+    ).fetchall()
 
 
 def _probe(kind: str, path: str) -> list[float]:
@@ -57,13 +61,19 @@ def _check(context, kind: str, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=not problems,
         description="; ".join(problems) or f"{len(rows)} seed(s) load and score the probe: {scores}",
-        metadata={"seeds": len(rows), "probe_scores": dg.MetadataValue.json({str(k): v for k, v in scores.items()})})
+        metadata={"seeds": len(rows), "probe_scores": dg.MetadataValue.json({str(k): v for k, v in scores.items()})},
+    )
 
 
 def _loads_and_scores(asset, kind: str):
-    @dg.asset_check(asset=asset, name=f"trained_{kind}_loads_and_scores", partitions_def=variant_pd, blocking=True,
-                    description=f"Every seed's {kind} loads from the model store, its final loss is finite, and it "
-                                "gives finite, distinct scores to a relevant and an unrelated probe passage.")
+    @dg.asset_check(
+        asset=asset,
+        name=f"trained_{kind}_loads_and_scores",
+        partitions_def=variant_pd,
+        blocking=True,
+        description=f"Every seed's {kind} loads from the model store, its final loss is finite, and it "
+        "gives finite, distinct scores to a relevant and an unrelated probe passage.",
+    )
     def check(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
         return _check(context, kind, duckdb)
 

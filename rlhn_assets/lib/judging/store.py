@@ -5,7 +5,7 @@ and DuckDB allows one writer process per file."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import duckdb
 
@@ -17,23 +17,29 @@ def count_instances(conn: duckdb.DuckDBPyConnection, dataset: str, only: str | N
     return conn.execute(f"SELECT count(*) FROM pruned_instances WHERE dataset = $1{where}", [dataset]).fetchall()[0][0]
 
 
-def load_instances(conn: duckdb.DuckDBPyConnection, dataset: str, *, offset: int, limit: int,
-                   only: str | None = None) -> list[Instance]:
+def load_instances(
+    conn: duckdb.DuckDBPyConnection, dataset: str, *, offset: int, limit: int, only: str | None = None
+) -> list[Instance]:
     """Instances ordered by instance_id; ``only`` is a SQL subquery of instance ids (over dataset $1)."""
     where = f" AND instance_id IN ({only})" if only else ""
     rows = conn.execute(
         f"""SELECT i.instance_id, q.query, i.positive_ids, i.negative_ids
             FROM pruned_instances i JOIN raw_queries q USING (dataset, query_id)
             WHERE i.dataset = $1{where} ORDER BY i.instance_id LIMIT {int(limit)} OFFSET {int(offset)}""",
-        [dataset]).fetchall()
+        [dataset],
+    ).fetchall()
     if not rows:
         return []
     ids = sorted({d for r in rows for d in r[2] + r[3]})
     conn.execute("CREATE OR REPLACE TEMP TABLE _want (docid VARCHAR)")
     conn.executemany("INSERT INTO _want VALUES (?)", [[d] for d in ids])
-    texts = {d: Passage(d, t or "", x) for d, t, x in conn.execute(
-        "SELECT p.docid, p.title, p.text FROM raw_passages p JOIN _want USING (docid) WHERE p.dataset = $1",
-        [dataset]).fetchall()}
+    texts = {
+        d: Passage(d, t or "", x)
+        for d, t, x in conn.execute(
+            "SELECT p.docid, p.title, p.text FROM raw_passages p JOIN _want USING (docid) WHERE p.dataset = $1",
+            [dataset],
+        ).fetchall()
+    }
     conn.execute("DROP TABLE _want")
     return [Instance(iid, q, tuple(texts[d] for d in pos), tuple(texts[d] for d in neg)) for iid, q, pos, neg in rows]
 
@@ -49,22 +55,30 @@ def iter_batches(open_conn, dataset: str, batch_size: int, only: str | None = No
         offset += len(batch)
 
 
-def write_judgments(conn: duckdb.DuckDBPyConnection, dataset: str, tier: int, judge, rows: Sequence[NegativeJudgment]) -> None:
+def write_judgments(
+    conn: duckdb.DuckDBPyConnection, dataset: str, tier: int, judge, rows: Sequence[NegativeJudgment]
+) -> None:
     if not rows:
         return
     import pyarrow as pa
 
-    t = pa.table({
-        "dataset": [dataset] * len(rows), "tier": [tier] * len(rows),
-        "instance_id": [r.instance_id for r in rows], "docid": [r.docid for r in rows],
-        "neg_index": [r.neg_index for r in rows], "verdict": [r.verdict for r in rows],
-        "score": pa.array([r.score for r in rows], pa.float64()),
-        "judge_kind": [judge.kind] * len(rows), "judge_model": [judge.model] * len(rows),
-        "judge_model_identity": [getattr(judge, "model_identity", None)] * len(rows),
-        "prompt_version": [judge.prompt_version] * len(rows),
-        "response_key": pa.array([r.response_key for r in rows], pa.string()),
-        "detail": pa.array([r.detail for r in rows], pa.string()),
-    })
+    t = pa.table(
+        {
+            "dataset": [dataset] * len(rows),
+            "tier": [tier] * len(rows),
+            "instance_id": [r.instance_id for r in rows],
+            "docid": [r.docid for r in rows],
+            "neg_index": [r.neg_index for r in rows],
+            "verdict": [r.verdict for r in rows],
+            "score": pa.array([r.score for r in rows], pa.float64()),
+            "judge_kind": [judge.kind] * len(rows),
+            "judge_model": [judge.model] * len(rows),
+            "judge_model_identity": [getattr(judge, "model_identity", None)] * len(rows),
+            "prompt_version": [judge.prompt_version] * len(rows),
+            "response_key": pa.array([r.response_key for r in rows], pa.string()),
+            "detail": pa.array([r.detail for r in rows], pa.string()),
+        }
+    )
     conn.register("_j", t)
     conn.execute("""INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, score, judge_kind,
                                            judge_model, judge_model_identity, prompt_version, response_key, detail)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import duckdb
 
@@ -34,8 +35,17 @@ from rlhn_assets.lib.schema import apply_versioned
 log = logging.getLogger(__name__)
 
 _RESPONSE_COLUMNS = (
-    "key", "model", "prompt_version", "request_json", "text", "finish_reason",
-    "tokens_in", "tokens_out", "latency_s", "top_logprobs_json", "created_at",
+    "key",
+    "model",
+    "prompt_version",
+    "request_json",
+    "text",
+    "finish_reason",
+    "tokens_in",
+    "tokens_out",
+    "latency_s",
+    "top_logprobs_json",
+    "created_at",
 )
 
 # The cache file's tables, versioned like the pipeline database's (lib/schema.py): bump CACHE_SCHEMA_VERSION
@@ -92,7 +102,7 @@ class BatchRecord:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _dumps(obj: Any) -> str:
@@ -106,16 +116,23 @@ class ResponseCache:
     loop is never blocked by DuckDB. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | Path, *, open_timeout_s: float | None = None, first_delay_s: float = 0.1,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        open_timeout_s: float | None = None,
+        first_delay_s: float = 0.1,
+        config: dict | None = None,
+    ):
         """``open_timeout_s``: how long to wait for another process's lock on the file (default
         ``RLHN_DUCKDB_LOCK_TIMEOUT_S``, like every DuckDB file of the project: ``lib.db.open_with_lock_retry``)."""
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = open_with_lock_retry(self.path, config=config, timeout_s=open_timeout_s,
-                                          first_delay=first_delay_s, log=log)
+        self._conn = open_with_lock_retry(
+            self.path, config=config, timeout_s=open_timeout_s, first_delay=first_delay_s, log=log
+        )
         with self._lock:
             apply_cache_schema(self._conn)
 
@@ -130,7 +147,7 @@ class ResponseCache:
     def closed(self) -> bool:
         return self._conn is None
 
-    def __enter__(self) -> "ResponseCache":
+    def __enter__(self) -> ResponseCache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -151,20 +168,31 @@ class ResponseCache:
         if not wanted:
             return {}
         with self._lock:
-            rows = self._c().execute(
-                """SELECT r.key, r.text, r.finish_reason, r.tokens_in, r.tokens_out, r.latency_s,
+            rows = (
+                self._c()
+                .execute(
+                    """SELECT r.key, r.text, r.finish_reason, r.tokens_in, r.tokens_out, r.latency_s,
                           r.top_logprobs_json
                    FROM llm_responses r JOIN (SELECT unnest(?::VARCHAR[]) AS k) q ON r.key = q.k""",
-                [wanted],
-            ).fetchall()
+                    [wanted],
+                )
+                .fetchall()
+            )
         out: dict[str, LLMResponse] = {}
         for key, text, finish, t_in, t_out, lat, lp_json in rows:
             lp = None
             if lp_json is not None:
                 lp = [[(str(t), float(v)) for t, v in tok] for tok in json.loads(lp_json)]
-            out[key] = LLMResponse(key=key, text=text, finish_reason=finish, tokens_in=int(t_in or 0),
-                                   tokens_out=int(t_out or 0), latency_s=float(lat or 0.0),
-                                   top_logprobs=lp, cached=True)
+            out[key] = LLMResponse(
+                key=key,
+                text=text,
+                finish_reason=finish,
+                tokens_in=int(t_in or 0),
+                tokens_out=int(t_out or 0),
+                latency_s=float(lat or 0.0),
+                top_logprobs=lp,
+                cached=True,
+            )
         return out
 
     def put_many(self, rows: Sequence[CacheRow]) -> int:
@@ -177,8 +205,19 @@ class ResponseCache:
             if r.error is not None:
                 continue
             lp_json = None if r.top_logprobs is None else _dumps([[list(p) for p in tok] for tok in r.top_logprobs])
-            latest[r.key] = (r.key, row.model, row.prompt_version, _dumps(row.request), r.text, r.finish_reason,
-                             int(r.tokens_in), int(r.tokens_out), float(r.latency_s), lp_json, now)
+            latest[r.key] = (
+                r.key,
+                row.model,
+                row.prompt_version,
+                _dumps(row.request),
+                r.text,
+                r.finish_reason,
+                int(r.tokens_in),
+                int(r.tokens_out),
+                float(r.latency_s),
+                lp_json,
+                now,
+            )
         if not latest:
             return 0
         values = list(latest.values())
@@ -189,9 +228,10 @@ class ResponseCache:
             conn.execute("BEGIN TRANSACTION")
             try:
                 for i in range(0, len(values), _INSERT_CHUNK):
-                    chunk = values[i:i + _INSERT_CHUNK]
+                    chunk = values[i : i + _INSERT_CHUNK]
                     conn.execute(
-                        f"INSERT OR REPLACE INTO llm_responses ({cols}) VALUES " + ", ".join([placeholder] * len(chunk)),
+                        f"INSERT OR REPLACE INTO llm_responses ({cols}) VALUES "
+                        + ", ".join([placeholder] * len(chunk)),
                         [v for row in chunk for v in row],
                     )
                 conn.execute("COMMIT")
@@ -219,8 +259,9 @@ class ResponseCache:
                 [batch_id, input_file_id, status, json.dumps(list(keys)), now, now],
             )
 
-    def update_batch(self, batch_id: str, status: str, *, output_file_id: str | None = None,
-                     error_file_id: str | None = None) -> None:
+    def update_batch(
+        self, batch_id: str, status: str, *, output_file_id: str | None = None, error_file_id: str | None = None
+    ) -> None:
         with self._lock:
             self._c().execute(
                 """UPDATE llm_batches SET status = ?, updated_at = ?,
@@ -230,8 +271,10 @@ class ResponseCache:
             )
 
     def batches(self, *, open_only: bool = False) -> list[BatchRecord]:
-        sql = ("SELECT batch_id, input_file_id, status, keys_json, created_at, updated_at, output_file_id, "
-               "error_file_id FROM llm_batches")
+        sql = (
+            "SELECT batch_id, input_file_id, status, keys_json, created_at, updated_at, output_file_id, "
+            "error_file_id FROM llm_batches"
+        )
         params: list = []
         if open_only:
             sql += " WHERE status NOT IN (SELECT unnest(?::VARCHAR[]))"
