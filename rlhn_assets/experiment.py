@@ -50,14 +50,15 @@ BUDGET_S = 2 * 3600  # the whole cold run on the 2-core machine, judging include
 # 128 tokens x 3 hard negatives x batch 32 took 385 s per model in fp32 (15 models: 96 min; SciFact nDCG@10
 # 0.6451 -> 0.6687, +2.4 points [1.1, 3.7]); bf16 mixed precision on this AVX512_BF16 CPU: 4.2 -> 2.3 s/step at
 # 128x1x32 (15 models ~16 min), 5.6 s/step at 128x3x32 (~42 min). Evaluating one model on the three eval sets at
-# 256 tokens: ~4.5 min fp32, ~1.8 min bf16 (encoding 2.5x faster). Chosen: 3 hard negatives (the size measured to
-# beat the base on SciFact), bf16 where native ("auto"): ~42 min training + ~29 min evaluation leaves ~45 min of
-# the budget for ingest and for judging what the committed recording does not hold.
+# 256 tokens: ~4.5 min fp32, ~1.8 min bf16 (encoding 2.5x faster). Chosen: 1 hard negative (+ 31 in-batch), bf16
+# where native ("auto"): ~16 min training + ~29 min evaluation. 3 hard negatives (~42 min) did not fit beside the
+# live judging of 2026-12-07 (the 1.5B at ~55 prompt tokens/s, 6-7 s per SciFact call), which the completed
+# recording now spares a cold run; raise hard_negatives when the budget allows.
 TRAIN = {
     "epochs": 1,
     "batch_size": 32,
     "learning_rate": 2e-5,
-    "hard_negatives": 3,
+    "hard_negatives": 1,
     "max_seq_length": 128,
     "scale": 20.0,
     "max_steps": -1,
@@ -206,6 +207,33 @@ def record_judge_responses(log=print, *, all_cached: bool = False) -> Path:
     return RECORDED_RESPONSES
 
 
+class StageLedger:
+    """Wall time of every step the experiment ran, kept in the experiment's home across invocations (a step is a
+    stage's assets for one partition). A resumed run (after an interruption, or with ``--from``) adds its steps to
+    the ones an earlier invocation finished, so the report can give the whole run's stage times; a cold run starts
+    with an empty home and so an empty ledger."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.steps: dict[str, dict[str, dict]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(self, keys, partition, seconds: float) -> None:
+        self.steps.setdefault(",".join(keys), {})[str(partition)] = {
+            "seconds": round(float(seconds), 1),
+            "code_version": provenance.code_version(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.steps, indent=1) + "\n")
+        tmp.replace(self.path)
+
+    def per_stage(self) -> dict[str, float]:
+        return {stage: sum(s["seconds"] for s in steps.values()) for stage, steps in self.steps.items()}
+
+    def code_versions(self) -> list[str]:
+        return sorted({s["code_version"] for steps in self.steps.values() for s in steps.values()})
+
+
 class Budget:
     """Time left of BUDGET_S, printed after every step; a per-stage line when a stage ends."""
 
@@ -223,9 +251,11 @@ class Budget:
         )
 
 
-def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path | None = None) -> Path:
+def write_docs(
+    timings: dict, total_s: float, load_start: float, out_dir: Path | None = None, ledger: StageLedger | None = None
+) -> Path:
     """docs/experiment.{md,csv,png}: the comparison report with the run's header (date, code version, load,
-    sizes, stage times)."""
+    sizes, stage times: this invocation's, and the whole run's from the ledger when it was resumed)."""
     out_dir = out_dir or settings.PROJECT_ROOT / "docs"
     reports = settings.data_dir() / "reports"
     md = (reports / "comparison.md").read_text()
@@ -238,12 +268,21 @@ def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path |
         f"`{preset_name()}`",
         f"- machine: {machine['cores']} cores ({machine['cpu']}), load average {load_start:.2f} at the start, "
         f"{machine['load_avg_1m']:.2f} at the end; Python {machine['python']}",
-        f"- whole run {total_s / 60:.1f} min (budget {BUDGET_S / 60:.0f} min); per stage: "
+        f"- this invocation {total_s / 60:.1f} min (budget {BUDGET_S / 60:.0f} min); per stage: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()),
         f"- sizes: every instance of every dataset, at most {PRUNE['max_negatives_per_instance']} negatives each; "
         f"retriever training {json.dumps(TRAIN)}; evaluation {json.dumps(EVAL)}",
         f"- variants {', '.join(EXPERIMENT_VARIANTS)}; seeds {', '.join(map(str, SEEDS))}; eval sets "
         f"{', '.join(EVAL_SETS)}; the reranker is not trained (budget)",
+    ]
+    if ledger is not None and set(ledger.per_stage()) - set(timings):
+        whole = ledger.per_stage()
+        header.append(
+            f"- the run was resumed: every stage's steps (the ledger {ledger.path.name}, code versions "
+            f"{', '.join(ledger.code_versions())}) took {sum(whole.values()) / 60:.1f} min in all; per stage: "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in whole.items())
+        )
+    header += [
         "",
         "![nDCG@10 per eval set and model, and each variant's delta vs default with its 95% CI](experiment.png)",
         "",
@@ -256,6 +295,23 @@ def write_docs(timings: dict, total_s: float, load_start: float, out_dir: Path |
     return out_dir / "experiment.md"
 
 
+def select_stages(stages: list, argv: list[str]) -> list:
+    """``--from <asset>``: resume at that asset's stage (the earlier stages stay as an earlier invocation left
+    them); ``--until <asset>``: stop after that asset's stage."""
+
+    def index_of(flag: str) -> int:
+        asset = argv[argv.index(flag) + 1]
+        cut = next((i for i, (keys, _) in enumerate(stages) if asset in keys), None)
+        if cut is None:
+            names = ", ".join(k for keys, _ in stages for k in keys)
+            raise SystemExit(f"{flag} {asset}: not an asset of the experiment ({names})")
+        return cut
+
+    first = index_of("--from") if "--from" in argv else 0
+    last = index_of("--until") if "--until" in argv else len(stages) - 1
+    return stages[first : last + 1]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     home = use_experiment_instance()
@@ -263,14 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         record_judge_responses(all_cached="--all-cached" in argv)
         return
     stages = plan()
-    if "--until" in argv:  # e.g. --until tier2_judgments: the stages up to and including that asset's
-        until = argv[argv.index("--until") + 1]
-        cut = next((i for i, (keys, _) in enumerate(stages) if until in keys), None)
-        if cut is None:
-            raise SystemExit(
-                f"--until {until}: not an asset of the experiment ({', '.join(k for keys, _ in stages for k in keys)})"
-            )
-        stages = stages[: cut + 1]
+    stages = select_stages(stages, argv)
     print(
         f"rlhn_assets experiment: every instance, <= {PRUNE['max_negatives_per_instance']} negatives; judge preset "
         f"{preset_name()!r}; variants {', '.join(EXPERIMENT_VARIANTS)} x seeds {', '.join(map(str, SEEDS))}; "
@@ -281,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Dagster's event stream and library output go to {log_path}", flush=True)
     load_start = os.getloadavg()[0]
     budget = Budget()
+    ledger = StageLedger(home / "stage_times.json")
+
+    def after_step(keys, partition, seconds) -> str:
+        ledger.record(keys, partition, seconds)
+        return budget.after_step(keys, partition, seconds)
+
     with Console(log_path) as console:
         load_recorded_responses(log=console.line)
         d = defs()
@@ -295,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
                     log=console.line,
                     progress=console.progress,
                     plan_stages=stages,
-                    after_step=budget.after_step,
+                    after_step=after_step,
                 )
             except StageFailed as e:
                 console.line(
@@ -307,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if stages[-1][0] != ["comparison_report"]:
         print(f"\nStopped after {stages[-1][0]} as asked, in {total / 60:.1f} min ({checks} asset checks passed).")
         return
-    doc = write_docs(timings, total, load_start)
+    doc = write_docs(timings, total, load_start, ledger=ledger)
     print(f"\nDone in {total / 60:.1f} min ({checks} asset checks passed). Report: {doc} (+ .csv, .png)\n")
     print(doc.read_text())
 

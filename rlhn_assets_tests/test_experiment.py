@@ -128,3 +128,38 @@ def test_record_refuses_without_tier2_verdicts(tmp_path, monkeypatch):
         apply_schema(conn)
     with pytest.raises(SystemExit, match="run the experiment first"):
         experiment.record_judge_responses(log=lambda m: None)
+
+
+def test_stage_ledger_adds_a_resumed_invocations_steps_to_the_earlier_ones(tmp_path):
+    path = tmp_path / "stage_times.json"
+    first = experiment.StageLedger(path)
+    first.record(["tier1_judgments", "tier2_judgments"], "fiqa", 30.0)
+    first.record(["tier1_judgments", "tier2_judgments"], "scifact", 600.04)
+    resumed = experiment.StageLedger(path)  # a later invocation reads what the first one finished
+    resumed.record(["trained_retriever"], "default", 120.0)
+    resumed.record(["tier1_judgments", "tier2_judgments"], "fiqa", 20.0)  # a step re-run replaces its time
+    assert resumed.per_stage() == {"tier1_judgments,tier2_judgments": 620.0, "trained_retriever": 120.0}
+    assert len(resumed.code_versions()) == 1
+
+
+def test_write_docs_gives_the_whole_runs_stage_times_when_resumed(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHN_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "data" / "reports").mkdir(parents=True)
+    (tmp_path / "data" / "reports" / "comparison.md").write_text("\n## report body\n")
+    ledger = experiment.StageLedger(tmp_path / "stage_times.json")
+    ledger.record(["tier2_judgments"], "scifact", 1800.0)
+    ledger.record(["trained_retriever"], "default", 600.0)
+    doc = experiment.write_docs({"trained_retriever": 600.0}, 600.0, 1.0, out_dir=tmp_path / "docs", ledger=ledger)
+    text = doc.read_text()
+    assert "this invocation 10.0 min" in text and "## report body" in text
+    assert "took 40.0 min in all; per stage: tier2_judgments 30.0 min, trained_retriever 10.0 min" in text
+
+
+def test_from_and_until_slice_the_plan():
+    stages = experiment.plan()
+    picked = experiment.select_stages(stages, ["--from", "relabeled", "--until", "trained_retriever"])
+    assert picked[0][0] == ["relabeled"] and picked[-1][0] == ["trained_retriever"]
+    assert experiment.select_stages(stages, []) == stages
+    assert experiment.select_stages(stages, ["--from", "eval_scores"])[-1][0] == ["comparison_report"]
+    with pytest.raises(SystemExit, match="--from nope: not an asset"):
+        experiment.select_stages(stages, ["--from", "nope"])
