@@ -148,6 +148,7 @@ def record_judge_responses(log=print, *, all_cached: bool = False) -> Path:
     real answers to the same requests, and a request the experiment does not make is never looked up."""
     d = defs()
     tier2 = d.resources["tier2_judge"]
+    code_version = provenance.code_version()  # before the recording itself makes the tree dirty
     RECORDED_RESPONSES.parent.mkdir(parents=True, exist_ok=True)
     tmp = RECORDED_RESPONSES.with_suffix(".parquet.tmp")
     with connect(settings.duckdb_path(), read_only=True) as conn:
@@ -193,7 +194,7 @@ def record_judge_responses(log=print, *, all_cached: bool = False) -> Path:
         "all_cached": all_cached,
         "preset": preset_name(),
         "tier2_judge": tier2.describe(),
-        "code_version": provenance.code_version(),
+        "code_version": code_version,
         "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "prune": PRUNE,
         "note": "LLM responses (first-token logprobs) of the local tier-2 judge on the experiment's instances; "
