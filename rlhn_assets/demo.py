@@ -39,7 +39,7 @@ DEMO_MAX_INSTANCES = int(os.environ.get("RLHN_DEMO_MAX_INSTANCES", "8"))
 DEMO_MAX_NEGATIVES = 15
 
 
-# Models trained and evaluated by the demo (all 7 with --full); training steps and eval sizes are capped.
+# Models trained and evaluated by the demo (every variant with --full); training steps and eval sizes are capped.
 # default vs s2_rlhn is the paper's headline comparison; every variant (stage 1 too) is trained with --full.
 DEMO_VARIANTS = tuple(os.environ.get("RLHN_DEMO_VARIANTS", "default,s2_rlhn").split(","))
 DEMO_TRAIN = {

@@ -9,7 +9,8 @@ from rlhn_assets.registry import load_registry
 DATASETS: tuple[str, ...] = tuple(load_registry().names)
 dataset_pd = dg.StaticPartitionsDefinition(list(DATASETS))
 
-# Relabeled variants: default + {stage 1, stage 2} x {remove, hn_remove, rlhn}. Keys avoid | , [ ] (Dagster).
+# Relabeled variants: default + {stage 1, stage 2} x {remove, hn_remove, rlhn} + the comparison treatments
+# s2_rlhn_filter and topk_percpos (lib/relabel.py). Keys avoid | , [ ] (Dagster).
 from rlhn_assets.lib.relabel import VARIANTS  # noqa: E402
 
 variant_pd = dg.StaticPartitionsDefinition(list(VARIANTS))

@@ -70,7 +70,8 @@ def _bound(definitions, resources):
 
 
 def test_one_run_of_the_checks_job_runs_every_check_and_materializes_nothing(definitions, resources, instance, db_path):
-    # Real ingest + the cost estimate for fiqa; tier-1 verdicts planted for every negative but one.
+    # Real ingest + the cost estimate for fiqa; tier-1 verdicts planted for every negative but one, teacher scores
+    # for every pair.
     upstream = ["hard_negative_mining", "raw_bge", "pruned", "judging_cost_estimate"]
     assert dg.materialize(
         list(definitions.assets), selection=upstream, partition_key="fiqa", resources=resources, instance=instance
@@ -84,6 +85,13 @@ def test_one_run_of_the_checks_job_runs_every_check_and_materializes_nothing(def
             "DELETE FROM judgments WHERE (instance_id, neg_index) IN "
             "(SELECT instance_id, neg_index FROM judgments ORDER BY ALL LIMIT 1)"
         )
+        # teacher scores for every pruned pair (teacher_scores_complete passes)
+        c.execute("""INSERT INTO teacher_scores (dataset, instance_id, docid, role, neg_index, score, teacher)
+                     SELECT dataset, instance_id, unnest(positive_ids), 'pos', NULL, 0.5, 'planted'
+                     FROM pruned_instances WHERE dataset = 'fiqa'
+                     UNION ALL
+                     SELECT dataset, instance_id, unnest(negative_ids), 'neg', generate_subscripts(negative_ids, 1),
+                            0.25, 'planted' FROM pruned_instances WHERE dataset = 'fiqa'""")
     before = {k: instance.get_latest_materialization_event(dg.AssetKey(k)).run_id for k in upstream}
 
     bound = _bound(definitions, resources)

@@ -168,7 +168,8 @@ def test_markdown_states_what_each_interval_allows(conn):
 
 def _tiny_cascade(c) -> None:
     """fiqa: 3 pruned instances; tier 1 flags i1/n1 better, i1/n2 worse, fails on i2/n5; tier 2 re-judges i1 and
-    i2 (forwarded) and finds n1 and n5 better."""
+    i2 (forwarded) and finds n1 and n5 better. Teacher scores: i1/n1 (0.79 vs 0.8) and i3/n6 (0.58 vs 0.6) are within
+    95% of their positive, so TopK-PercPos drops them."""
     apply_schema(c)
     c.executemany(
         "INSERT INTO pruned_instances VALUES ('fiqa', ?, ?, ?, ?)",
@@ -202,6 +203,21 @@ def _tiny_cascade(c) -> None:
         [["n1", "Bonds", "A bond is a loan. " * 40], ["n5", "", "ETFs trade on exchanges."]]
         + [[d, "", f"text {d}"] for d in ("p1", "p2", "p3", "n2", "n3", "n4", "n6")],
     )
+    c.executemany(
+        "INSERT INTO teacher_scores (dataset, instance_id, docid, role, neg_index, score, teacher) "
+        "VALUES ('fiqa', ?, ?, ?, ?, ?, 'test')",
+        [
+            ("i1", "p1", "pos", None, 0.8),
+            ("i1", "n1", "neg", 1, 0.79),
+            ("i1", "n2", "neg", 2, 0.5),
+            ("i1", "n3", "neg", 3, 0.1),
+            ("i2", "p2", "pos", None, 0.5),
+            ("i2", "n4", "neg", 1, 0.2),
+            ("i2", "n5", "neg", 2, 0.3),
+            ("i3", "p3", "pos", None, 0.6),
+            ("i3", "n6", "neg", 1, 0.58),
+        ],
+    )
     for v in relabel.VARIANTS:
         relabel.build_variant(c, "fiqa", v)
 
@@ -219,10 +235,12 @@ def test_judge_section_counts(conn):
         "default": (3, 0, 0, 0),
         "s1_remove": (2, 1, 0, 0),
         "s1_hn_remove": (3, 0, 1, 0),
-        "s1_rlhn": (3, 0, 1, 1),
+        "s1_rlhn": (3, 0, 0, 1),  # relabeled, not removed: a negative counts once
         "s2_remove": (1, 2, 0, 0),
         "s2_hn_remove": (3, 0, 2, 0),
-        "s2_rlhn": (3, 0, 2, 2),
+        "s2_rlhn": (3, 0, 0, 2),
+        "s2_rlhn_filter": (3, 0, 0, 2),  # tier 2 said no `worse`: the same as s2_rlhn here
+        "topk_percpos": (3, 0, 2, 0),
     }
     ex = report.relabel_examples(conn, n=5)
     assert [(x.instance_id, x.docid, x.tier2_score) for x in ex] == [("i1", "n1", 0.9), ("i2", "n5", 0.7)]
@@ -232,7 +250,8 @@ def test_judge_section_counts(conn):
     md = report.to_markdown(report.build_report(conn, n_boot=100))
     assert "### What the judge did" in md
     assert "| fiqa | 6 | 2 | 1 | 2 | 5 | 2 | 0 | 3 | 0 |" in md
-    assert "| fiqa | s2_rlhn | 3 | 0 | 2 | 2 |" in md and "| fiqa | s2_remove | 1 | 2 | 0 | 0 |" in md
+    assert "| fiqa | s2_rlhn | 3 | 0 | 0 | 2 |" in md and "| fiqa | s2_remove | 1 | 2 | 0 | 0 |" in md
+    assert "| fiqa | topk_percpos | 3 | 0 | 2 | 0 |" in md
     assert "ETFs trade on exchanges." in md
 
 

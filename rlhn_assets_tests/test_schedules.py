@@ -1,5 +1,5 @@
 """The nightly backfill schedule requests exactly the missing or stale per-dataset partitions: the datasets not
-materialized yet (all six assets each), then nothing once everything is materialized, then only the dataset
+materialized yet (all seven assets each), then nothing once everything is materialized, then only the dataset
 whose source file changed; never a dataset with a run in progress."""
 
 import gzip
@@ -28,8 +28,8 @@ def _requests(d: dg.Definitions, instance) -> dict[str, list[str]] | str:
 
 
 def test_nightly_backfill_requests_missing_then_nothing_then_stale(tmp_data, db_path, instance):
-    # judge: false everywhere: tier 1/2 materialize without loading a model or starting llama.cpp, so the test
-    # needs no judge; the schedule only looks at statuses, not at what the assets computed.
+    # judge: false everywhere: tier 1/2 and teacher_scores materialize without loading a model or starting
+    # llama.cpp, so the test needs no judge; the schedule only looks at statuses, not at what the assets computed.
     reg_path = tmp_data / "datasets.yaml"
     reg = yaml.safe_load(reg_path.read_text())
     for entry in reg["datasets"].values():
@@ -55,7 +55,7 @@ def test_nightly_backfill_requests_missing_then_nothing_then_stale(tmp_data, db_
             all_assets, selection=sel, partition_key=ds, resources=resources, instance=instance
         ).success
 
-    # One dataset materialized, the others never: one run per missing dataset, with all six assets.
+    # One dataset materialized, the others never: one run per missing dataset, with all seven assets.
     materialize("fiqa")
     expected_all = sorted(PER_DATASET_ASSETS)
     assert _requests(d, instance) == {ds: expected_all for ds in DATASETS if ds != "fiqa"}
@@ -69,7 +69,9 @@ def test_nightly_backfill_requests_missing_then_nothing_then_stale(tmp_data, db_
         instance=instance,
     ).success
     got = _requests(d, instance)
-    assert got["nq"] == sorted(["pruned", "tier1_judgments", "judging_cost_estimate", "tier2_judgments"])
+    assert got["nq"] == sorted(
+        ["pruned", "tier1_judgments", "judging_cost_estimate", "tier2_judgments", "teacher_scores"]
+    )
 
     # A dataset with a run in progress is left alone.
     instance.add_run(

@@ -40,6 +40,31 @@ def test_an_unversioned_file_is_migrated_and_keeps_its_rows():
     assert c.execute("SELECT verdict, judge_model_identity FROM judgments").fetchall() == [("better", None)]
 
 
+def test_a_version_1_file_gets_the_teacher_scores_table_and_keeps_its_rows():
+    c = duckdb.connect()
+    # a file as written at version 1: every table but teacher_scores (added in 2), its version row
+    schema.apply_versioned(c, "pipeline", 1, {k: v for k, v in schema.PIPELINE_TABLES.items() if k != "teacher_scores"})
+    c.execute(
+        "INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict) "
+        "VALUES ('f', 1, 'i', 'd', 1, 'worse')"
+    )
+    assert "teacher_scores" not in _tables(c) and schema.stored_version(c, "pipeline") == 1
+    assert schema.PIPELINE_SCHEMA_VERSION == 2
+    assert schema.apply_schema(c) is True
+    assert "teacher_scores" in _tables(c) and schema.stored_version(c, "pipeline") == 2
+    assert [r[0] for r in c.execute("DESCRIBE teacher_scores").fetchall()] == [
+        "dataset",
+        "instance_id",
+        "docid",
+        "role",
+        "neg_index",
+        "score",
+        "teacher",
+    ]
+    assert c.execute("SELECT verdict FROM judgments").fetchall() == [("worse",)]
+    assert schema.apply_schema(c) is False
+
+
 def test_a_file_of_a_newer_version_is_refused():
     c = duckdb.connect()
     schema.apply_schema(c)

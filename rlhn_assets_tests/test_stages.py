@@ -5,6 +5,7 @@ import dagster as dg
 from rlhn_assets import demo, experiment
 from rlhn_assets.definitions import defs
 from rlhn_assets.defs.schedules import PER_DATASET_ASSETS
+from rlhn_assets.lib.relabel import VARIANTS
 from rlhn_assets.partitions import BASE_MODEL, DATASETS, EVAL_SETS
 from rlhn_assets.stages import graph_stages, per_dataset_assets
 
@@ -34,7 +35,8 @@ def test_demo_stages_cover_the_graph_in_dependency_order():
     assert sorted(by_first["trained_reranker"]) == ["default", "s2_rlhn"]
     assert sorted(by_first["eval_model"]) == sorted([BASE_MODEL, "default", "s2_rlhn"])
     assert len(by_first["eval_scores"]) == 3 * len(EVAL_SETS)
-    assert len(by_first["relabeled"]) == len(DATASETS) * 7  # every variant is built, only some are trained
+    assert len(by_first["relabeled"]) == len(DATASETS) * len(VARIANTS) == len(DATASETS) * 9  # all built, some trained
+    assert by_first["teacher_scores"] == list(DATASETS)  # TopK-PercPos's teacher scores, before relabeled
     assert by_first["comparison_report"] == [None]
 
 

@@ -12,11 +12,11 @@ Off by default (STOPPED): a tick can start paid LLM judging (`paper` preset) or 
 laptop the RUNNING automation sensor already keeps the graph up to date. Start it in the UI (Automation ->
 nightly_backfill) or with `dagster schedule start nightly_backfill` on a deployment whose daemon runs at night.
 
-Scope: the dataset-partitioned assets (mining -> ingest -> pruning -> judging). A Dagster job has one
-partitions definition, so `relabeled` (dataset x variant) and the training/eval stages are not in the job:
-they follow through the automation sensor once their upstream dataset partitions update. Source staleness is
-measured against the latest observation of `raw_dataset_files` (the automation sensor observes it every 10
-minutes; "Observe sources" in the UI does it by hand).
+Scope: the dataset-partitioned assets (mining -> ingest -> pruning -> judging, and the teacher scores of
+TopK-PercPos). A Dagster job has one partitions definition, so `relabeled` (dataset x variant) and the
+training/eval stages are not in the job: they follow through the automation sensor once their upstream dataset
+partitions update. Source staleness is measured against the latest observation of `raw_dataset_files` (the
+automation sensor observes it every 10 minutes; "Observe sources" in the UI does it by hand).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ PER_DATASET_ASSETS: tuple[str, ...] = (
     "tier1_judgments",
     "judging_cost_estimate",
     "tier2_judgments",
+    "teacher_scores",
 )
 NIGHTLY_TAG = "rlhn/nightly_backfill"
 _IN_PROGRESS = [
@@ -53,8 +54,8 @@ nightly_backfill_job = dg.define_asset_job(
     "nightly_backfill_job",
     selection=dg.AssetSelection.assets(*PER_DATASET_ASSETS),
     partitions_def=dataset_pd,
-    description="The dataset-partitioned stages (mining, ingest, pruning, judging) with their checks; launched by "
-    "the nightly_backfill schedule with only the missing or stale assets of one dataset per run.",
+    description="The dataset-partitioned stages (mining, ingest, pruning, judging, teacher scores) with their checks; "
+    "launched by the nightly_backfill schedule with only the missing or stale assets of one dataset per run.",
 )
 
 

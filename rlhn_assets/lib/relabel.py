@@ -4,14 +4,30 @@ Cascade (paper §2.1): tier 2 re-judges only instances in which tier 1 listed an
 or ``worse`` (and, by our default, instances where tier 1 produced an ``error``: an unreadable answer is
 not evidence of a clean instance). Tier 2's verdict is final; other instances keep tier 1's.
 
-Variants (paper §3), each from stage 1 alone (``s1_``) and from the full cascade (``s2_``):
+Variants (RLHN paper, arXiv 2505.16967 §3), each from stage 1 alone (``s1_``) and from the full cascade (``s2_``):
 - ``default``: the pruned data, unchanged;
 - ``remove``: drop an instance with >= 1 false negative;
 - ``hn_remove``: drop just the false negatives from the negatives;
 - ``rlhn``: move the false negatives to the positives (appended in negative order).
 ``hn_remove`` / ``rlhn`` drop instances with more than ``k`` false negatives (ambiguous queries; paper k=7).
 Which verdicts count as a false negative is a setting: ``better`` (the paper) or ``better+worse``
-(the authors' release script for stage 2). Datasets configured as never judged pass through unchanged.
+(the authors' release script for stage 2).
+
+Comparison treatments:
+- ``s2_rlhn_filter``: ARHN's combined treatment "R+F" (relabel + filter, arXiv 2604.11092) on our stage-2
+  (cascade) verdicts: negatives judged ``better`` (ranked above the positive) move to the positives (appended in
+  negative order, as in ``rlhn``), negatives judged ``worse`` (relevant but below the positive) are removed from
+  the negatives, the rest stay. The ambiguity rule counts everything the treatment touches, ``better`` + ``worse``:
+  an instance with more than ``k`` of them is dropped (a query with that many relevant "negatives" is as
+  ambiguous whichever way they are then used). The ``fn_lists`` setting does not apply: the two lists have fixed
+  roles here. ``relabeled_instances.false_negatives`` holds that better + worse count.
+- ``topk_percpos``: NV-Retriever's TopK-PercPos (arXiv 2407.15831; the RLHN paper's first baseline), no judge:
+  a negative whose teacher score (``teacher_scores``, ``lib/teacher.py``) is at least ``percpos_threshold``
+  (default 0.95) x the weakest positive's score is removed from the negatives; positives and instances all stay.
+  ``relabeled_instances.false_negatives`` holds the number of negatives removed.
+
+Datasets configured as never judged (``judge: false``) pass through unchanged in every variant, the two
+comparison treatments included.
 """
 
 from __future__ import annotations
@@ -21,9 +37,22 @@ from typing import Literal
 
 import duckdb
 
+from rlhn_assets.lib.teacher import DEFAULT_THRESHOLD, check_threshold, unscored_pairs_sql
+
 TREATMENTS = ("remove", "hn_remove", "rlhn")
-VARIANTS = ("default",) + tuple(f"{s}_{t}" for s in ("s1", "s2") for t in TREATMENTS)
+# the comparison treatments, after the paper's: ARHN's relabel + filter (stage 2), NV-Retriever's TopK-PercPos
+COMPARISON_VARIANTS = ("s2_rlhn_filter", "topk_percpos")
+VARIANTS = ("default",) + tuple(f"{s}_{t}" for s in ("s1", "s2") for t in TREATMENTS) + COMPARISON_VARIANTS
 FnLists = Literal["better", "better+worse"]
+
+
+def variant_treatment(variant: str) -> tuple[int, str]:
+    """(judge stage the variant reads: 0 none, 1, 2; treatment) of a variant name."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if variant in ("default", "topk_percpos"):
+        return 0, variant
+    return int(variant[1]), variant.split("_", 1)[1]
 
 
 def forwarded_sql(forward_errors: bool) -> str:
@@ -54,11 +83,32 @@ def verdicts_sql(stage: int) -> str:
 class VariantStats:
     instances_in: int = 0
     instances_out: int = 0
-    instances_with_fn: int = 0
-    false_negatives: int = 0
+    instances_with_fn: int = 0  # instances the treatment acts on (>= 1 false negative / touched negative)
+    false_negatives: int = 0  # negatives the treatment acts on, over all instances (the ``false_negatives`` column)
     dropped_ambiguous: int = 0
     dropped_remove: int = 0
     error_verdicts: int = 0
+    # over the instances kept, against their pruned originals (as the comparison report counts them):
+    relabeled_positives: int = 0  # former negatives now positives
+    negatives_removed: int = 0  # negatives gone from the instance (neither negative nor positive any more)
+
+
+def _actions_sql(stage: int, treatment: str, fn_verdicts: str, threshold: float) -> str:
+    """(instance_id, docid, neg_index, act) of dataset $1: what the treatment does to each negative it touches,
+    ``act`` = 'relabel' (to the positives) or 'drop' (out of the negatives)."""
+    if treatment == "topk_percpos":
+        limit = f"'{threshold!r}'::DOUBLE"  # a string cast parses the float exactly (a bare literal is a DECIMAL)
+        return f"""SELECT t.instance_id, t.docid, t.neg_index, 'drop' AS act
+                   FROM teacher_scores t
+                   JOIN (SELECT instance_id, min(score) AS min_pos FROM teacher_scores
+                         WHERE dataset = $1 AND role = 'pos' GROUP BY instance_id) r USING (instance_id)
+                   WHERE t.dataset = $1 AND t.role = 'neg' AND t.score >= {limit} * r.min_pos"""
+    if treatment == "rlhn_filter":
+        act = "CASE verdict WHEN 'better' THEN 'relabel' WHEN 'worse' THEN 'drop' END"
+    else:
+        act = f"CASE WHEN verdict IN {fn_verdicts} THEN '{'relabel' if treatment == 'rlhn' else 'drop'}' END"
+    return f"""SELECT * FROM (SELECT instance_id, docid, neg_index, {act} AS act FROM ({verdicts_sql(stage)}) v)
+               WHERE act IS NOT NULL"""
 
 
 def build_variant(
@@ -69,35 +119,48 @@ def build_variant(
     fn_lists: FnLists = "better",
     ambiguity_k: int = 7,
     judged: bool = True,
+    percpos_threshold: float = DEFAULT_THRESHOLD,
 ) -> VariantStats:
-    """Replace ``relabeled_instances`` for (dataset, variant)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    """Replace ``relabeled_instances`` for (dataset, variant). ``topk_percpos`` needs ``teacher_scores`` of every
+    pruned pair of the dataset (ValueError otherwise)."""
+    stage, treatment = variant_treatment(variant)
     if fn_lists not in ("better", "better+worse"):
         raise ValueError("fn_lists must be 'better' or 'better+worse'")
+    threshold = check_threshold(percpos_threshold)
     stats = VariantStats()
     fn_verdicts = "('better')" if fn_lists == "better" else "('better', 'worse')"
-    if variant == "default" or not judged:
+    if not judged:
         stage, treatment = 0, "default"
-    else:
-        stage, treatment = int(variant[1]), variant.split("_", 1)[1]
+    if treatment == "topk_percpos":
+        missing, stale, _, _ = conn.execute(unscored_pairs_sql(), [dataset]).fetchall()[0]
+        if missing or stale:
+            raise ValueError(
+                f"{dataset}: teacher_scores does not match pruned_instances ({missing:,} pruned pairs without a "
+                f"score, {stale:,} scores of pairs no longer pruned): materialize teacher_scores[{dataset}] first"
+            )
     fn_cte = (
-        f"""SELECT instance_id, list(docid ORDER BY neg_index) AS fn_ids,
-                         count(*) FILTER (WHERE verdict IN {fn_verdicts}) AS n_fn
-                  FROM ({verdicts_sql(stage)}) v WHERE verdict IN {fn_verdicts} GROUP BY instance_id"""
-        if stage
-        else "SELECT NULL::VARCHAR AS instance_id, []::VARCHAR[] AS fn_ids, 0 AS n_fn WHERE false"
+        f"""SELECT instance_id,
+                   coalesce(list(docid ORDER BY neg_index) FILTER (WHERE act = 'relabel'), []) AS rel_ids,
+                   coalesce(list(docid ORDER BY neg_index) FILTER (WHERE act = 'drop'), []) AS drop_ids,
+                   count(*) AS n_fn
+            FROM ({_actions_sql(stage, treatment, fn_verdicts, threshold)}) a GROUP BY instance_id"""
+        if treatment != "default"
+        else "SELECT NULL::VARCHAR AS instance_id, []::VARCHAR[] AS rel_ids, []::VARCHAR[] AS drop_ids, 0 AS n_fn "
+        "WHERE false"
     )
     keep = {
         "default": "true",
+        "topk_percpos": "true",
         "remove": "n_fn = 0",
         "hn_remove": f"n_fn <= {int(ambiguity_k)}",
         "rlhn": f"n_fn <= {int(ambiguity_k)}",
+        "rlhn_filter": f"n_fn <= {int(ambiguity_k)}",
     }[treatment]
-    positives = "p.positive_ids || fn_ids" if treatment == "rlhn" else "p.positive_ids"
+    # `remove` keeps only untouched instances, whose lists need no change
+    positives = "p.positive_ids || rel_ids" if treatment in ("rlhn", "rlhn_filter") else "p.positive_ids"
     negatives = (
-        "list_filter(p.negative_ids, lambda x: NOT list_contains(fn_ids, x))"
-        if treatment in ("rlhn", "hn_remove")
+        "list_filter(p.negative_ids, lambda x: NOT list_contains(rel_ids || drop_ids, x))"
+        if treatment != "remove"
         else "p.negative_ids"
     )
     conn.execute("BEGIN TRANSACTION")
@@ -107,7 +170,8 @@ def build_variant(
             f"""
             CREATE OR REPLACE TEMP TABLE _rel AS
             SELECT p.instance_id, p.query_id, p.positive_ids, p.negative_ids,
-                   coalesce(f.fn_ids, []::VARCHAR[]) AS fn_ids, coalesce(f.n_fn, 0) AS n_fn
+                   coalesce(f.rel_ids, []::VARCHAR[]) AS rel_ids, coalesce(f.drop_ids, []::VARCHAR[]) AS drop_ids,
+                   coalesce(f.n_fn, 0) AS n_fn
             FROM pruned_instances p LEFT JOIN ({fn_cte}) f USING (instance_id)
             WHERE p.dataset = $1""",
             [dataset],
@@ -130,10 +194,19 @@ def build_variant(
         conn.execute("ROLLBACK")
         raise
     stats.instances_in, stats.instances_with_fn, stats.false_negatives = n_in, n_fn_inst, int(n_fn)
-    stats.instances_out = conn.execute(
-        "SELECT count(*) FROM relabeled_instances WHERE dataset = $1 AND variant = $2", [dataset, variant]
-    ).fetchall()[0][0]
-    if treatment in ("rlhn", "hn_remove"):
+    stats.instances_out, stats.relabeled_positives, stats.negatives_removed = (
+        int(x or 0)
+        for x in conn.execute(
+            """SELECT count(*),
+                      sum(len(list_filter(r.positive_ids, lambda x: NOT list_contains(p.positive_ids, x)))),
+                      sum(len(list_filter(p.negative_ids, lambda x: NOT list_contains(r.negative_ids, x)
+                                                                    AND NOT list_contains(r.positive_ids, x))))
+               FROM relabeled_instances r JOIN pruned_instances p USING (dataset, instance_id)
+               WHERE r.dataset = $1 AND r.variant = $2""",
+            [dataset, variant],
+        ).fetchall()[0]
+    )
+    if treatment in ("rlhn", "hn_remove", "rlhn_filter"):
         stats.dropped_ambiguous = n_amb
     elif treatment == "remove":
         stats.dropped_remove = n_fn_inst

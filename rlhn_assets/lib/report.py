@@ -23,7 +23,19 @@ from typing import Any
 
 import numpy as np
 
-MODEL_ORDER = ("base", "default", "s1_remove", "s1_hn_remove", "s1_rlhn", "s2_remove", "s2_hn_remove", "s2_rlhn")
+MODEL_ORDER = (
+    "base",
+    "default",
+    "s1_remove",
+    "s1_hn_remove",
+    "s1_rlhn",
+    "s2_remove",
+    "s2_hn_remove",
+    "s2_rlhn",
+    # the comparison treatments (lib/relabel.py): ARHN's relabel + filter, NV-Retriever's TopK-PercPos
+    "s2_rlhn_filter",
+    "topk_percpos",
+)
 STAGES = ("retriever", "reranker")
 METRICS = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
 METRIC_LABELS = {"ndcg_at_10": "nDCG@10", "recall_at_100": "Recall@100", "mrr_at_10": "MRR@10"}
@@ -290,7 +302,9 @@ class JudgeSummary:
 @dataclass(frozen=True)
 class VariantEffect:
     """What a variant did to one dataset's pruned instances (paper §3): instances kept / dropped, negatives
-    removed from the kept instances, and passages that were negatives and are now positives."""
+    removed from the kept instances (gone from the instance: `hn_remove`'s false negatives, the `worse` ones of
+    `s2_rlhn_filter`, TopK-PercPos's drops) and passages that were negatives and are now positives (`rlhn`, the
+    `better` ones of `s2_rlhn_filter`). A negative counts in one of the two, never both."""
 
     dataset: str
     variant: str
@@ -341,7 +355,9 @@ def variant_effects(conn) -> list[VariantEffect]:
     rows = conn.execute("""
         WITH p AS (SELECT dataset, count(*) AS n FROM pruned_instances GROUP BY 1),
         e AS (SELECT r.dataset, r.variant, count(*) AS kept,
-                     coalesce(sum(len(list_filter(p.negative_ids, lambda x: NOT list_contains(r.negative_ids, x)))), 0)
+                     coalesce(sum(len(list_filter(p.negative_ids,
+                                                  lambda x: NOT list_contains(r.negative_ids, x)
+                                                            AND NOT list_contains(r.positive_ids, x)))), 0)
                        AS removed,
                      coalesce(sum(len(list_filter(r.positive_ids, lambda x: NOT list_contains(p.positive_ids, x)))), 0)
                        AS relabeled
@@ -619,7 +635,8 @@ def _judge_markdown(rep: Report) -> list[str]:
     if rep.effects:
         out.append(
             "Per variant, against the pruned instances (paper §3): instances kept and dropped, negatives "
-            "removed from the kept instances, former negatives now positives.\n"
+            "removed from the kept instances (gone from the instance), former negatives now positives "
+            "(relabeled: no longer negatives, not counted as removed).\n"
         )
         out += _table(
             ["dataset", "variant", "kept", "dropped", "negatives removed", "relabeled as positives"],

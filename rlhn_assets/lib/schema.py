@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import duckdb
 
-# 1: the tables as of the seeds refactor (unversioned files count as 0); bump when a table or column changes and
-# add the statement that brings an older file up to date to PIPELINE_MIGRATIONS.
-PIPELINE_SCHEMA_VERSION = 1
+# 1: the tables as of the seeds refactor (unversioned files count as 0); 2: + teacher_scores (a new table: a file at
+# version 1 just gets it from its CREATE TABLE IF NOT EXISTS, no migration statement). Bump when a table or column
+# changes and add the statement that brings an older file up to date to PIPELINE_MIGRATIONS.
+PIPELINE_SCHEMA_VERSION = 2
 
 PIPELINE_TABLES: dict[str, str] = {
     # ingest (lib/ingest.py)
@@ -54,6 +55,11 @@ PIPELINE_TABLES: dict[str, str] = {
         dataset VARCHAR NOT NULL, tier INTEGER NOT NULL, instance_id VARCHAR NOT NULL, docid VARCHAR NOT NULL,
         neg_index INTEGER NOT NULL, verdict VARCHAR NOT NULL, score DOUBLE, judge_kind VARCHAR, judge_model VARCHAR,
         prompt_version VARCHAR, response_key VARCHAR, detail VARCHAR, judge_model_identity VARCHAR)""",
+    # relabel: teacher scores of every pruned (query, passage) pair (lib/teacher.py; role 'pos' / 'neg', neg_index
+    # 1-based like judgments.neg_index, NULL for a positive), read by the topk_percpos variant
+    "teacher_scores": """CREATE TABLE IF NOT EXISTS teacher_scores (
+        dataset VARCHAR NOT NULL, instance_id VARCHAR NOT NULL, docid VARCHAR NOT NULL, role VARCHAR NOT NULL,
+        neg_index INTEGER, score DOUBLE NOT NULL, teacher VARCHAR NOT NULL)""",
     # relabel (lib/relabel.py)
     "relabeled_instances": """CREATE TABLE IF NOT EXISTS relabeled_instances (
         dataset VARCHAR NOT NULL, variant VARCHAR NOT NULL, instance_id VARCHAR NOT NULL, query_id VARCHAR NOT NULL,

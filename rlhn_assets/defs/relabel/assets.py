@@ -5,8 +5,10 @@ import dagster as dg
 from rlhn_assets import settings
 from rlhn_assets.conditions import PIPELINE
 from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
+from rlhn_assets.defs.relabel.teacher import teacher_scores
 from rlhn_assets.lib.markdown import md_table
 from rlhn_assets.lib.relabel import build_variant, export_variant
+from rlhn_assets.lib.teacher import DEFAULT_THRESHOLD
 from rlhn_assets.partitions import dataset_variant_pd
 from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB
 
@@ -22,8 +24,12 @@ class RelabelConfig(dg.Config):
     # lists are false negatives.
     fn_lists: Literal["better", "better+worse"] = "better"
     fn_lists_stage2: Literal["auto", "better", "better+worse"] = "auto"
-    # hn_remove / rlhn drop an instance with more than k false negatives (ambiguous query; paper k = 7).
+    # hn_remove / rlhn drop an instance with more than k false negatives (ambiguous query; paper k = 7);
+    # s2_rlhn_filter with more than k negatives judged better or worse.
     ambiguity_k: int = 7
+    # topk_percpos: drop a negative whose teacher score is >= this share of the weakest positive's score
+    # (NV-Retriever's TopK-PercPos, 95%); in (0, 1].
+    percpos_threshold: float = DEFAULT_THRESHOLD
     export: bool = True
     export_dir: str = ""  # default: <data dir>/exports
 
@@ -61,14 +67,19 @@ def export_paths(variant: str, dataset: str, export_dir: str = ""):
     deps=[
         dg.AssetDep(tier1_judgments, partition_mapping=_BY_DATASET),
         dg.AssetDep(tier2_judgments, partition_mapping=_BY_DATASET),
+        dg.AssetDep(teacher_scores, partition_mapping=_BY_DATASET),
     ],
     kinds={"duckdb", "parquet"},
     description=(
         "The dataset variants of the paper (§3), per dataset x variant: `default` (pruned, unchanged), and from "
         "stage 1 alone (`s1_`) or the full cascade (`s2_`): `remove` (drop instances with a false negative), "
         "`hn_remove` (drop the false negatives), `rlhn` (relabel them as positives); instances with more than k "
-        "false negatives are dropped from hn_remove/rlhn. Table `relabeled_instances`; also exported in the rlhn "
-        "schema to data/exports/<variant>/<dataset>.{parquet,jsonl.gz}."
+        "false negatives are dropped from hn_remove/rlhn. Comparison treatments: `s2_rlhn_filter` (ARHN's "
+        "relabel + filter, arXiv 2604.11092: stage-2 `better` negatives become positives, `worse` ones are "
+        "removed) and `topk_percpos` (NV-Retriever's TopK-PercPos, arXiv 2407.15831: negatives whose "
+        "`teacher_scores` score is >= `percpos_threshold` (default 95%) of the weakest positive's are removed; no "
+        "LLM). Table `relabeled_instances`; also exported in the rlhn schema to "
+        "data/exports/<variant>/<dataset>.{parquet,jsonl.gz}."
     ),
 )
 def relabeled(
@@ -81,7 +92,18 @@ def relabeled(
         fn_lists = (
             stage2_fn_lists(conn, dataset, config.fn_lists_stage2) if variant.startswith("s2_") else config.fn_lists
         )
-        stats = build_variant(conn, dataset, variant, fn_lists=fn_lists, ambiguity_k=config.ambiguity_k, judged=judged)
+        try:
+            stats = build_variant(
+                conn,
+                dataset,
+                variant,
+                fn_lists=fn_lists,
+                ambiguity_k=config.ambiguity_k,
+                judged=judged,
+                percpos_threshold=config.percpos_threshold,
+            )
+        except ValueError as e:  # a setting out of range, or teacher scores missing: a retry cannot help
+            raise dg.Failure(str(e), allow_retries=False) from e
         md = {
             "dagster/row_count": stats.instances_out,
             "instances": stats.instances_out,
@@ -91,10 +113,17 @@ def relabeled(
             "dropped_ambiguous": stats.dropped_ambiguous,
             "dropped_remove": stats.dropped_remove,
             "error_verdicts_ignored": stats.error_verdicts,
+            "relabeled_positives": stats.relabeled_positives,
+            "negatives_removed": stats.negatives_removed,
             "fn_lists": fn_lists,
             "ambiguity_k": config.ambiguity_k,
             "judged": judged,
         }
+        if variant == "topk_percpos":
+            md["percpos_threshold"] = config.percpos_threshold
+            md["fn_lists"] = "not used (teacher scores, no verdicts)"
+        elif variant == "s2_rlhn_filter":
+            md["fn_lists"] = "not used (better -> positives, worse -> removed)"
         pos_neg = conn.execute(
             "SELECT avg(len(positive_ids)), avg(len(negative_ids)) FROM relabeled_instances "
             "WHERE dataset = $1 AND variant = $2",
@@ -114,7 +143,7 @@ def relabeled(
     )
     md["summary"] = dg.MetadataValue.md(
         md_table(
-            ["instances in", "out", "with FN", "FNs", "dropped (>k)", "dropped (remove)"],
+            ["instances in", "out", "with FN", "FNs", "dropped (>k)", "dropped (remove)", "relabeled", "neg. removed"],
             [
                 [
                     stats.instances_in,
@@ -123,6 +152,8 @@ def relabeled(
                     stats.false_negatives,
                     stats.dropped_ambiguous,
                     stats.dropped_remove,
+                    stats.relabeled_positives,
+                    stats.negatives_removed,
                 ]
             ],
         )

@@ -1,6 +1,7 @@
 import dagster as dg
 
 from rlhn_assets.defs.relabel.assets import relabeled
+from rlhn_assets.lib.relabel import variant_treatment
 from rlhn_assets.partitions import dataset_variant_pd
 from rlhn_assets.resources import RLHNDuckDB
 
@@ -11,13 +12,15 @@ from rlhn_assets.resources import RLHNDuckDB
     blocking=True,
     description="Relabel invariants: no docid both positive and negative; RLHN positives = original "
     "positives + false negatives (in order); hn_remove/rlhn negatives = original minus false "
-    "negatives; remove/default keep lists unchanged; the variant's instance count agrees with "
+    "negatives; s2_rlhn_filter positives = original + some former negatives, negatives = original minus "
+    "the touched ones; topk_percpos positives unchanged, negatives = original minus the dropped ones, every "
+    "instance kept; remove/default keep lists unchanged; the variant's instance count agrees with "
     "the verdicts (false-negative counts per instance).",
 )
 def relabeled_invariants(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
     keys = context.partition_key.keys_by_dimension
     dataset, variant = keys["dataset"], keys["variant"]
-    treatment = "default" if variant == "default" else variant.split("_", 1)[1]
+    treatment = variant_treatment(variant)[1]
     with duckdb.get_connection() as conn:
         overlap = conn.execute(
             "SELECT count(*) FROM relabeled_instances WHERE dataset = $1 AND variant = $2 "
@@ -36,6 +39,14 @@ def relabeled_invariants(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuc
                    WHEN 'hn_remove' THEN r.positive_ids = p.positive_ids
                         AND len(r.negative_ids) = len(p.negative_ids) - r.false_negatives
                         AND len(list_filter(r.negative_ids, lambda x: NOT list_contains(p.negative_ids, x))) = 0
+                   WHEN 'topk_percpos' THEN r.positive_ids = p.positive_ids
+                        AND len(r.negative_ids) = len(p.negative_ids) - r.false_negatives
+                        AND len(list_filter(r.negative_ids, lambda x: NOT list_contains(p.negative_ids, x))) = 0
+                   WHEN 'rlhn_filter' THEN r.positive_ids[1:len(p.positive_ids)] = p.positive_ids
+                        AND len(r.positive_ids) - len(p.positive_ids) <= r.false_negatives
+                        AND len(r.negative_ids) = len(p.negative_ids) - r.false_negatives
+                        AND len(list_filter(r.positive_ids[len(p.positive_ids) + 1:] || r.negative_ids,
+                                            lambda x: NOT list_contains(p.negative_ids, x))) = 0
                    ELSE r.positive_ids = p.positive_ids AND r.negative_ids = p.negative_ids
                  END)""",
             [dataset, variant, treatment],
@@ -52,6 +63,7 @@ def relabeled_invariants(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuc
         ).fetchall()[0]
     count_ok = {
         "default": n_out == n_pruned,
+        "topk_percpos": n_out == n_pruned,
         "remove": fn_counts[0] == 0 and n_out <= n_pruned,
     }.get(treatment, n_out <= n_pruned)
     passed = overlap == 0 and bad_lists == 0 and count_ok
