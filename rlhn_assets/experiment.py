@@ -319,11 +319,16 @@ def main(argv: list[str] | None = None) -> None:
     if "--record-judge-responses" in argv:
         record_judge_responses(all_cached="--all-cached" in argv)
         return
-    stages = plan()
-    stages = select_stages(stages, argv)
+    variants = EXPERIMENT_VARIANTS
+    if "--variants" in argv:  # e.g. --variants default: a partial run (a quick check of training vs the base)
+        variants = tuple(argv[argv.index("--variants") + 1].split(","))
+        unknown = set(variants) - set(EXPERIMENT_VARIANTS)
+        if unknown:
+            raise SystemExit(f"--variants: {sorted(unknown)} not in the experiment's {EXPERIMENT_VARIANTS}")
+    stages = select_stages(plan(variants), argv)
     print(
         f"rlhn_assets experiment: every instance, <= {PRUNE['max_negatives_per_instance']} negatives; judge preset "
-        f"{preset_name()!r}; variants {', '.join(EXPERIMENT_VARIANTS)} x seeds {', '.join(map(str, SEEDS))}; "
+        f"{preset_name()!r}; variants {', '.join(variants)} x seeds {', '.join(map(str, SEEDS))}; "
         f"eval sets {', '.join(EVAL_SETS)}; budget {BUDGET_S / 60:.0f} min"
     )
     print(f"instance + DuckDB: {home}  (open it with: make experiment-ui)")
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
                     d,
                     instance,
                     run_config(),
-                    EXPERIMENT_VARIANTS,
+                    variants,
                     log=console.line,
                     progress=console.progress,
                     plan_stages=stages,
@@ -362,6 +367,14 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - budget.t0
     if stages[-1][0] != ["comparison_report"]:
         print(f"\nStopped after {stages[-1][0]} as asked, in {total / 60:.1f} min ({checks} asset checks passed).")
+        return
+    if variants != EXPERIMENT_VARIANTS:
+        report = settings.data_dir() / "reports" / "comparison.md"
+        print(
+            f"\nPartial run ({', '.join(variants)}) done in {total / 60:.1f} min ({checks} asset checks passed). "
+            f"Report: {report}; docs/experiment.md is written only by a run of every variant.\n"
+        )
+        print(report.read_text())
         return
     doc = write_docs(timings, total, load_start, ledger=ledger)
     print(f"\nDone in {total / 60:.1f} min ({checks} asset checks passed). Report: {doc} (+ .csv, .png)\n")
