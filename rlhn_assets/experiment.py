@@ -45,15 +45,14 @@ EXPERIMENT_VARIANTS = ("default", "s1_rlhn", "s2_rlhn", "s2_hn_remove", "s2_remo
 SEEDS = (13, 14, 15)
 BUDGET_S = 2 * 3600  # the whole cold run on the 2-core machine, judging included
 
-# Training sizes, chosen from measured costs on the 2-core machine (README "The experiment"): one full epoch over
-# every training query (879), no step cap. Measured 2026-12-02 (benchmarks/bench_train_step.py): one epoch at
-# 128 tokens x 3 hard negatives x batch 32 took 385 s per model in fp32 (15 models: 96 min; SciFact nDCG@10
-# 0.6451 -> 0.6687, +2.4 points [1.1, 3.7]); bf16 mixed precision on this AVX512_BF16 CPU: 4.2 -> 2.3 s/step at
-# 128x1x32 (15 models ~16 min), 5.6 s/step at 128x3x32 (~42 min). Evaluating one model on the three eval sets at
-# 256 tokens: ~4.5 min fp32, ~1.8 min bf16 (encoding 2.5x faster). Chosen: 1 hard negative (+ 31 in-batch), bf16
-# where native ("auto"): ~16 min training + ~29 min evaluation. 3 hard negatives (~42 min) did not fit beside the
-# live judging of 2026-12-07 (the 1.5B at ~55 prompt tokens/s, 6-7 s per SciFact call), which the completed
-# recording now spares a cold run; raise hard_negatives when the budget allows.
+# Training sizes, chosen from measured costs on the 2-core machines (README "The experiment"): one full epoch over
+# every training query (879), no step cap, 1 hard negative (+ 31 in-batch) at 128 tokens, batch 32.
+# Measured 2026-12-02 on an EPYC with AVX512_BF16 (bf16 autocast): 2.3 s/step at 128x1x32, 5.6 s/step at 128x3x32
+# (benchmarks/bench_train_step.py, first 128 SciFact claims); evaluation ~1.8 min per model.
+# Measured 2026-12-07 in the pipeline on an EPYC without AVX-512 (fp32): 223 s per model at 128x1x32 (7.9 s/step;
+# 15 models 56 min); evaluation per model at 256 tokens ~70 s CISI, ~70 s Cranfield, ~280 s SciFact (16 models
+# ~110 min). So the 2-hour budget holds only on a CPU with native bf16; 3 hard negatives (~1.6x the training cost)
+# do not fit on either.
 TRAIN = {
     "epochs": 1,
     "batch_size": 32,
