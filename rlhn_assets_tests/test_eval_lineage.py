@@ -124,7 +124,8 @@ def test_retraining_one_variant_stales_only_that_variants_evaluations(graph, ins
         for p in graph.get(dg.AssetKey(name)).partitions_def.get_partition_keys():
             _report(instance, name, p)
     n_eval = len(EVAL_SETS) * len(MODELS)
-    assert n_eval == 24 and not _stale(instance, graph, "eval_model") and not _stale(instance, graph, "eval_scores")
+    # 3 eval sets x (base + 9 variants)
+    assert n_eval == 3 * 10 and not _stale(instance, graph, "eval_model") and not _stale(instance, graph, "eval_scores")
     d = defs()
     tick = dg.evaluate_automation_conditions(defs=d, instance=instance)  # the first tick only sets the cursor
 
@@ -132,14 +133,14 @@ def test_retraining_one_variant_stales_only_that_variants_evaluations(graph, ins
     _report(instance, "trained_retriever", RETRAINED)
     _report(instance, "trained_reranker", RETRAINED)
     assert _stale(instance, graph, "eval_model") == {RETRAINED}
-    assert _stale(instance, graph, "eval_scores") == set()  # before the fix: all 24, `base` included
+    assert _stale(instance, graph, "eval_scores") == set()  # before the fix: all 30, `base` included
     # ... and the automation sensor's next tick re-pins that model, nothing else (eval_scores cannot join that
     # run: another partitions definition) ...
     tick = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=tick.cursor)
     assert tick.get_requested_partitions(dg.AssetKey("eval_model")) == {RETRAINED}
     assert not tick.get_requested_partitions(dg.AssetKey("eval_scores"))
 
-    # ... then its evaluations (3 of 24) are stale, and the tick after re-evaluates exactly those.
+    # ... then its evaluations (3 of 30) are stale, and the tick after re-evaluates exactly those.
     _report(instance, "eval_model", RETRAINED)
     assert _stale(instance, graph, "eval_scores") == {f"{e}|{RETRAINED}" for e in EVAL_SETS}
     tick = dg.evaluate_automation_conditions(defs=d, instance=instance, cursor=tick.cursor)
