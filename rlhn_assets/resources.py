@@ -50,6 +50,52 @@ class DatasetRegistryResource(dg.ConfigurableResource):
         return self.load().data_dir
 
 
+class BaseModelsResource(dg.ConfigurableResource):
+    """The base models every stage that encodes reads (training, evaluation, mining, the dataset-pruning study), and
+    the device they run on. Bound in ``defs/resources.py`` from RLHN_RETRIEVER_BASE, RLHN_RERANKER_BASE,
+    RLHN_QUERY_PROMPT, RLHN_PASSAGE_PROMPT and RLHN_DEVICE (lib/base_models.ENV); every field can be changed for one
+    run in the launchpad (``resources: {base_models: {config: {...}}}``).
+
+    ``retriever`` / ``reranker``: a local folder or a hub id (resolved to its snapshot in the local Hugging Face
+    cache, downloaded once when online); "" = the packaged all-MiniLM-L6-v2 for the retriever, the retriever's base
+    for the reranker. ``query_prompt`` / ``passage_prompt``: None keeps the retriever's own prompts (its
+    config_sentence_transformers.json), a string overrides them ("" = none). ``device``: auto (CUDA, then MPS, then
+    CPU) or a torch device. The base's content hash and the prompts are part of every trained model's identity
+    (lib/base_models.EncoderBase.identity); the observable sources ``retriever_base_model`` / ``reranker_base_model``
+    carry them into the asset graph's lineage."""
+
+    retriever: str = ""
+    reranker: str = ""
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check_device(self):
+        if self.device.strip() != "auto":
+            from rlhn_assets.lib.embeddings import resolve_device
+
+            resolve_device(self.device)  # raises on a device string torch would not know
+        return self
+
+    def retriever_base(self):
+        """The retriever's lib/base_models.EncoderBase (folder, prompts, identity)."""
+        from rlhn_assets.lib.base_models import resolve_base
+
+        return resolve_base(self.retriever, self.query_prompt, self.passage_prompt)
+
+    def reranker_base(self):
+        """The reranker's EncoderBase: its own folder, or the retriever's; a cross-encoder takes no prompts."""
+        from rlhn_assets.lib.base_models import resolve_base
+
+        return resolve_base(self.reranker or self.retriever).without_prompts()
+
+    def resolved_device(self) -> str:
+        from rlhn_assets.lib.embeddings import resolve_device
+
+        return resolve_device(self.device)
+
+
 class JudgingBudgetResource(dg.ConfigurableResource):
     """What paid judging may cost before the budget gate stops it (lib/judging/budget.py). USD, compared with
     the ``judging_cost_estimate`` of the paid tiers. The default 0 blocks every paid call until someone raises

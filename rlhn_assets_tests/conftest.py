@@ -26,13 +26,14 @@ def make_resources(db_path, registry: DatasetRegistryResource | None = None) -> 
     """Every resource of the code location (the `local` judge preset: no server starts unless a judge is
     opened), with DuckDB on ``db_path`` and the given (or bundled) registry."""
     from rlhn_assets.defs.resources import PRESETS
-    from rlhn_assets.resources import JudgingBudgetResource
+    from rlhn_assets.resources import BaseModelsResource, JudgingBudgetResource
 
     return {
         **PRESETS["local"],
         "duckdb": RLHNDuckDB(database=str(db_path)),
         "registry": registry or DatasetRegistryResource(),
         "judging_budget": JudgingBudgetResource(),
+        "base_models": BaseModelsResource(),  # the packaged MiniLM, its own prompts (none), auto device
     }
 
 
@@ -96,3 +97,80 @@ def tiny_beir_copy(src: Path, dst: Path, *, queries: int = 12, extra_docs: int =
     (dst / "qrels" / f"{split}.tsv").write_text(
         "query-id\tcorpus-id\tscore\n" + "".join(line + "\n" for q in keep_q for line in by_q[q])
     )
+
+
+def build_tiny_bert(folder: Path, prompts: dict[str, str] | None = None, seed: int = 0) -> Path:
+    """A small sentence-transformers model that is not MiniLM, built offline: a 2-layer BERT (hidden 32) with random
+    weights and MiniLM's tokenizer files, mean pooling, max 64 tokens, ``prompts`` in its own config."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    from rlhn_assets.lib.embeddings import base_model_path
+
+    hf = folder.parent / f"{folder.name}-hf"
+    hf.mkdir(parents=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(base_model_path() / name, hf / name)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(hf)
+    transformer = Transformer(str(hf), max_seq_length=64)
+    model = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_word_embedding_dimension(), "mean")], prompts=prompts or {}
+    )
+    model.save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """build_tiny_bert with E5-style prompts of its own ("query: " / "passage: ")."""
+    return build_tiny_bert(tmp_path_factory.mktemp("bases") / "tiny-bert", {"query": "query: ", "passage": "passage: "})
+
+
+class TokenizerSpy(list):
+    """Every text the sentence-transformers tokenizer receives, after any prompt was prepended (a spy on the
+    Transformer module's processor call, which training, ``encode`` and cross-encoders all go through);
+    ``.training`` holds the ones tokenized for training batches (inside the trainer's data collator), without the
+    model card's example sentences that sentence-transformers encodes on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.training: list = []
+        self.in_collator = False
+
+
+@pytest.fixture
+def encoder_texts(monkeypatch) -> TokenizerSpy:
+    from sentence_transformers.base.data_collator import BaseDataCollator
+    from sentence_transformers.base.modules.transformer import Transformer
+
+    seen = TokenizerSpy()
+    real_call, real_collate = Transformer._call_processor, BaseDataCollator.__call__
+
+    def spy(self, modality, processor_inputs, *args, **kwargs):
+        if modality == "text":
+            seen.extend(processor_inputs["text"])
+            if seen.in_collator:
+                seen.training.extend(processor_inputs["text"])
+        return real_call(self, modality, processor_inputs, *args, **kwargs)
+
+    def collate(self, features):
+        seen.in_collator = True
+        try:
+            return real_collate(self, features)
+        finally:
+            seen.in_collator = False
+
+    monkeypatch.setattr(Transformer, "_call_processor", spy)
+    monkeypatch.setattr(BaseDataCollator, "__call__", collate)
+    return seen

@@ -13,7 +13,7 @@ import pytest
 from rlhn_assets.definitions import without_paid_automation
 from rlhn_assets.defs.resources import PRESETS
 from rlhn_assets.lib.judging.budget import TierEstimate, decide
-from rlhn_assets.resources import DatasetRegistryResource, JudgingBudgetResource, RLHNDuckDB
+from rlhn_assets.resources import BaseModelsResource, DatasetRegistryResource, JudgingBudgetResource, RLHNDuckDB
 from rlhn_assets_tests import test_cascade_assets as cascade
 from rlhn_assets_tests.test_cascade_assets import REPLAY_CALLS, ReplayTier, _materialize
 
@@ -37,6 +37,7 @@ def _paid_resources(db_path, tmp_path, budget: float, **tier_overrides) -> dict:
         "duckdb": RLHNDuckDB(database=str(db_path)),
         "registry": DatasetRegistryResource(),
         "judging_budget": JudgingBudgetResource(max_usd_per_dataset=budget, max_usd_per_run=budget),
+        "base_models": BaseModelsResource(),
         **tiers,
     }
 

@@ -13,7 +13,13 @@ import pytest
 
 from rlhn_assets.definitions import defs
 from rlhn_assets.defs.resources import PRESETS
-from rlhn_assets.resources import DatasetRegistryResource, JudgeTierResource, JudgingBudgetResource, RLHNDuckDB
+from rlhn_assets.resources import (
+    BaseModelsResource,
+    DatasetRegistryResource,
+    JudgeTierResource,
+    JudgingBudgetResource,
+    RLHNDuckDB,
+)
 from rlhn_assets_tests.conftest import FIXTURES
 
 SAMPLES = FIXTURES / "rlhn-judge-samples"
@@ -88,6 +94,7 @@ def replay_resources(db_path, tmp_path):
         "duckdb": RLHNDuckDB(database=str(db_path)),
         "registry": DatasetRegistryResource(),
         "judging_budget": BUDGET,
+        "base_models": BaseModelsResource(),
         "tier1_judge": ReplayTier(
             **{
                 **paper["tier1_judge"].model_dump(),

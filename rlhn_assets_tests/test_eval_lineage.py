@@ -22,7 +22,7 @@ from dagster._time import get_current_datetime
 
 from rlhn_assets.definitions import defs
 from rlhn_assets.partitions import EVAL_SETS, MODELS
-from rlhn_assets.resources import RLHNDuckDB
+from rlhn_assets.resources import BaseModelsResource, RLHNDuckDB
 from rlhn_assets_tests.conftest import DATA, tiny_beir_copy
 
 MODEL_ASSETS = ("base_retriever", "trained_retriever", "trained_reranker")
@@ -185,8 +185,12 @@ def test_eval_loads_the_model_recorded_by_the_upstream_materialization(tmp_path,
 
     ds = evaluation.load_beir_eval(data / "eval" / "cisi")
     loaded = []
-    monkeypatch.setattr(embeddings, "load_model", lambda path=None: loaded.append(str(path)) or _FakeRetriever())
-    monkeypatch.setattr(embeddings, "load_cross_encoder", lambda path: loaded.append(str(path)) or _FakeCrossEncoder())
+    monkeypatch.setattr(
+        embeddings, "load_model", lambda path=None, device=None: loaded.append(str(path)) or _FakeRetriever()
+    )
+    monkeypatch.setattr(
+        embeddings, "load_cross_encoder", lambda path, device=None: loaded.append(str(path)) or _FakeCrossEncoder()
+    )
     monkeypatch.setattr(
         evaluation,
         "dense_search",
@@ -195,7 +199,7 @@ def test_eval_loads_the_model_recorded_by_the_upstream_materialization(tmp_path,
             {},
         ),
     )
-    resources = {"duckdb": RLHNDuckDB(database=str(db_path))}
+    resources = {"duckdb": RLHNDuckDB(database=str(db_path)), "base_models": BaseModelsResource()}
     partition = dg.MultiPartitionKey({"eval_set": "cisi", "model": RETRAINED})
 
     # Without upstream materializations: a Failure that names what to materialize.

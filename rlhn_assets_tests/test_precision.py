@@ -17,7 +17,12 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "mps") == "fp32"  # no bf16 autocast path measured there
     with pytest.raises(ValueError, match="precision 'fp16'"):
-        resolve_precision("fp16")
+        resolve_precision("fp16")  # fp16 mixed precision: CUDA only
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        resolve_precision("fp16", "mps")
+    assert resolve_precision("fp16", "cuda:1") == "fp16"
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        resolve_precision("fp8")
 
 
 def test_bf16_embeddings_close_to_fp32_and_cached_apart(tmp_path):

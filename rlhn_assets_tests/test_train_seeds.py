@@ -12,7 +12,7 @@ from rlhn_assets.defs.train.assets import trained_retriever
 from rlhn_assets.lib import training
 from rlhn_assets.lib.model_store import ModelStore, input_key
 from rlhn_assets.lib.training import TrainingInstance
-from rlhn_assets.resources import RLHNDuckDB
+from rlhn_assets.resources import BaseModelsResource, RLHNDuckDB
 
 TINY = {"max_steps": 1, "batch_size": 4, "max_seq_length": 32, "hard_negatives": 1}
 
@@ -46,7 +46,7 @@ def _materialize(instance, db_path, seeds, **extra):
             [trained_retriever],
             partition_key="default",
             instance=run_instance,
-            resources={"duckdb": RLHNDuckDB(database=str(db_path))},
+            resources={"duckdb": RLHNDuckDB(database=str(db_path)), "base_models": BaseModelsResource()},
             run_config={"ops": {"trained_retriever": {"config": {**TINY, "seeds": seeds, **extra}}}},
         )
 
@@ -139,7 +139,7 @@ def test_trained_models_check_loads_every_seed_and_fails_on_a_broken_model(data_
     from rlhn_assets.defs.train.checks import trained_retriever_loads_and_scores
 
     _seed_db(db_path)
-    resources = {"duckdb": RLHNDuckDB(database=str(db_path))}
+    resources = {"duckdb": RLHNDuckDB(database=str(db_path)), "base_models": BaseModelsResource()}
     config = {"ops": {"trained_retriever": {"config": {**TINY, "seeds": [13, 14]}}}}
     with dg.DagsterInstance.ephemeral() as inst:
         ok = dg.materialize(

@@ -186,3 +186,31 @@ def test_reranker_trains_and_scores(fiqa_instances, tmp_path):
     inst = fiqa_instances[0]
     scores = model.predict([(inst.query, inst.positives[0]), (inst.query, inst.negatives[0])])
     assert len(scores) == 2 and all(math.isfinite(float(x)) for x in scores)
+
+
+@pytest.mark.slow
+def test_cached_mnrl_and_gradient_checkpointing(fiqa_instances, tmp_path):
+    """loss: cached_mnrl (GradCache, mini-batches of 2 texts) with gradient checkpointing: one step trains, the loss is
+    finite, the settings say what ran and the key-relevant identity holds them."""
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    settings = TrainSettings(**{**TINY.to_dict(), "loss": "cached_mnrl", "mini_batch_size": 2})
+    settings = TrainSettings(**{**settings.to_dict(), "gradient_checkpointing": True})
+    seen = {}
+    real = CachedMultipleNegativesRankingLoss.forward
+
+    def spy(self, *a, **k):
+        seen["mini_batch_size"] = self.mini_batch_size
+        seen["checkpointing"] = self.model[0].auto_model.is_gradient_checkpointing
+        return real(self, *a, **k)
+
+    CachedMultipleNegativesRankingLoss.forward = spy
+    try:
+        r = train_retriever(fiqa_instances, settings, tmp_path / "cached")
+    finally:
+        CachedMultipleNegativesRankingLoss.forward = real
+    assert seen == {"mini_batch_size": 2, "checkpointing": True}
+    assert r.steps == 1 and r.final_loss is not None and math.isfinite(r.final_loss)
+    assert r.settings["loss"] == "CachedMultipleNegativesRankingLoss" and r.settings["gradient_checkpointing"]
+    identity = settings.resolved().identity()
+    assert identity["loss"] == "cached_mnrl" and identity["gradient_checkpointing"] is True

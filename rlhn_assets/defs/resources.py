@@ -3,7 +3,13 @@ import os
 import dagster as dg
 
 from rlhn_assets import settings
-from rlhn_assets.resources import DatasetRegistryResource, JudgeTierResource, JudgingBudgetResource, RLHNDuckDB
+from rlhn_assets.resources import (
+    BaseModelsResource,
+    DatasetRegistryResource,
+    JudgeTierResource,
+    JudgingBudgetResource,
+    RLHNDuckDB,
+)
 
 # Judge presets. `local` (the default, what `make demo` and CI run): tier 1 = embedding margin with the
 # packaged MiniLM, tier 2 = a packaged Qwen2.5-Coder on a llama.cpp server the step starts itself.
@@ -118,6 +124,15 @@ def judging_budget() -> JudgingBudgetResource:
     )
 
 
+def base_models() -> BaseModelsResource:
+    """The base models and device from the environment (lib/base_models.ENV): RLHN_RETRIEVER_BASE,
+    RLHN_RERANKER_BASE, RLHN_QUERY_PROMPT, RLHN_PASSAGE_PROMPT, RLHN_DEVICE. Unset = the packaged MiniLM, its own
+    prompts (none), the first of CUDA, MPS, CPU."""
+    from rlhn_assets.lib.base_models import settings_from_env
+
+    return BaseModelsResource(**settings_from_env())
+
+
 def preset_name() -> str:
     name = os.environ.get("RLHN_PRESET", "local")
     if name not in PRESETS:
@@ -132,6 +147,7 @@ def resources() -> dg.Definitions:
             "duckdb": RLHNDuckDB(database=str(settings.duckdb_path()), connection_config={"memory_limit": "1GB"}),
             "registry": DatasetRegistryResource(),
             "judging_budget": judging_budget(),
+            "base_models": base_models(),
             **PRESETS[preset_name()],
         }
     )

@@ -103,16 +103,20 @@ def dense_search(
     progress: Callable[[str], None] | None = None,
     query_chunk: int = 1024,
     precision: str = "fp32",
+    query_prompt: str | None = None,
+    passage_prompt: str | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict]:
     """Exact cosine-similarity search of every query over the full corpus.
 
-    Corpus embeddings go through ``encode_cached`` (keyed by ``model_version`` and the passage texts), so
-    an unchanged model on an unchanged corpus costs no encoding; queries are encoded directly.
+    Queries are encoded with ``query_prompt`` and passages with ``passage_prompt`` (None: the model's own prompts,
+    ``embeddings.role_prompt``). Corpus embeddings go through ``encode_cached`` (keyed by ``model_version``, the
+    passage prompt and the passage texts), so an unchanged model on an unchanged corpus costs no encoding; queries
+    are encoded directly.
     Returns BEIR-style results ``{qid: {docid: score}}`` (the ``top_k`` best per query) and an info dict.
     """
     import torch
 
-    from rlhn_assets.lib.embeddings import encode_cached, inference_precision, resolve_precision
+    from rlhn_assets.lib.embeddings import encode_cached, encode_texts, inference_precision, resolve_precision
 
     doc_ids = list(ds.corpus)
     qids = list(ds.queries)
@@ -125,6 +129,8 @@ def dense_search(
         batch_size=batch_size,
         progress=progress,
         precision=precision,
+        role="passage",
+        prompt=passage_prompt,
     )
     corpus_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -132,13 +138,7 @@ def dense_search(
     resolved = resolve_precision(precision, device)
     if qids:
         with inference_precision(resolved, device):
-            q_emb = model.encode(
-                [ds.queries[q] for q in qids],
-                batch_size=batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            ).astype(np.float32)
+            q_emb = encode_texts(model, [ds.queries[q] for q in qids], "query", query_prompt, batch_size=batch_size)
     else:
         q_emb = np.zeros((0, doc_emb.shape[1] if doc_emb.ndim == 2 else 0), dtype=np.float32)
     query_seconds = time.perf_counter() - t1

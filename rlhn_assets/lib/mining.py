@@ -1,7 +1,8 @@
 """Hard-negative mining for a dataset that has queries + positives + a corpus but no negatives.
 
 Like sentence-transformers' ``mine_hard_negatives`` / FlagEmbedding's ``hn_mine``: retrieve candidates
-(dense with the packaged all-MiniLM-L6-v2, or BM25), skip every labelled positive of the query, keep the
+(dense with the retriever base of the ``base_models`` resource, by default the packaged all-MiniLM-L6-v2, with its
+query/passage prompts; or BM25), skip every labelled positive of the query, keep the
 rank window [range_min, range_max), optionally drop candidates within a relative margin of the positive
 score (NV-Retriever TopK-PercPos), and take N negatives (the top ones or a seeded random sample, kept
 in rank order). We do not call ``mine_hard_negatives`` itself: it works on texts, not docids, excludes
@@ -77,8 +78,11 @@ def score_candidates(
     model_version: str = "",
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    query_prompt: str | None = None,
+    passage_prompt: str | None = None,
 ) -> tuple[np.ndarray, bool]:
-    """Query x corpus score matrix (cosine for dense, BM25 otherwise)."""
+    """Query x corpus score matrix (cosine for dense, BM25 otherwise). Dense: queries and passages are encoded with
+    their prompts (None: the model's own)."""
     texts = [passage_text(split.corpus[d]) for d in doc_ids]
     if spec.method == "bm25":
         from rank_bm25 import BM25Okapi
@@ -89,8 +93,25 @@ def score_candidates(
     from rlhn_assets.lib.embeddings import encode_cached, load_model
 
     model = model or load_model()
-    doc_emb, hit = encode_cached(model, model_version, texts, cache_dir, batch_size=spec.batch_size, progress=progress)
-    q_emb, _ = encode_cached(model, model_version, [split.queries[q] for q in qids], None, batch_size=spec.batch_size)
+    doc_emb, hit = encode_cached(
+        model,
+        model_version,
+        texts,
+        cache_dir,
+        batch_size=spec.batch_size,
+        progress=progress,
+        role="passage",
+        prompt=passage_prompt,
+    )
+    q_emb, _ = encode_cached(
+        model,
+        model_version,
+        [split.queries[q] for q in qids],
+        None,
+        batch_size=spec.batch_size,
+        role="query",
+        prompt=query_prompt,
+    )
     return q_emb @ doc_emb.T, hit
 
 
@@ -129,6 +150,8 @@ def mine(
     model_version: str = "",
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    query_prompt: str | None = None,
+    passage_prompt: str | None = None,
 ) -> MiningStats:
     stats = MiningStats()
     doc_ids = sorted(split.corpus)
@@ -140,7 +163,16 @@ def mine(
         else:
             stats.queries_skipped_no_positive_in_corpus += 1
     scores, stats.cache_hit = score_candidates(
-        spec, split, doc_ids, qids, model=model, model_version=model_version, cache_dir=cache_dir, progress=progress
+        spec,
+        split,
+        doc_ids,
+        qids,
+        model=model,
+        model_version=model_version,
+        cache_dir=cache_dir,
+        progress=progress,
+        query_prompt=query_prompt,
+        passage_prompt=passage_prompt,
     )
     rng = random.Random(spec.seed)
     depth = min(len(doc_ids), spec.range_max + max(len(split.qrels[q]) for q in qids) + 1) if qids else 0
@@ -176,7 +208,8 @@ def mine(
 
 
 def spec_fingerprint(spec: MiningSpec, input_paths: list[Path], model_version: str) -> str:
-    """Changes when the settings, an input file or the model change: then the output is rewritten."""
+    """Changes when the settings, an input file or the model change: then the output is rewritten. For dense mining
+    ``model_version`` is the base's identity (lib/base_models: weights, plus prompts when there are any)."""
     h = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode())
     h.update(model_version.encode())
     for p in input_paths:

@@ -29,6 +29,18 @@ content hash (``data_version``) is reproducible (the model card's wall-clock "Tr
 suppressed for that); a change in the training data changes it. Bit-identity holds for one machine and one
 torch thread count: 1 vs 2 threads changed the loss in the 7th digit and the weights' bytes.
 
+Base model, prompts, hardware: ``base`` (lib/base_models.EncoderBase) names the folder to start from and the
+query / passage prompts; the trainer gets them as its ``prompts`` (column ``anchor`` -> query prompt, ``positive`` and
+``negative_*`` -> passage prompt) and the saved model keeps them in its config, so evaluating it applies the same ones.
+``device`` is resolved by lib/embeddings.resolve_device (CUDA, then MPS, then CPU) and the Hugging Face trainer
+places the model; ``precision`` picks bf16 / fp16 mixed precision; ``loss: cached_mnrl`` is GradCache
+(``CachedMultipleNegativesRankingLoss``: the same loss in ``mini_batch_size`` chunks, so a large batch of in-batch
+negatives fits in memory) and ``gradient_checkpointing`` trades compute for activation memory.
+
+Several processes (DDP): started by ``torchrun`` (lib/train_cli.py), each process trains on its share of every batch
+(``batch_size`` stays the global batch: ``batch_size / processes`` per process) and MNRL gathers the embeddings of all
+processes, so every query still sees ``batch_size`` in-batch passages; only rank 0 saves the model.
+
 Heavy imports (torch, transformers, sentence-transformers, datasets) happen inside the functions.
 """
 
@@ -45,8 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhn_assets.lib.embeddings import base_model_path as _default_base_model_path
-from rlhn_assets.lib.embeddings import dir_hash, resolve_precision
+from rlhn_assets.lib.embeddings import dir_hash, resolve_device, resolve_precision
 
 Log = Callable[[str], None]
 
@@ -61,7 +72,7 @@ class TrainSettings:
     # MNRL scale = 1 / temperature. Paper: temperature 0.01 = scale 100. Default 20 = sentence-transformers'
     # default; scale 100 did not help MiniLM in a quick SciFact measurement (module docstring).
     scale: float = 20.0
-    max_seq_length: int = 256
+    max_seq_length: int | None = 256  # None = the base model's own
     seed: int = 13
     max_steps: int = -1  # cap for demos/tests (-1 = no cap)
     reranker_negatives: int = 3  # hard negatives per query for the cross-encoder pairs
@@ -74,9 +85,39 @@ class TrainSettings:
     # has native bf16 (lib/embeddings.resolve_precision), else fp32; "fp32" / "bf16" force one. Part of the
     # model's identity (the model store key holds these settings).
     precision: str = "auto"
+    # Where to train: "auto" = CUDA, then MPS, then CPU (or RLHN_DEVICE); resolved() stores the resolved device.
+    device: str = "auto"
+    # "mnrl" = MultipleNegativesRankingLoss; "cached_mnrl" = CachedMultipleNegativesRankingLoss (GradCache): the same
+    # loss computed in chunks of `mini_batch_size` texts, so a batch of 128 queries x 8 passages fits on one GPU.
+    loss: str = "mnrl"
+    mini_batch_size: int = 32
+    gradient_checkpointing: bool = False
+    num_processes: int = 1  # DDP processes (lib/train_cli.py starts them with torchrun)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def resolved(self) -> TrainSettings:
+        """The settings with ``device`` and ``precision`` resolved for this machine (what the model depends on)."""
+        device = resolve_device(self.device)
+        return dataclasses.replace(self, device=device, precision=resolve_precision(self.precision, device))
+
+    def identity(self) -> dict:
+        """The settings as a model's identity (lib/model_store.input_key): every field, except the hardware and
+        loss fields while they hold the values every model had before they existed (CPU, MNRL, one process, no
+        checkpointing), so those models keep their keys; ``mini_batch_size`` counts only for ``cached_mnrl``."""
+        d = self.to_dict()
+        d["device"] = str(d["device"]).split(":")[0]  # the kind of hardware, not which card
+        for name, legacy in _LEGACY_DEFAULTS.items():
+            if d.get(name) == legacy:
+                del d[name]
+        if self.loss != "cached_mnrl":
+            d.pop("mini_batch_size", None)
+        return d
+
+
+LOSSES = ("mnrl", "cached_mnrl")
+_LEGACY_DEFAULTS = {"device": "cpu", "loss": "mnrl", "gradient_checkpointing": False, "num_processes": 1}
 
 
 @dataclass(frozen=True)
@@ -96,6 +137,9 @@ class TrainResult:
     seconds: float
     settings: dict
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (global step, logged loss)
+    rank: int = 0  # the DDP process that returns this (only rank 0 saves; the others' model_dir is not written)
+    world_size: int = 1
+    weights_sha: str = ""  # DDP only: a hash of this process's final weights (all ranks hold the same)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,12 +273,30 @@ def _planned_steps(rows: int, settings: TrainSettings) -> int:
     return min(steps, settings.max_steps) if settings.max_steps > 0 else steps
 
 
+def world_size() -> int:
+    """Processes of this training (torchrun sets WORLD_SIZE); 1 without torchrun."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def per_process_batch(settings: TrainSettings) -> int:
+    world = world_size()
+    if settings.batch_size % world:
+        raise ValueError(f"batch_size {settings.batch_size} is not a multiple of the {world} training processes")
+    return settings.batch_size // world
+
+
 def _common_args(settings: TrainSettings, rows: int, tmp: str) -> dict:
     planned = _planned_steps(rows, settings)
+    on_cpu = str(settings.device).split(":")[0] == "cpu"
+    extra = {"ddp_backend": "gloo"} if on_cpu and world_size() > 1 else {}
     return dict(
         output_dir=tmp,
         num_train_epochs=1,  # the rows already hold all epochs
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=per_process_batch(settings),
         learning_rate=settings.learning_rate,
         warmup_steps=float(settings.warmup_ratio) if settings.warmup_ratio < 1 else int(settings.warmup_ratio),
         seed=settings.seed,
@@ -244,9 +306,14 @@ def _common_args(settings: TrainSettings, rows: int, tmp: str) -> dict:
         save_strategy="no",
         report_to="none",
         dataloader_pin_memory=False,
-        use_cpu=True,
-        bf16=resolve_precision(settings.precision, "cpu") == "bf16",
+        # The trainer places the model: on the GPU it finds unless the resolved device is the CPU (the setting, or no
+        # GPU); bf16 on a CPU needs use_cpu (transformers refuses it otherwise).
+        use_cpu=on_cpu,
+        bf16=settings.precision == "bf16",
+        fp16=settings.precision == "fp16",
+        gradient_checkpointing=settings.gradient_checkpointing,
         disable_tqdm=True,
+        **extra,
     )
 
 
@@ -304,11 +371,24 @@ def _finish(
     history: list[tuple[int, float]],
     log: Log | None,
 ) -> TrainResult:
+    final = history[-1][1] if history else None
+    steps = int(trainer_output.global_step)
+    ddp = {"rank": rank(), "world_size": world_size(), "weights_sha": _weights_sha(model) if world_size() > 1 else ""}
+    if rank() != 0:  # DDP: the other processes hold the same weights; rank 0 alone saves them
+        return TrainResult(
+            model_dir=Path(output_dir),
+            data_version="",
+            train_rows=rows,
+            steps=steps,
+            final_loss=final,
+            seconds=time.perf_counter() - started,
+            settings=settings,
+            loss_history=list(history),
+            **ddp,
+        )
     _save_atomically(model, output_dir)
     version = dir_hash(output_dir)
-    final = history[-1][1] if history else None
     seconds = time.perf_counter() - started
-    steps = int(trainer_output.global_step)
     if log:
         loss_s = f"{final:.4f}" if final is not None else "n/a"
         log(
@@ -324,7 +404,18 @@ def _finish(
         seconds=seconds,
         settings=settings,
         loss_history=list(history),
+        **ddp,
     )
+
+
+def _weights_sha(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _training_rows(
@@ -367,15 +458,46 @@ def _fit(
     return _finish(kind, model, output, Path(output_dir), rows, started, {**settings.to_dict(), **info}, history, log)
 
 
+def _base(base, base_model_path):
+    from rlhn_assets.lib.base_models import resolve_base
+
+    if base is not None:
+        return base
+    return resolve_base(str(base_model_path or ""))
+
+
+def _place(settings: TrainSettings) -> str:
+    """The device this process loads the model on: under DDP on CUDA, the process's own card."""
+    device = str(settings.device)
+    if device.split(":")[0] == "cuda" and world_size() > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def column_prompts(columns: Sequence[str], query_prompt: str, passage_prompt: str) -> dict[str, str] | None:
+    """The trainer's ``prompts``: the query prompt for ``anchor``, the passage prompt for every other column; None
+    when both are empty (the trainer then tokenizes the texts as they are)."""
+    if not (query_prompt or passage_prompt):
+        return None
+    return {c: query_prompt if c == "anchor" else passage_prompt for c in columns if c != "label"}
+
+
 def train_retriever(
     instances: Sequence[TrainingInstance],
     settings: TrainSettings,
     output_dir: str | Path,
     *,
+    base=None,
     base_model_path: str | Path | None = None,
     log: Log | None = None,
 ) -> TrainResult:
-    """Fine-tune the bi-encoder with MNRL (in-batch + hard negatives) and save it to ``output_dir``."""
+    """Fine-tune the bi-encoder with MNRL (in-batch + hard negatives) and save it to ``output_dir``.
+
+    ``base``: a lib/base_models.EncoderBase (folder + prompts); default the packaged MiniLM with its own prompts
+    (``base_model_path`` names another folder, with that folder's own prompts)."""
+    settings = settings.resolved()
+    if settings.loss not in LOSSES:
+        raise ValueError(f"loss {settings.loss!r}: expected one of {', '.join(LOSSES)}")
     started, dataset = _training_rows(
         "retriever",
         retriever_rows,
@@ -385,7 +507,10 @@ def train_retriever(
         "negatives only)",
     )
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
     from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.training_args import (
         BatchSamplers,
@@ -393,17 +518,29 @@ def train_retriever(
     )
     from transformers import set_seed
 
-    base = Path(base_model_path or _default_base_model_path())
+    base = _base(base, base_model_path)
+    prompts = column_prompts(dataset.column_names, base.query_prompt, base.passage_prompt)
     if log:
         log(
             f"retriever: {len(dataset)} rows ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs), "
             f"batch {settings.batch_size}, {settings.hard_negatives} hard negatives, scale {settings.scale}, "
-            f"~{_planned_steps(len(dataset), settings)} steps, base {base.name}"
+            f"~{_planned_steps(len(dataset), settings)} steps, base {base.name} ({base.content_hash[:12]}), "
+            f"prompts query {base.query_prompt!r} passage {base.passage_prompt!r}, {settings.device} "
+            f"{settings.precision}, {settings.loss}" + (f" x {world_size()} processes" if world_size() > 1 else "")
         )
     set_seed(settings.seed)
-    model = SentenceTransformer(str(base), device="cpu")
-    model.max_seq_length = settings.max_seq_length
-    loss = MultipleNegativesRankingLoss(model, scale=settings.scale)
+    model = SentenceTransformer(str(base.path), device=_place(settings))
+    if settings.max_seq_length:
+        model.max_seq_length = settings.max_seq_length
+    # the saved model keeps the prompts it was trained with (encode_query / encode_document apply them)
+    model.prompts = {**model.prompts, "query": base.query_prompt, "document": base.passage_prompt}
+    gather = world_size() > 1  # in-batch negatives from every process, as in one process with the whole batch
+    if settings.loss == "cached_mnrl":
+        loss = CachedMultipleNegativesRankingLoss(
+            model, scale=settings.scale, mini_batch_size=settings.mini_batch_size, gather_across_devices=gather
+        )
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=settings.scale, gather_across_devices=gather)
     return _fit(
         "retriever",
         model,
@@ -412,10 +549,10 @@ def train_retriever(
         settings,
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
-        {"batch_sampler": BatchSamplers.NO_DUPLICATES},
+        {"batch_sampler": BatchSamplers.NO_DUPLICATES, "prompts": prompts},
         output_dir,
         started,
-        {"kind": "retriever", "loss": "MultipleNegativesRankingLoss", "base_model": str(base)},
+        {"kind": "retriever", "loss": type(loss).__name__, "base_model": base.describe()},
         log,
     )
 
@@ -425,10 +562,13 @@ def train_reranker(
     settings: TrainSettings,
     output_dir: str | Path,
     *,
+    base=None,
     base_model_path: str | Path | None = None,
     log: Log | None = None,
 ) -> TrainResult:
-    """Fine-tune a cross-encoder (MiniLM weights + new 1-logit head) with BCE and save it to ``output_dir``."""
+    """Fine-tune a cross-encoder (the base's weights + new 1-logit head) with BCE and save it to ``output_dir``.
+    Bi-encoder prompts do not apply to (query, passage) pairs: ``base``'s prompts are ignored."""
+    settings = settings.resolved()
     started, dataset = _training_rows(
         "reranker", reranker_pairs, instances, settings, "no instance has a positive, or no instance has any negative"
     )
@@ -437,16 +577,16 @@ def train_reranker(
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import set_seed
 
-    base = Path(base_model_path or _default_base_model_path())
+    base = _base(base, base_model_path).without_prompts()
     n_neg = max(0, settings.reranker_negatives)
     if log:
         log(
             f"reranker: {len(dataset)} pairs ({len(_usable(instances))} queries x {max(1, settings.epochs)} epochs x "
             f"(1 + {n_neg})), batch {settings.batch_size}, ~{_planned_steps(len(dataset), settings)} steps, "
-            f"base {base.name}"
+            f"base {base.name} ({base.content_hash[:12]}), {settings.device} {settings.precision}"
         )
     set_seed(settings.seed)  # the classifier head is freshly initialised: seed it
-    model = CrossEncoder(str(base), num_labels=1, max_length=settings.max_seq_length, device="cpu")
+    model = CrossEncoder(str(base.path), num_labels=1, max_length=settings.max_seq_length, device=_place(settings))
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(float(max(1, n_neg))))
     return _fit(
         "reranker",
@@ -463,7 +603,7 @@ def train_reranker(
             "kind": "reranker",
             "loss": "BinaryCrossEntropyLoss",
             "pos_weight": float(max(1, n_neg)),
-            "base_model": str(base),
+            "base_model": base.describe(),
         },
         log,
     )

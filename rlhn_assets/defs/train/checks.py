@@ -7,7 +7,7 @@ import dagster as dg
 
 from rlhn_assets.defs.train.assets import trained_reranker, trained_retriever
 from rlhn_assets.partitions import variant_pd
-from rlhn_assets.resources import RLHNDuckDB
+from rlhn_assets.resources import BaseModelsResource, RLHNDuckDB
 
 # A fixed probe: a query, a passage that answers it and one that does not (not from any dataset: a health check,
 # not a measurement; the scores must differ and be finite, not be in a given order).
@@ -25,20 +25,22 @@ def _models(conn, kind: str, variant: str) -> list[tuple]:
     ).fetchall()
 
 
-def _probe(kind: str, path: str) -> list[float]:
+def _probe(kind: str, path: str, device: str = "auto") -> list[float]:
     if kind == "retriever":
-        from rlhn_assets.lib.embeddings import load_model
+        from rlhn_assets.lib.embeddings import encode_texts, load_model
 
-        model = load_model(path)
-        q = model.encode([PROBE_QUERY], normalize_embeddings=True)
-        p = model.encode(list(PROBE_PASSAGES), normalize_embeddings=True)
+        # with the prompts the model was trained with (saved in its folder)
+        model = load_model(path, device=device)
+        q = encode_texts(model, [PROBE_QUERY], "query")
+        p = encode_texts(model, list(PROBE_PASSAGES), "passage")
         return [float(x) for x in (p @ q[0])]
     from rlhn_assets.lib.embeddings import load_cross_encoder
 
-    return [float(x) for x in load_cross_encoder(path).predict([(PROBE_QUERY, t) for t in PROBE_PASSAGES])]
+    pairs = [(PROBE_QUERY, t) for t in PROBE_PASSAGES]
+    return [float(x) for x in load_cross_encoder(path, device=device).predict(pairs)]
 
 
-def _check(context, kind: str, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
+def _check(context, kind: str, duckdb: RLHNDuckDB, device: str = "auto") -> dg.AssetCheckResult:
     variant = context.partition_key
     with duckdb.get_connection() as conn:
         rows = _models(conn, kind, variant)
@@ -49,7 +51,7 @@ def _check(context, kind: str, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
         if final_loss is not None and not math.isfinite(final_loss):
             problems.append(f"seed {seed}: final training loss {final_loss}")
         try:
-            s = _probe(kind, path)
+            s = _probe(kind, path, device)
         except Exception as e:  # noqa: BLE001 - a model that does not load is exactly what this check reports
             problems.append(f"seed {seed}: {path} does not load: {type(e).__name__}: {e}")
             continue
@@ -74,8 +76,10 @@ def _loads_and_scores(asset, kind: str):
         description=f"Every seed's {kind} loads from the model store, its final loss is finite, and it "
         "gives finite, distinct scores to a relevant and an unrelated probe passage.",
     )
-    def check(context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB) -> dg.AssetCheckResult:
-        return _check(context, kind, duckdb)
+    def check(
+        context: dg.AssetCheckExecutionContext, duckdb: RLHNDuckDB, base_models: BaseModelsResource
+    ) -> dg.AssetCheckResult:
+        return _check(context, kind, duckdb, base_models.device)
 
     return check
 
