@@ -1,7 +1,6 @@
 """`teacher_scores`: the embedding teacher's score of every pruned (query, passage) pair, which the `topk_percpos`
 variant of `relabeled` reads (NV-Retriever's TopK-PercPos, lib/teacher.py), and its check."""
 
-import functools
 import time
 
 import dagster as dg
@@ -27,13 +26,6 @@ class TeacherConfig(dg.Config):
     cache_embeddings: bool = True  # passage embeddings cached under <cache dir>/embeddings by model + texts
 
 
-@functools.lru_cache(maxsize=4)
-def _model_version(path: str) -> str:
-    from rlhn_assets.lib.embeddings import dir_hash
-
-    return dir_hash(path)
-
-
 @dg.asset(
     partitions_def=dataset_pd,
     group_name="relabel",
@@ -52,6 +44,7 @@ def _model_version(path: str) -> str:
 def teacher_scores(
     context: dg.AssetExecutionContext, config: TeacherConfig, duckdb: RLHNDuckDB, registry: DatasetRegistryResource
 ) -> dg.MaterializeResult:
+    from rlhn_assets.lib.base_models import content_hash
     from rlhn_assets.lib.embeddings import base_model_path, load_model
 
     dataset = context.partition_key
@@ -62,7 +55,7 @@ def teacher_scores(
         context.log.info(f"{dataset}: {reason}")
         return dg.MaterializeResult(metadata={"status": reason, "pairs_scored": 0, "dagster/row_count": 0})
     path = config.model_path or str(base_model_path())
-    version = _model_version(path)
+    version = content_hash(path)  # the teacher's weights, hashed once per process (lib/base_models)
     teacher = (config.model_path or "all-MiniLM-L6-v2") + f"@{version[:12]}"
     t0 = time.perf_counter()
     model = load_model(path, device=config.device)
