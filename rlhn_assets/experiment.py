@@ -41,7 +41,9 @@ from rlhn_assets.lib import provenance  # noqa: E402
 from rlhn_assets.lib.db import connect  # noqa: E402
 from rlhn_assets.partitions import EVAL_SETS  # noqa: E402
 
-EXPERIMENT_VARIANTS = ("default", "s1_rlhn", "s2_rlhn", "s2_hn_remove", "s2_remove")
+# the paper's variants (RLHN Table 3) and the two comparison treatments (NV-Retriever's TopK-PercPos, ARHN's relabel
+# + filter; README "Dataset variants")
+EXPERIMENT_VARIANTS = ("default", "s1_rlhn", "s2_rlhn", "s2_hn_remove", "s2_remove", "s2_rlhn_filter", "topk_percpos")
 SEEDS = (13, 14, 15)
 BUDGET_S = 2 * 3600  # the whole cold run on the 2-core machine, judging included
 
@@ -50,9 +52,9 @@ BUDGET_S = 2 * 3600  # the whole cold run on the 2-core machine, judging include
 # Measured 2026-12-02 on an EPYC with AVX512_BF16 (bf16 autocast): 2.3 s/step at 128x1x32, 5.6 s/step at 128x3x32
 # (benchmarks/bench_train_step.py, first 128 SciFact claims); evaluation ~1.8 min per model.
 # Measured 2026-12-07 in the pipeline on an EPYC without AVX-512 (fp32): 223 s per model at 128x1x32 (7.9 s/step;
-# 15 models 56 min); evaluation per model at 256 tokens ~70 s CISI, ~70 s Cranfield, ~280 s SciFact (16 models
-# ~110 min). So the 2-hour budget holds only on a CPU with native bf16; 3 hard negatives (~1.6x the training cost)
-# do not fit on either.
+# 21 models ~78 min); evaluation per model at 256 tokens ~70 s CISI, ~70 s Cranfield, ~280 s SciFact (22 models
+# ~155 min). So with 7 variants x 3 seeds the 2-hour budget is not met on 2 cores without native bf16 (~4 h); 3 hard
+# negatives (~1.6x the training cost) would not fit on either.
 TRAIN = {
     "epochs": 1,
     "batch_size": 32,

@@ -18,7 +18,15 @@ def test_settings_meet_the_experiments_floor():
     assert experiment.TRAIN["max_steps"] == -1 and experiment.TRAIN["epochs"] >= 1
     assert experiment.EVAL["max_seq_length"] == 256
     assert experiment.PRUNE == {"max_negatives_per_instance": 25}  # every instance, the paper's cap per call
-    assert set(experiment.EXPERIMENT_VARIANTS) == {"default", "s1_rlhn", "s2_rlhn", "s2_hn_remove", "s2_remove"}
+    assert set(experiment.EXPERIMENT_VARIANTS) == {
+        "default",
+        "s1_rlhn",
+        "s2_rlhn",
+        "s2_hn_remove",
+        "s2_remove",
+        "s2_rlhn_filter",
+        "topk_percpos",
+    }  # issue 11 + the comparison treatments of issue 18
     ops = experiment.run_config()["ops"]
     assert ops["trained_retriever"]["config"] == experiment.TRAIN and "max_instances" not in ops["pruned"]["config"]
 
