@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -303,9 +304,15 @@ class JudgeTierResource(dg.ConfigurableResource):
             self.endpoint_settings(base_url, model_identity), cache, api_key="local" if self.local_model else None
         )
 
+    @property
+    def shared_cache_path(self) -> str:
+        """The LLM response cache file every judging run shares (``cache_path``, default data/llm_cache.duckdb)."""
+        return self.cache_path or str(settings.data_dir() / "llm_cache.duckdb")
+
     @contextmanager
-    def open_judge(self, family_by_instance=None, log=None):
-        """Build the judge; for a local model, run the llama.cpp server for the duration."""
+    def open_judge(self, family_by_instance=None, log=None, cache=None):
+        """Build the judge; for a local model, run the llama.cpp server for the duration. ``cache``: an open
+        ResponseCache to use (a fanned-out shard's own file, lib/judging/shards.py) instead of the shared one."""
         from rlhn_assets.lib.judging import judges
 
         if self.kind == "embedding_margin":
@@ -315,7 +322,6 @@ class JudgeTierResource(dg.ConfigurableResource):
             return
         from rlhn_assets.lib.llm.cache import ResponseCache
 
-        cache_path = self.cache_path or str(settings.data_dir() / "llm_cache.duckdb")
         server = None
         try:
             base_url = identity = None
@@ -339,8 +345,8 @@ class JudgeTierResource(dg.ConfigurableResource):
                         f"llama.cpp server healthy at {base_url} ({server.binary()}"
                         f"{' ' + ' '.join(server.settings_args) if server.settings_args else ''})"
                     )
-            with ResponseCache(cache_path) as cache:
-                client = self.make_client(cache, base_url, identity)
+            with contextlib.nullcontext(cache) if cache is not None else ResponseCache(self.shared_cache_path) as c:
+                client = self.make_client(c, base_url, identity)
                 if self.kind == "listwise":
                     yield judges.ListwiseLLMJudge(
                         client,

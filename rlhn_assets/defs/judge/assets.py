@@ -1,12 +1,14 @@
+import contextlib
 import time
 
 import dagster as dg
+from pydantic import Field
 
 from rlhn_assets.conditions import PIPELINE
 from rlhn_assets.defs.prune.assets import pruned
 from rlhn_assets.lib.judging.budget import decision_for, write_estimates
 from rlhn_assets.lib.judging.judges import listwise_calls
-from rlhn_assets.lib.judging.store import count_instances, iter_batches, write_judgments
+from rlhn_assets.lib.judging.store import count_instances, iter_batches
 from rlhn_assets.lib.markdown import md_table
 from rlhn_assets.lib.relabel import flagged_negatives_sql, forwarded_sql
 from rlhn_assets.partitions import dataset_pd
@@ -27,6 +29,12 @@ class JudgeRunConfig(dg.Config):
     # Forward instances whose tier-1 answer ended in `error` to tier 2 (an unreadable answer is no evidence
     # that an instance is clean).
     forward_errors: bool = True
+    # Judge the dataset in this many parallel steps (shards of the instance list, docs/deploy.md "Fan-out"); 1 =
+    # one judging step. Shards run at once under a multi-process executor when the `llm_judge` pool allows it.
+    shards: int = Field(default=1, ge=1)
+    # Where the plan step stages the shards' instances and the shards their verdicts (Parquet): "" = a local
+    # folder, <data dir>/staging; an s3://... (or gs://, az://) URL when shards run on other machines.
+    staging_dir: str = ""
 
 
 def _skip_reason(registry: DatasetRegistryResource, duckdb: RLHNDuckDB, dataset: str) -> str | None:
@@ -38,19 +46,6 @@ def _skip_reason(registry: DatasetRegistryResource, duckdb: RLHNDuckDB, dataset:
     if kept and not kept[0][0]:
         return "dataset pruned away: nothing to judge"
     return None
-
-
-def _only_flagged(batch, flagged: set[tuple[str, int]]):
-    """Keep each instance's tier-1-flagged negatives; map judged positions back to the original ones."""
-    import dataclasses
-
-    out, positions = [], {}
-    for inst in batch:
-        keep = [k for k in range(1, len(inst.negatives) + 1) if (inst.instance_id, k) in flagged]
-        if keep:
-            out.append(dataclasses.replace(inst, negatives=tuple(inst.negatives[k - 1] for k in keep)))
-            positions[inst.instance_id] = keep
-    return out, positions
 
 
 def _budget_gate(tier: int, judge_res: JudgeTierResource, budget: JudgingBudgetResource, conn, dataset: str) -> None:
@@ -84,64 +79,150 @@ def _budget_gate(tier: int, judge_res: JudgeTierResource, budget: JudgingBudgetR
         raise dg.Failure(decision.description, allow_retries=False)  # a retry cannot change the budget
 
 
-def _run_tier(
-    context,
-    tier: int,
-    judge_res: JudgeTierResource,
-    duckdb: RLHNDuckDB,
-    registry: DatasetRegistryResource,
-    config: JudgeRunConfig,
-    only_sql: str | None,
-    budget: JudgingBudgetResource,
-) -> dg.MaterializeResult:
+# One dataset's judging of one tier is three kinds of steps (docs/deploy.md, "Fan-out of one dataset's judging"):
+# `plan` (skip reasons, the budget gate, stage the instances as Parquet shards), `judge_shard` once per shard
+# (a Dagster dynamic fan-out: the shards run as parallel steps under a multi-process executor - the default
+# one, Celery or Kubernetes), and `merge` (the shards' verdicts into `judgments` in one transaction, their new
+# LLM answers into the shared cache, the asset's metadata). Shards never open the pipeline DuckDB file.
+
+
+def _staging_root(config: JudgeRunConfig) -> str:
+    from rlhn_assets import settings
+
+    return config.staging_dir or str(settings.data_dir() / "staging")
+
+
+def _plan(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, registry, config, budget):
+    """Yields the shards (DynamicOutput) and the plan's summary (for the merge step)."""
+    from rlhn_assets.lib.judging.shards import join, stage_shards
+
     dataset = context.partition_key
+    t0 = time.time()
+    only_sql = forwarded_sql(config.forward_errors) if tier == 2 else None
+    positions_sql = (
+        flagged_negatives_sql(config.forward_errors) if tier == 2 and judge_res.scope == "flagged_negatives" else None
+    )
     reason = _skip_reason(registry, duckdb, dataset)
+    staging = join(_staging_root(config), context.run_id, f"{dataset}-tier{tier}")
+    staged = []
     with duckdb.get_connection() as conn:
         if not reason:
             _budget_gate(tier, judge_res, budget, conn, dataset)
-        conn.execute("DELETE FROM judgments WHERE dataset = $1 AND tier = $2", [dataset, tier])
         total = count_instances(conn, dataset, only_sql)
-    base = {"judge": dg.MetadataValue.json(judge_res.describe())}
+        if not reason and total:
+            staged = stage_shards(conn, dataset, config.shards, staging, only=only_sql, positions=positions_sql)
     if reason or total == 0:
         reason = reason or ("no instance forwarded by tier 1" if tier == 2 else "no instances")
         context.log.info(f"{dataset} tier {tier}: {reason}")
-        return dg.MaterializeResult(metadata=base | {"status": reason, "instances_judged": 0, "negatives_judged": 0})
+    else:
+        context.log.info(
+            f"{dataset} tier {tier}: {total:,} instances in {len(staged)} shard(s) staged under {staging}: "
+            + ", ".join(f"shard {s.index}: {s.instances:,} ({s.first_instance}..{s.last_instance})" for s in staged)
+        )
+    yield dg.Output({"reason": reason, "total": total, "started": t0, "staging": staging}, "summary")
+    for s in staged:
+        yield dg.DynamicOutput(
+            {
+                "index": s.index,
+                "instances_path": s.instances_path,
+                "instances": s.instances,
+                "dir": join(staging, f"shard-{s.index}"),
+                "batch_size": config.batch_size,
+                "flagged_only": positions_sql is not None,
+            },
+            output_name="shards",
+            mapping_key=f"shard_{s.index}",
+        )
 
-    reg = registry.load()
+
+def _judge_shard(context, tier: int, judge_res: JudgeTierResource, registry, shard: dict) -> dict:
+    """Judge one staged shard; its verdicts and new LLM answers go to Parquet files next to its instances."""
+    import dataclasses
+    import tempfile
+
+    from rlhn_assets.lib.judging.shards import is_remote, iter_shard, join, only_positions, write_verdicts
+    from rlhn_assets.lib.llm.cache import ResponseCache
+
+    dataset, k = context.partition_key, shard["index"]
     family_by_instance = None
-    if reg.get(dataset).prompt == "scidocsrr":
+    if registry.load().get(dataset).prompt == "scidocsrr":
         family_by_instance = lambda inst: "scidocsrr"  # noqa: E731
     t0 = time.perf_counter()
-    done = 0
-    with judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info) as judge:
-        flagged_only = tier == 2 and judge_res.scope == "flagged_negatives"
-        for batch in iter_batches(duckdb.get_connection, dataset, config.batch_size, only_sql):
-            if flagged_only:
-                import dataclasses
-
-                with duckdb.get_connection() as conn:
-                    flagged = {
-                        (i, k)
-                        for i, k in conn.execute(flagged_negatives_sql(config.forward_errors), [dataset]).fetchall()
-                    }
-                judged, positions = _only_flagged(batch, flagged)
+    done, files, responses = 0, [], None
+    with contextlib.ExitStack() as stack:
+        cache = None
+        if judge_res.kind != "embedding_margin":
+            # This shard's own cache file (DuckDB allows one writer process per file; lib/llm/cache.py), reading
+            # the shared one for earlier answers. Next to the staged files when they are local, so a retried
+            # shard finds its answers; in a temporary directory when they are on object storage.
+            local = tempfile.mkdtemp(prefix="rlhn-shard-") if is_remote(shard["dir"]) else shard["dir"]
+            cache = stack.enter_context(
+                ResponseCache(join(local, "llm_cache.duckdb"), read_through=[judge_res.shared_cache_path])
+            )
+        judge = stack.enter_context(
+            judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info, cache=cache)
+        )
+        for b, (batch, positions) in enumerate(iter_shard(shard["instances_path"], shard["batch_size"])):
+            if shard["flagged_only"]:
+                judged, kept = only_positions(batch, positions)
                 rows = [
-                    dataclasses.replace(j, neg_index=positions[j.instance_id][j.neg_index - 1])
+                    dataclasses.replace(j, neg_index=kept[j.instance_id][j.neg_index - 1])
                     for j in judge.judge(judged, progress=context.log.info)
                 ]
             else:
                 rows = judge.judge(batch, progress=context.log.info)
-            with duckdb.get_connection() as conn:
-                write_judgments(conn, dataset, tier, judge, rows)
+            if rows:
+                files.append(join(shard["dir"], f"verdicts-{b:05d}.parquet"))
+                write_verdicts(files[-1], dataset, tier, judge, rows)
             done += len(batch)
             s = judge.stats
             context.log.info(
-                f"{dataset} tier {tier} ({judge.kind}): {done:,}/{total:,} instances, "
+                f"{dataset} tier {tier} ({judge.kind}) shard {k}: {done:,}/{shard['instances']:,} instances, "
                 f"{s.negatives:,} negatives, {s.calls:,} calls, {s.cache_hits:,} cache hits, "
                 f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s"
             )
-        stats = judge.stats
-    seconds = time.perf_counter() - t0
+        if cache is not None and cache.count():
+            responses = join(shard["dir"], "llm_responses.parquet")
+            cache.export_responses(responses)
+        stats = judge.stats.as_dict()
+        kind, model = judge.kind, judge.model
+    return {
+        "index": k,
+        "verdict_files": files,
+        "responses": responses,
+        "stats": stats,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "judge": [kind, model],
+    }
+
+
+def _merge(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, summary: dict, shards: list):
+    """The shards' verdicts into `judgments` (one transaction, deterministic order) and their new answers into
+    the shared LLM cache; returns the asset's output with the same metadata as a single-step run."""
+    import shutil
+
+    from rlhn_assets.lib.judging.judges import JudgeStats
+    from rlhn_assets.lib.judging.shards import is_remote, merge_verdicts
+    from rlhn_assets.lib.llm.cache import ResponseCache
+
+    dataset = context.partition_key
+    shards = sorted(shards, key=lambda s: s["index"])
+    responses = [s["responses"] for s in shards if s["responses"]]
+    if responses:  # first, so that a failure below never loses paid answers
+        with ResponseCache(judge_res.shared_cache_path) as cache:
+            added = cache.import_responses(responses)
+        context.log.info(f"{added:,} new LLM answers of {len(responses)} shard(s) added to the shared cache")
+    with duckdb.get_connection() as conn:
+        merged = merge_verdicts(conn, dataset, tier, [f for s in shards for f in s["verdict_files"]])
+    if not is_remote(summary["staging"]):
+        shutil.rmtree(summary["staging"], ignore_errors=True)
+    base = {"judge": dg.MetadataValue.json(judge_res.describe())}
+    if summary["reason"]:
+        return dg.Output(
+            None, metadata=base | {"status": summary["reason"], "instances_judged": 0, "negatives_judged": 0}
+        )
+    stats = JudgeStats.total([s["stats"] for s in shards])
+    seconds = time.time() - summary["started"]
     flagged = stats.verdicts["better"] + stats.verdicts["worse"]
     with duckdb.get_connection() as conn:
         inst_flagged = conn.execute(
@@ -158,7 +239,9 @@ def _run_tier(
                ORDER BY j.instance_id, j.neg_index LIMIT 8""",
             [dataset, tier],
         ).fetchall()
-    return dg.MaterializeResult(
+    context.log.info(f"{dataset} tier {tier}: {merged:,} verdicts of {len(shards)} shard(s) merged")
+    return dg.Output(
+        None,
         metadata=base
         | {
             "instances_judged": stats.instances,
@@ -179,10 +262,12 @@ def _run_tier(
             "cost_usd": round(judge_res.cost_usd(stats.tokens_in, stats.tokens_out), 4),
             "wall_seconds": round(seconds, 1),
             "judgments_per_second": round(stats.negatives / seconds, 2) if seconds else 0.0,
+            "shards": len(shards),
+            "shard_seconds": dg.MetadataValue.json({str(s["index"]): s["seconds"] for s in shards}),
             "flagged_preview": dg.MetadataValue.md(
                 md_table(["instance", "query", "neg #", "verdict", "score", "passage"], preview, max_chars=60)
             ),
-        }
+        },
     )
 
 
@@ -317,60 +402,101 @@ def judging_cost_estimate(
     )
 
 
-def _judge_tier_asset(deps: list, description: str):
-    """The decorator both tiers share: one run per dataset in backfills, the `llm_judge` pool (so two judging
-    steps never share one local LLM server), Dagster's retry policy for transient endpoint failures."""
-    return dg.asset(
+def _tier_ops(tier: int, judge_key: str, upstream: tuple[str, ...]):
+    """The three ops of one tier's judging graph. The shard op takes the `llm_judge` pool (so two judging steps
+    never share one local LLM server unless the pool's limit allows it: raise it to run shards in parallel) and
+    Dagster's retry policy for transient endpoint failures (a retry reruns one shard; the cache makes it cheap).
+    """
+    common = {"duckdb", "registry", judge_key}
+
+    @dg.op(
+        name=f"tier{tier}_plan",
+        ins={name: dg.In(dg.Nothing) for name in upstream},
+        out={"summary": dg.Out(dict), "shards": dg.DynamicOut(dict)},
+        required_resource_keys=common | {"judging_budget"},
+        retry_policy=JUDGE_RETRY,
+        tags={"kind": "duckdb"},
+    )
+    def plan(context: dg.OpExecutionContext, config: JudgeRunConfig):
+        r = context.resources
+        yield from _plan(context, tier, getattr(r, judge_key), r.duckdb, r.registry, config, r.judging_budget)
+
+    @dg.op(
+        name=f"tier{tier}_judge_shard",
+        required_resource_keys={"registry", judge_key},
+        pool="llm_judge",
+        retry_policy=JUDGE_RETRY,
+    )
+    def judge_shard(context: dg.OpExecutionContext, shard: dict) -> dict:
+        return _judge_shard(context, tier, getattr(context.resources, judge_key), context.resources.registry, shard)
+
+    @dg.op(
+        name=f"tier{tier}_merge",
+        required_resource_keys={"duckdb", judge_key},
+        out=dg.Out(dg.Nothing),
+        retry_policy=JUDGE_RETRY,
+    )
+    def merge(context: dg.OpExecutionContext, summary: dict, shards: list[dict]):
+        r = context.resources
+        return _merge(context, tier, getattr(r, judge_key), r.duckdb, summary, shards)
+
+    @dg.config_mapping
+    def run_config(config: JudgeRunConfig) -> dict:
+        # the asset keeps its one config block (ops: {tierN_judgments: {config: ...}}); the plan op reads it
+        return {f"tier{tier}_plan": {"config": config.model_dump()}}
+
+    def compose(**after):
+        summary, shards = plan(**after)
+        return merge(summary, shards.map(judge_shard).collect())
+
+    return run_config, compose
+
+
+def _judge_tier_asset(deps: list, description: str, config):
+    """The decorator both tiers share: a graph of plan -> shards -> merge steps (above) per dataset partition;
+    one run per dataset in backfills."""
+    return dg.graph_asset(
         partitions_def=dataset_pd,
         group_name="judge",
-        code_version="1",
+        code_version="1",  # the verdicts are the same as the single-step asset's (test_judge_fanout.py)
         automation_condition=PIPELINE,
-        deps=deps,
+        ins={d.key.path[-1]: dg.AssetIn(key=d.key, dagster_type=dg.Nothing) for d in deps},
         kinds={"openai", "duckdb"},
-        pool="llm_judge",
         backfill_policy=dg.BackfillPolicy.multi_run(1),  # backfills: one run per dataset
-        retry_policy=JUDGE_RETRY,
+        config=config,
         description=description,
     )
 
 
+_tier1_config, _tier1_compose = _tier_ops(1, "tier1_judge", ("pruned", "judging_cost_estimate"))
+_tier2_config, _tier2_compose = _tier_ops(2, "tier2_judge", ("tier1_judgments", "judging_cost_estimate"))
+
+
 @_judge_tier_asset(
     deps=[pruned, judging_cost_estimate],
+    config=_tier1_config,
     description=(
         "Tier 1 of the judge cascade: every negative of every `pruned` instance gets a verdict (better / worse / "
         "not_relevant / error) from the configured tier-1 judge (`local` preset: embedding margin with the packaged "
         "MiniLM; `paper` preset: gpt-4o-mini listwise). Table `judgments` (tier = 1). LLM answers are cached in "
-        "`data/llm_cache.duckdb` as they arrive, so a rerun never pays twice."
+        "`data/llm_cache.duckdb`, so a rerun never pays twice. `shards: N` (run config) judges the dataset in N "
+        "parallel steps whose verdicts are merged in one transaction (docs/deploy.md)."
     ),
 )
-def tier1_judgments(
-    context: dg.AssetExecutionContext,
-    config: JudgeRunConfig,
-    duckdb: RLHNDuckDB,
-    registry: DatasetRegistryResource,
-    tier1_judge: JudgeTierResource,
-    judging_budget: JudgingBudgetResource,
-) -> dg.MaterializeResult:
-    return _run_tier(context, 1, tier1_judge, duckdb, registry, config, None, judging_budget)
+def tier1_judgments(pruned, judging_cost_estimate):
+    return _tier1_compose(pruned=pruned, judging_cost_estimate=judging_cost_estimate)
 
 
 @_judge_tier_asset(
     deps=[tier1_judgments, judging_cost_estimate],
+    config=_tier2_config,
     description=(
         "Tier 2 of the cascade: re-judges only the instances in which tier 1 listed any negative as better or "
         "worse (and, by default, those with a tier-1 error) - all their negatives, or with `scope: flagged_negatives` "
         "only the flagged ones; its verdict is final (`local` preset: Qwen2.5-Coder "
-        "on a llama.cpp server the step starts itself; `paper` preset: gpt-4o listwise). Table `judgments` (tier = 2)."
+        "on a llama.cpp server the step starts itself; `paper` preset: gpt-4o listwise). Table `judgments` (tier = 2). "
+        "`shards: N` as for tier 1."
     ),
 )
-def tier2_judgments(
-    context: dg.AssetExecutionContext,
-    config: JudgeRunConfig,
-    duckdb: RLHNDuckDB,
-    registry: DatasetRegistryResource,
-    tier2_judge: JudgeTierResource,
-    judging_budget: JudgingBudgetResource,
-) -> dg.MaterializeResult:
-    return _run_tier(
-        context, 2, tier2_judge, duckdb, registry, config, forwarded_sql(config.forward_errors), judging_budget
-    )
+def tier2_judgments(tier1_judgments, judging_cost_estimate):
+    return _tier2_compose(tier1_judgments=tier1_judgments, judging_cost_estimate=judging_cost_estimate)

@@ -79,6 +79,19 @@ class JudgeStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def total(cls, parts: Sequence[dict]) -> JudgeStats:
+        """The sum of several judges' ``as_dict()`` (the shards of one fanned-out judging step)."""
+        out = cls()
+        for p in parts:
+            for name, value in p.items():
+                if name == "verdicts":
+                    for v, n in value.items():
+                        out.verdicts[v] = out.verdicts.get(v, 0) + n
+                else:
+                    setattr(out, name, getattr(out, name) + value)
+        return out
+
     def count(self, judgments: Sequence[NegativeJudgment]) -> None:
         for j in judgments:
             self.verdicts[j.verdict] += 1

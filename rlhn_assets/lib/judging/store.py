@@ -55,33 +55,40 @@ def iter_batches(open_conn, dataset: str, batch_size: int, only: str | None = No
         offset += len(batch)
 
 
+def judgments_table(dataset: str, tier: int, judge, rows: Sequence[NegativeJudgment]):
+    """The ``judgments`` rows of ``rows`` as an Arrow table (the table's columns, judge fields filled in)."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "dataset": pa.array([dataset] * len(rows), pa.string()),
+            "tier": pa.array([tier] * len(rows), pa.int32()),
+            "instance_id": pa.array([r.instance_id for r in rows], pa.string()),
+            "docid": pa.array([r.docid for r in rows], pa.string()),
+            "neg_index": pa.array([r.neg_index for r in rows], pa.int32()),
+            "verdict": pa.array([r.verdict for r in rows], pa.string()),
+            "score": pa.array([r.score for r in rows], pa.float64()),
+            "judge_kind": pa.array([judge.kind] * len(rows), pa.string()),
+            "judge_model": pa.array([judge.model] * len(rows), pa.string()),
+            "judge_model_identity": pa.array([getattr(judge, "model_identity", None)] * len(rows), pa.string()),
+            "prompt_version": pa.array([judge.prompt_version] * len(rows), pa.string()),
+            "response_key": pa.array([r.response_key for r in rows], pa.string()),
+            "detail": pa.array([r.detail for r in rows], pa.string()),
+        }
+    )
+
+
+JUDGMENT_COLUMNS = (
+    "dataset, tier, instance_id, docid, neg_index, verdict, score, judge_kind, judge_model, judge_model_identity, "
+    "prompt_version, response_key, detail"
+)
+
+
 def write_judgments(
     conn: duckdb.DuckDBPyConnection, dataset: str, tier: int, judge, rows: Sequence[NegativeJudgment]
 ) -> None:
     if not rows:
         return
-    import pyarrow as pa
-
-    t = pa.table(
-        {
-            "dataset": [dataset] * len(rows),
-            "tier": [tier] * len(rows),
-            "instance_id": [r.instance_id for r in rows],
-            "docid": [r.docid for r in rows],
-            "neg_index": [r.neg_index for r in rows],
-            "verdict": [r.verdict for r in rows],
-            "score": pa.array([r.score for r in rows], pa.float64()),
-            "judge_kind": [judge.kind] * len(rows),
-            "judge_model": [judge.model] * len(rows),
-            "judge_model_identity": [getattr(judge, "model_identity", None)] * len(rows),
-            "prompt_version": [judge.prompt_version] * len(rows),
-            "response_key": pa.array([r.response_key for r in rows], pa.string()),
-            "detail": pa.array([r.detail for r in rows], pa.string()),
-        }
-    )
-    conn.register("_j", t)
-    conn.execute("""INSERT INTO judgments (dataset, tier, instance_id, docid, neg_index, verdict, score, judge_kind,
-                                           judge_model, judge_model_identity, prompt_version, response_key, detail)
-                    SELECT dataset, tier, instance_id, docid, neg_index, verdict, score, judge_kind, judge_model,
-                           judge_model_identity, prompt_version, response_key, detail FROM _j""")
+    conn.register("_j", judgments_table(dataset, tier, judge, rows))
+    conn.execute(f"INSERT INTO judgments ({JUDGMENT_COLUMNS}) SELECT {JUDGMENT_COLUMNS} FROM _j")
     conn.unregister("_j")

@@ -13,6 +13,11 @@ Plain module: no Dagster imports. The judging step owns the cache (opens it once
 DuckDB allows one writer process per file, so :class:`ResponseCache` opens the file with
 ``lib.db.open_with_lock_retry``: it waits (capped back-off) for up to ``open_timeout_s`` (default
 ``RLHN_DUCKDB_LOCK_TIMEOUT_S``) while another process holds the lock, and fails at once on any other error.
+
+A judging step fanned out over shards (docs/deploy.md, "Fan-out") runs in several processes at once, so each
+shard writes its own cache file and reads the shared one through ``read_through`` (read-only connections that
+last one lookup, so they never hold the shared file's lock for long); the merge step copies the shards' new
+answers into the shared file (:meth:`ResponseCache.export_responses` / :meth:`ResponseCache.import_responses`).
 """
 
 from __future__ import annotations
@@ -76,6 +81,15 @@ DDL = [
         error_file_id VARCHAR)""",
 ]
 
+_LOOKUP_SQL = """SELECT r.key, r.text, r.finish_reason, r.tokens_in, r.tokens_out, r.latency_s, r.top_logprobs_json
+                 FROM llm_responses r JOIN (SELECT unnest(?::VARCHAR[]) AS k) q ON r.key = q.k"""
+
+
+def _sql_str(value: str) -> str:
+    """A SQL string literal (COPY and read_parquet take file names as literals, not parameters)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 # rows per INSERT statement (a multi-row VALUES list is far cheaper than executemany in DuckDB)
 _INSERT_CHUNK = 256
 
@@ -123,10 +137,15 @@ class ResponseCache:
         open_timeout_s: float | None = None,
         first_delay_s: float = 0.1,
         config: dict | None = None,
+        read_through: Sequence[str | Path] = (),
     ):
         """``open_timeout_s``: how long to wait for another process's lock on the file (default
-        ``RLHN_DUCKDB_LOCK_TIMEOUT_S``, like every DuckDB file of the project: ``lib.db.open_with_lock_retry``)."""
+        ``RLHN_DUCKDB_LOCK_TIMEOUT_S``, like every DuckDB file of the project: ``lib.db.open_with_lock_retry``).
+        ``read_through``: other cache files a lookup also consults (read-only) for the keys this one lacks; a
+        missing file is skipped (nothing cached yet)."""
         self.path = str(path)
+        self.read_through = tuple(str(p) for p in read_through)
+        self._open_timeout_s = open_timeout_s
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -168,16 +187,18 @@ class ResponseCache:
         if not wanted:
             return {}
         with self._lock:
-            rows = (
-                self._c()
-                .execute(
-                    """SELECT r.key, r.text, r.finish_reason, r.tokens_in, r.tokens_out, r.latency_s,
-                          r.top_logprobs_json
-                   FROM llm_responses r JOIN (SELECT unnest(?::VARCHAR[]) AS k) q ON r.key = q.k""",
-                    [wanted],
-                )
-                .fetchall()
-            )
+            rows = self._c().execute(_LOOKUP_SQL, [wanted]).fetchall()
+        missing = set(wanted) - {r[0] for r in rows}
+        for other in self.read_through:
+            if not missing or not Path(other).exists():
+                continue
+            conn = open_with_lock_retry(other, read_only=True, timeout_s=self._open_timeout_s, log=log)
+            try:
+                more = conn.execute(_LOOKUP_SQL, [sorted(missing)]).fetchall()
+            finally:
+                conn.close()
+            rows += more
+            missing -= {r[0] for r in more}
         out: dict[str, LLMResponse] = {}
         for key, text, finish, t_in, t_out, lat, lp_json in rows:
             lp = None
@@ -239,6 +260,31 @@ class ResponseCache:
                 conn.execute("ROLLBACK")
                 raise
         return len(values)
+
+    def export_responses(self, path: str) -> int:
+        """Write every cached response to the Parquet file ``path`` (a local path, or s3:// etc. with DuckDB's
+        httpfs); returns the number of rows."""
+        with self._lock:
+            conn = self._c()
+            n = self.count()
+            conn.execute(f"COPY llm_responses TO {_sql_str(path)} (FORMAT parquet)")
+        return n
+
+    def import_responses(self, paths: Sequence[str]) -> int:
+        """Add the responses of Parquet files written by :meth:`export_responses` (one transaction; a key that
+        is already here keeps its row: both are answers to the same request). Returns the rows added."""
+        if not paths:
+            return 0
+        files = "[" + ", ".join(_sql_str(p) for p in paths) + "]"
+        cols = ", ".join(_RESPONSE_COLUMNS)
+        with self._lock:
+            conn = self._c()
+            before = self.count()
+            conn.execute(
+                f"""INSERT OR IGNORE INTO llm_responses ({cols})
+                    SELECT {cols} FROM read_parquet({files}) QUALIFY row_number() OVER (PARTITION BY key) = 1"""
+            )
+            return self.count() - before
 
     def count(self) -> int:
         with self._lock:
