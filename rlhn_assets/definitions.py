@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -52,9 +53,31 @@ def without_paid_automation(loaded: dg.Definitions) -> dg.Definitions:
     )
 
 
+EXECUTOR_ENV = "RLHN_EXECUTOR"
+
+
+def executor_from_env() -> dg.ExecutorDefinition | None:
+    """The executor of every job: RLHN_EXECUTOR = `celery` (dagster-celery: steps go to Celery workers through a
+    broker, deploy/celery.yaml), `k8s` (dagster-k8s: one Kubernetes pod per step, deploy/k8s.yaml) or unset
+    (Dagster's default multi-process executor). These are what run a fanned-out judging step's shards on several
+    workers (docs/deploy.md); the packages are imported only when chosen."""
+    name = os.environ.get(EXECUTOR_ENV, "").strip()
+    if not name:
+        return None
+    if name == "celery":
+        from dagster_celery import celery_executor
+
+        return celery_executor
+    if name == "k8s":
+        from dagster_k8s import k8s_job_executor  # not a dependency of this project: install it in the image
+
+        return k8s_job_executor
+    raise ValueError(f"{EXECUTOR_ENV}={name!r}: expected celery, k8s or nothing (Dagster's multi-process executor)")
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
     return dg.Definitions.merge(
         without_paid_automation(dg.load_from_defs_folder(path_within_project=Path(__file__).parent)),
-        dg.Definitions(sensors=[automation_sensor]),
+        dg.Definitions(sensors=[automation_sensor], executor=executor_from_env()),
     )

@@ -9,7 +9,8 @@ It binds 127.0.0.1 (port 0 = a free port), then prints ``PORT <n>`` on stdout (a
 
 * ``POST /v1/chat/completions`` - waits ``delay`` seconds (``asyncio.sleep``, so the server itself is never
   the bottleneck) and answers with a deterministic text derived from the message contents
-  (``"answer:" + sha1(contents)[:12]``) plus ``usage``;
+  (``"answer:" + sha1(contents)[:12]``) plus ``usage``; a request with ``logprobs`` (a pointwise judge) gets
+  ``yes``/``no`` with first-token top logprobs whose P(yes) is derived from the same hash;
 * ``GET /stats`` - ``{"total": n, "in_flight": n, "max_in_flight": n, "by_content": {content: count}}``
   where ``content`` is the message contents joined by newlines;
 * ``POST /reset`` - zero the counters.
@@ -45,6 +46,18 @@ def answer_text(content: str) -> str:
     return "answer:" + hashlib.sha1(content.encode("utf-8")).hexdigest()[:12]
 
 
+def yes_no_logprobs(content: str) -> tuple[str, dict]:
+    """A deterministic P(yes) in [0, 1) from the contents' hash, as the first token's top logprobs (what the
+    pointwise judge reads); the answer text is the likelier word."""
+    import math
+
+    p_yes = int(hashlib.sha1(content.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+    top = [("yes", max(p_yes, 1e-6)), ("no", max(1.0 - p_yes, 1e-6))]
+    first = [{"token": t, "logprob": math.log(p)} for t, p in top]
+    text = "yes" if p_yes >= 0.5 else "no"
+    return text, {"content": [{"token": text, "logprob": math.log(max(p_yes, 1 - p_yes)), "top_logprobs": first}]}
+
+
 def build_app(delay_s: float) -> Starlette:
     state = {"total": 0, "in_flight": 0, "max_in_flight": 0, "by_content": Counter()}
 
@@ -60,7 +73,9 @@ def build_app(delay_s: float) -> Starlette:
                 await asyncio.sleep(delay_s)
         finally:
             state["in_flight"] -= 1
-        text = answer_text(content)
+        text, logprobs = answer_text(content), None
+        if body.get("logprobs"):  # a one-token (pointwise) judge: a yes/no answer with first-token logprobs
+            text, logprobs = yes_no_logprobs(content)
         payload = {
             "id": "chatcmpl-fake-" + hashlib.sha1(content.encode()).hexdigest()[:16],
             "object": "chat.completion",
@@ -71,7 +86,7 @@ def build_app(delay_s: float) -> Starlette:
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": "stop",
-                    "logprobs": None,
+                    "logprobs": logprobs,
                 }
             ],
             "usage": {
