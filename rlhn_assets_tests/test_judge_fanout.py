@@ -256,3 +256,56 @@ def test_shards_on_two_celery_workers_merge_to_the_single_step_verdicts(tmp_path
     # the shards' answers were merged into the shared cache: a rerun would be served from it
     with duckdb.connect(str(tmp_path / "fanout_cache.duckdb"), read_only=True) as c:
         assert c.execute("SELECT count(*) FROM llm_responses").fetchall()[0][0] == INSTANCES * NEGATIVES
+
+
+def test_in_process_shards_of_both_tiers_equal_one_step(tmp_path):
+    """Tier 1 and tier 2 (scope flagged_negatives: only tier 1's flagged positions travel through the staged
+    Parquet and back) in 3 shards give the verdicts of 1 shard; the shards' answers land in the shared cache, so
+    a rerun makes no call."""
+    from rlhn_assets.defs.judge import checks
+    from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
+    from rlhn_assets_tests.conftest import make_resources
+
+    assets = [
+        tier1_judgments,
+        tier2_judgments,
+        checks.tier1_every_negative_judged_once,
+        checks.tier2_covers_exactly_the_forwarded,
+    ]
+
+    def run(db: Path, shards: int, base_url: str, cache: Path):
+        res = make_resources(db)
+        tier_cls = type(res["tier1_judge"])
+        res["tier1_judge"] = tier_cls(**_tier1(base_url, cache))
+        res["tier2_judge"] = tier_cls(
+            **{**_tier1(base_url, cache), "tier": 2, "scope": "flagged_negatives", "threshold_relevant": 0.3}
+        )
+        cfg = {"config": {"shards": shards, "batch_size": 5, "staging_dir": str(tmp_path / f"stage-{db.stem}")}}
+        with dg.instance_for_test() as inst:
+            r = dg.materialize(
+                assets,
+                partition_key=DATASET,
+                resources=res,
+                instance=inst,
+                run_config={"ops": {"tier1_judgments": cfg, "tier2_judgments": cfg}},
+            )
+        assert r.success and all(e.passed for e in r.get_asset_check_evaluations())
+        return {k: r.asset_materializations_for_node(k)[0].metadata for k in ("tier1_judgments", "tier2_judgments")}
+
+    with running_server(delay_s=0.0) as base_url:
+        one, three = tmp_path / "one.duckdb", tmp_path / "three.duckdb"
+        _seed(one)
+        _seed(three)
+        run(one, 1, base_url, tmp_path / "c1.duckdb")
+        md = run(three, 3, base_url, tmp_path / "c3.duckdb")
+        assert md["tier1_judgments"]["shards"].value == 3 and md["tier2_judgments"]["shards"].value == 3
+        again = run(three, 3, base_url, tmp_path / "c3.duckdb")
+    assert all(m["llm_calls"].value == 0 and m["cache_hits"].value > 0 for m in again.values())
+    with duckdb.connect(str(one), read_only=True) as a, duckdb.connect(str(three), read_only=True) as b:
+        q = "SELECT * FROM judgments ORDER BY tier, instance_id, neg_index"
+        rows1, rows3 = a.execute(q).fetchall(), b.execute(q).fetchall()
+    t2 = [r for r in rows1 if r[1] == 2]
+    t1_flagged = [r for r in rows1 if r[1] == 1 and r[5] in ("better", "worse")]
+    assert t2 and len(t2) == len(t1_flagged) < INSTANCES * NEGATIVES  # tier 2 judged only the flagged negatives
+    assert {(r[2], r[4]) for r in t2} == {(r[2], r[4]) for r in t1_flagged}  # at their original positions
+    assert rows3 == rows1

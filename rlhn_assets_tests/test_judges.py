@@ -142,10 +142,10 @@ def test_embedding_margin_flags_near_duplicates_of_the_positive():
 
 
 def test_tier2_flagged_scope_judges_only_flagged_negatives_at_their_original_positions():
-    from rlhn_assets.defs.judge.assets import _only_flagged
+    from rlhn_assets.lib.judging.shards import only_positions
 
     a, b = _instance(0, n=4), _instance(1, n=3)
-    judged, positions = _only_flagged([a, b], {("i0", 2), ("i0", 4)})
+    judged, positions = only_positions([a, b], {"i0": [2, 4]})
     assert [i.instance_id for i in judged] == ["i0"]  # i1 had nothing flagged
     assert [n.docid for n in judged[0].negatives] == ["n0_1", "n0_3"] and positions == {"i0": [2, 4]}
 

@@ -85,6 +85,11 @@ _LOOKUP_SQL = """SELECT r.key, r.text, r.finish_reason, r.tokens_in, r.tokens_ou
                  FROM llm_responses r JOIN (SELECT unnest(?::VARCHAR[]) AS k) q ON r.key = q.k"""
 
 
+def _is_local_file(path: str) -> bool:
+    """A path on this machine's file system (not ``md:`` MotherDuck or a URL, which DuckDB opens itself)."""
+    return not (path.startswith("md:") or "://" in path)
+
+
 def _sql_str(value: str) -> str:
     """A SQL string literal (COPY and read_parquet take file names as literals, not parameters)."""
     return "'" + str(value).replace("'", "''") + "'"
@@ -142,7 +147,7 @@ class ResponseCache:
         """``open_timeout_s``: how long to wait for another process's lock on the file (default
         ``RLHN_DUCKDB_LOCK_TIMEOUT_S``, like every DuckDB file of the project: ``lib.db.open_with_lock_retry``).
         ``read_through``: other cache files a lookup also consults (read-only) for the keys this one lacks; a
-        missing file is skipped (nothing cached yet)."""
+        local file that does not exist is skipped (nothing cached yet, or not mounted on this worker)."""
         self.path = str(path)
         self.read_through = tuple(str(p) for p in read_through)
         self._open_timeout_s = open_timeout_s
@@ -190,7 +195,7 @@ class ResponseCache:
             rows = self._c().execute(_LOOKUP_SQL, [wanted]).fetchall()
         missing = set(wanted) - {r[0] for r in rows}
         for other in self.read_through:
-            if not missing or not Path(other).exists():
+            if not missing or (_is_local_file(other) and not Path(other).exists()):
                 continue
             conn = open_with_lock_retry(other, read_only=True, timeout_s=self._open_timeout_s, log=log)
             try:

@@ -1,0 +1,92 @@
+"""lib/judging/shards.py and the shard side of lib/llm/cache.py without Dagster: staging splits the instances into
+contiguous, near-equal ranges, the merge is one all-or-nothing transaction whose result does not depend on the
+order of the files, and a shard's cache reads through the shared one and hands its answers back."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from rlhn_assets.lib.judging.judges import NegativeJudgment
+from rlhn_assets.lib.judging.shards import iter_shard, merge_verdicts, stage_shards, write_verdicts
+from rlhn_assets.lib.llm.cache import ResponseCache
+from rlhn_assets.lib.llm.types import CacheRow, LLMResponse
+from rlhn_assets.lib.schema import apply_schema
+
+
+class _Judge:
+    kind, model, model_identity, prompt_version = "pointwise", "m", "id", "v1"
+
+
+def _db(n: int = 7):
+    conn = duckdb.connect()
+    apply_schema(conn)
+    conn.execute("INSERT INTO raw_queries SELECT 'ds', 'q' || i, 'query ' || i FROM range($1) t(i)", [n])
+    conn.execute("INSERT INTO raw_passages SELECT 'ds', 'd' || i, NULL, 'text ' || i FROM range($1) t(i)", [n * 3])
+    conn.execute(
+        """INSERT INTO pruned_instances SELECT 'ds', printf('i%02d', i), 'q' || i, ['d' || (3 * i)],
+                  ['d' || (3 * i + 2), 'd' || (3 * i + 1)] FROM range($1) t(i)""",
+        [n],
+    )
+    return conn
+
+
+def test_staging_splits_contiguous_near_equal_ranges_with_texts_in_order(tmp_path):
+    conn = _db(7)
+    shards = stage_shards(conn, "ds", 3, str(tmp_path))
+    assert [s.instances for s in shards] == [3, 2, 2]
+    got = [inst for s in shards for batch, _ in iter_shard(s.instances_path, 2) for inst in batch]
+    assert [i.instance_id for i in got] == [f"i{k:02d}" for k in range(7)]  # every instance once, in order
+    assert [n.docid for n in got[1].negatives] == ["d5", "d4"]  # the stored order, not sorted
+    assert got[1].positives[0].text == "text 3" and got[1].positives[0].title == ""
+    # more shards than instances: no empty files
+    assert len(stage_shards(conn, "ds", 20, str(tmp_path / "many"))) == 7
+
+
+def test_staging_carries_positions_and_refuses_a_missing_passage(tmp_path):
+    conn = _db(3)
+    (s,) = stage_shards(conn, "ds", 1, str(tmp_path), positions="SELECT 'i01' AS instance_id, 2 AS neg_index")
+    ((batch, positions),) = list(iter_shard(s.instances_path, 10))
+    assert positions == {"i01": [2]} and len(batch) == 3
+    conn.execute("DELETE FROM raw_passages WHERE docid = 'd4'")
+    with pytest.raises(ValueError, match="1 positive/negative ids"):
+        stage_shards(conn, "ds", 1, str(tmp_path / "x"))
+
+
+def _verdicts(path, rows):
+    write_verdicts(str(path), "ds", 1, _Judge(), [NegativeJudgment(i, d, k, v) for i, d, k, v in rows])
+    return str(path)
+
+
+def test_merge_is_ordered_whatever_the_file_order_and_all_or_nothing(tmp_path):
+    conn = _db(2)
+    a = _verdicts(tmp_path / "a.parquet", [("i01", "d5", 1, "worse"), ("i01", "d4", 2, "not_relevant")])
+    b = _verdicts(tmp_path / "b.parquet", [("i00", "d2", 1, "better"), ("i00", "d1", 2, "not_relevant")])
+    q = "SELECT instance_id, neg_index, verdict FROM judgments"  # no ORDER BY: the insertion order
+    assert merge_verdicts(conn, "ds", 1, [a, b]) == 4
+    first = conn.execute(q).fetchall()
+    assert merge_verdicts(conn, "ds", 1, [b, a]) == 4
+    assert conn.execute(q).fetchall() == first == sorted(first)
+    dup = _verdicts(tmp_path / "dup.parquet", [("i00", "d2", 1, "worse")])
+    with pytest.raises(ValueError, match="1 duplicated"):
+        merge_verdicts(conn, "ds", 1, [a, b, dup])
+    assert conn.execute(q).fetchall() == first  # rolled back: the previous verdicts stay
+
+
+def _row(key: str) -> CacheRow:
+    return CacheRow(LLMResponse(key, "yes", "stop", 3, 1, 0.1, None, False), "m", "v1", {"k": key})
+
+
+def test_shard_cache_reads_through_and_hands_answers_back(tmp_path):
+    shared, shard = tmp_path / "shared.duckdb", tmp_path / "shard.duckdb"
+    with ResponseCache(shared) as c:
+        c.put_many([_row("old")])
+    with ResponseCache(shard, read_through=[shared, tmp_path / "not-mounted.duckdb"]) as c:
+        hits = c.get_many(["old", "new"])
+        assert set(hits) == {"old"} and hits["old"].cached
+        c.put_many([_row("new")])
+        c.export_responses(str(tmp_path / "r.parquet"))
+    with ResponseCache(shared) as c:
+        # the shard's file holds only what it was answered now: "new"
+        assert c.import_responses([str(tmp_path / "r.parquet")]) == 1
+        assert c.keys() == ["new", "old"]
