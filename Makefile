@@ -77,4 +77,4 @@ bench: venv llm  ## run every benchmark under benchmarks/ and write data/reports
 	$(PY) benchmarks/run_all.py
 
 clean:  ## remove the DuckDB files, caches and Dagster instance state (keeps .venv)
-	rm -rf data/*.duckdb* data/cache data/exports data/reports .dagster
+	rm -rf data/*.duckdb* data/cache data/exports data/reports data/staging .dagster

@@ -1,4 +1,5 @@
 import contextlib
+import os
 import time
 
 import dagster as dg
@@ -216,6 +217,8 @@ def _merge(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB,
         merged = merge_verdicts(conn, dataset, tier, [f for s in shards for f in s["verdict_files"]])
     if not is_remote(summary["staging"]):
         shutil.rmtree(summary["staging"], ignore_errors=True)
+        with contextlib.suppress(OSError):  # the run's folder, once its last tier's staging is gone
+            os.rmdir(os.path.dirname(summary["staging"]))
     base = {"judge": dg.MetadataValue.json(judge_res.describe())}
     if summary["reason"]:
         return dg.Output(
