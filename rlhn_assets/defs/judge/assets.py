@@ -418,7 +418,6 @@ def _tier_ops(tier: int, judge_key: str, upstream: tuple[str, ...]):
         out={"summary": dg.Out(dict), "shards": dg.DynamicOut(dict)},
         required_resource_keys=common | {"judging_budget"},
         retry_policy=JUDGE_RETRY,
-        tags={"kind": "duckdb"},
     )
     def plan(context: dg.OpExecutionContext, config: JudgeRunConfig):
         r = context.resources
