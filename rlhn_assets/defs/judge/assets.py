@@ -1,3 +1,4 @@
+import dataclasses
 import time
 
 import dagster as dg
@@ -42,8 +43,6 @@ def _skip_reason(registry: DatasetRegistryResource, duckdb: RLHNDuckDB, dataset:
 
 def _only_flagged(batch, flagged: set[tuple[str, int]]):
     """Keep each instance's tier-1-flagged negatives; map judged positions back to the original ones."""
-    import dataclasses
-
     out, positions = [], {}
     for inst in batch:
         keep = [k for k in range(1, len(inst.negatives) + 1) if (inst.instance_id, k) in flagged]
@@ -113,18 +112,40 @@ def _run_tier(
         family_by_instance = lambda inst: "scidocsrr"  # noqa: E731
     t0 = time.perf_counter()
     done = 0
-    with judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info) as judge:
-        flagged_only = tier == 2 and judge_res.scope == "flagged_negatives"
-        for batch in iter_batches(duckdb.get_connection, dataset, config.batch_size, only_sql):
-            if flagged_only:
-                import dataclasses
+    flagged_only = tier == 2 and judge_res.scope == "flagged_negatives"
 
-                with duckdb.get_connection() as conn:
-                    flagged = {
-                        (i, k)
-                        for i, k in conn.execute(flagged_negatives_sql(config.forward_errors), [dataset]).fetchall()
-                    }
-                judged, positions = _only_flagged(batch, flagged)
+    def rounds():
+        """(batch, instances to judge, positions) per round of ``batch_size`` instances; with scope
+        `flagged_negatives`, the instances keep only their tier-1-flagged negatives and ``positions`` maps the
+        judged positions back (the flags are read for the round's instances only, not the whole dataset's)."""
+        for batch in iter_batches(duckdb.get_connection, dataset, config.batch_size, only_sql):
+            if not flagged_only:
+                yield batch, batch, None
+                continue
+            with duckdb.get_connection() as conn:
+                flagged = {
+                    (i, k)
+                    for i, k in conn.execute(
+                        flagged_negatives_sql(config.forward_errors)
+                        + " AND instance_id IN (SELECT unnest($2::VARCHAR[]))",
+                        [dataset, [inst.instance_id for inst in batch]],
+                    ).fetchall()
+                }
+            judged, positions = _only_flagged(batch, flagged)
+            yield batch, judged, positions
+
+    with judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info) as judge:
+        client = getattr(judge, "client", None)
+        if judge_res.mode == "batch" and client is not None:
+            # Batch API: submit every request of the dataset first (jobs of up to batch_chunk_size requests /
+            # batch_chunk_bytes bytes), wait for all jobs, then judge from the cache below. Submitting per round
+            # would wait for one job per `batch_size` instances in turn (hours each on the real API).
+            counts = client.batch_prefetch(
+                (judge.requests_for(judged) for _, judged, _ in rounds()), progress=context.log.info
+            )
+            context.log.info(f"{dataset} tier {tier}: batch prefetch {counts}")
+        for batch, judged, positions in rounds():
+            if positions is not None:
                 rows = [
                     dataclasses.replace(j, neg_index=positions[j.instance_id][j.neg_index - 1])
                     for j in judge.judge(judged, progress=context.log.info)
@@ -141,6 +162,7 @@ def _run_tier(
                 f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s"
             )
         stats = judge.stats
+        batch_jobs = list(client.batch_jobs.values()) if client is not None and hasattr(client, "batch_jobs") else []
     seconds = time.perf_counter() - t0
     flagged = stats.verdicts["better"] + stats.verdicts["worse"]
     with duckdb.get_connection() as conn:
@@ -183,7 +205,33 @@ def _run_tier(
                 md_table(["instance", "query", "neg #", "verdict", "score", "passage"], preview, max_chars=60)
             ),
         }
+        | _batch_metadata(batch_jobs)
     )
+
+
+def _batch_metadata(jobs) -> dict:
+    """Batch mode: one row per Batch API job this step submitted or resumed (the per-chunk progress in the UI)."""
+    if not jobs:
+        return {}
+    rows = [
+        [
+            j.batch_id,
+            j.requests,
+            "" if j.input_bytes is None else round(j.input_bytes / 1e6, 1),
+            j.status,
+            "submitted" if j.submitted else "resumed",
+            j.answers,
+            round(j.seconds, 1),
+        ]
+        for j in jobs
+    ]
+    return {
+        "batch_jobs": dg.MetadataValue.md(
+            md_table(["batch id", "requests", "input MB", "status", "how", "answers saved", "seconds"], rows)
+        ),
+        "batch_jobs_submitted": sum(j.submitted for j in jobs),
+        "batch_jobs_resumed": sum(not j.submitted for j in jobs),
+    }
 
 
 def _chars_per_token() -> float:
