@@ -1,3 +1,4 @@
+import concurrent.futures
 import dataclasses
 import time
 
@@ -144,23 +145,40 @@ def _run_tier(
                 (judge.requests_for(judged) for _, judged, _ in rounds()), progress=context.log.info
             )
             context.log.info(f"{dataset} tier {tier}: batch prefetch {counts}")
-        for batch, judged, positions in rounds():
-            if positions is not None:
-                rows = [
-                    dataclasses.replace(j, neg_index=positions[j.instance_id][j.neg_index - 1])
-                    for j in judge.judge(judged, progress=context.log.info)
-                ]
-            else:
-                rows = judge.judge(batch, progress=context.log.info)
+
+        def write(rows) -> None:
             with duckdb.get_connection() as conn:
                 write_judgments(conn, dataset, tier, judge, rows)
-            done += len(batch)
-            s = judge.stats
-            context.log.info(
-                f"{dataset} tier {tier} ({judge.kind}): {done:,}/{total:,} instances, "
-                f"{s.negatives:,} negatives, {s.calls:,} calls, {s.cache_hits:,} cache hits, "
-                f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s"
-            )
+
+        # The next round is read and the previous round's verdicts written on a helper thread while this round's
+        # calls are in flight (DuckDB releases the GIL; each thread has its own connection): done in turn, the
+        # endpoint sat idle for both on every round (docs/benchmarks.md, bench_scale).
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="judge-io") as io:
+            it = rounds()
+            upcoming = io.submit(next, it, None)
+            written = None
+            while (item := upcoming.result()) is not None:
+                upcoming = io.submit(next, it, None)
+                batch, judged, positions = item
+                if positions is not None:
+                    rows = [
+                        dataclasses.replace(j, neg_index=positions[j.instance_id][j.neg_index - 1])
+                        for j in judge.judge(judged, progress=context.log.info)
+                    ]
+                else:
+                    rows = judge.judge(batch, progress=context.log.info)
+                if written is not None:
+                    written.result()
+                written = io.submit(write, rows)
+                done += len(batch)
+                s = judge.stats
+                context.log.info(
+                    f"{dataset} tier {tier} ({judge.kind}): {done:,}/{total:,} instances, "
+                    f"{s.negatives:,} negatives, {s.calls:,} calls, {s.cache_hits:,} cache hits, "
+                    f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s"
+                )
+            if written is not None:
+                written.result()
         stats = judge.stats
         batch_jobs = list(client.batch_jobs.values()) if client is not None and hasattr(client, "batch_jobs") else []
     seconds = time.perf_counter() - t0
