@@ -88,6 +88,10 @@ def test_prefetch_submits_the_whole_stream_then_judging_hits_the_cache(api, cach
     assert counts["requests"] == 20 and counts["submitted"] == 20 and counts["jobs_submitted"] == 3  # 8 + 8 + 4
     assert counts["answers"] == 20 and cache.count() == 20
     assert any("submitted job" in m for m in msgs) and any("completed" in m for m in msgs)
+    # the request bodies are stored with the answers (read back from the spooled input files, then dropped)
+    stored = json.loads(cache._c().execute("SELECT request_json FROM llm_responses LIMIT 1").fetchall()[0][0])
+    assert stored["model"] == "judge-model" and stored["messages"][-1]["content"].startswith("p")
+    assert client._spool_mem == {}
     # the judging pass: everything cached, no call, no job
     again = make_client(api, cache, mode="batch")
     out = again.complete_many([r for rs in rounds for r in rs])
@@ -110,6 +114,21 @@ def test_prefetch_interrupted_after_submit_resumes_without_resubmitting(api, cac
     assert client.stats.batches_resumed == 3 and client.stats.calls_made == 0
     assert cache.count() == 9 and cache.batches(open_only=True) == []
     assert {j.submitted for j in client.batch_jobs.values()} == {False}
+
+
+def test_prefetch_spools_inputs_beside_a_file_cache_and_resume_reads_them(api, tmp_path):
+    rounds = [[req(f"s{i}") for i in range(3)]]
+    with ResponseCache(tmp_path / "llm.duckdb") as cache:
+        api.fail_batch_get = True
+        with pytest.raises(openai.InternalServerError):
+            make_client(api, cache, mode="batch", max_retries=0).batch_prefetch(rounds)
+        spool = list((tmp_path / "llm.duckdb.batch_inputs").iterdir())
+        assert len(spool) == 1 and spool[0].read_bytes().count(b"\n") == 3
+        api.fail_batch_get = False
+        make_client(api, cache, mode="batch").batch_prefetch(rounds)  # a new client: the spool is on disk
+        bodies = [json.loads(r[0]) for r in cache._c().execute("SELECT request_json FROM llm_responses").fetchall()]
+        assert sorted(b["messages"][-1]["content"] for b in bodies) == ["s0", "s1", "s2"]
+        assert list((tmp_path / "llm.duckdb.batch_inputs").iterdir()) == []
 
 
 def test_has_many(cache, api):

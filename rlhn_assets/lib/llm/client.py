@@ -39,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -454,6 +455,16 @@ def chunk_batch_lines(
         yield last
 
 
+@dataclass(frozen=True)
+class _Submitted:
+    """What :meth:`LLMClient.batch_prefetch` keeps per submitted request instead of the request itself (whose
+    messages, ~10 KB for a listwise call, would add up to gigabytes over a dataset): the request body is read back
+    from the job's spooled input file when the answers are saved."""
+
+    prompt_version: str
+    want_logprobs: bool
+
+
 @dataclass
 class BatchJob:
     """One Batch API job as this client saw it (asset metadata: ``batch_jobs``)."""
@@ -499,6 +510,7 @@ class LLMClient:
         self._api_key = _Secret(api_key) if api_key else None
         self._state: _LoopState | None = None
         self.batch_jobs: dict[str, BatchJob] = {}  # every Batch API job this client submitted or resumed
+        self._spool_mem: dict[str, bytes] = {}  # prefetched jobs' input files when the cache is in memory
 
     def __repr__(self) -> str:
         s = self.settings
@@ -748,7 +760,45 @@ class LLMClient:
             say(f"resuming {len(active)} pending job(s) holding {len(in_flight)} request(s)")
         return active, in_flight
 
-    async def _submit_job(self, st: _LoopState, keys: Sequence[str], payload: bytes, say) -> str:
+    def _spool_path(self, batch_id: str) -> Path | None:
+        """Where a prefetched job's input file is kept until its answers are saved (beside the cache file, so a
+        resumed run finds it too); None for an in-memory cache (kept in memory then)."""
+        if self.cache.path == ":memory:":
+            return None
+        return Path(self.cache.path + ".batch_inputs") / f"{batch_id}.jsonl"
+
+    def _spool(self, batch_id: str, payload: bytes) -> None:
+        path = self._spool_path(batch_id)
+        if path is None:
+            self._spool_mem[batch_id] = payload
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)
+
+    def _spooled_bodies(self, batch_id: str) -> dict[str, dict]:
+        """custom_id -> request body of a spooled job's input file ({} when it was not spooled here)."""
+        path = self._spool_path(batch_id)
+        if path is None:
+            data = self._spool_mem.get(batch_id, b"")
+        else:
+            data = path.read_bytes() if path.exists() else b""
+        out = {}
+        for line in data.splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                out[obj["custom_id"]] = obj.get("body")
+        return out
+
+    def _unspool(self, batch_id: str) -> None:
+        path = self._spool_path(batch_id)
+        if path is None:
+            self._spool_mem.pop(batch_id, None)
+        elif path.exists():
+            path.unlink()
+
+    async def _submit_job(
+        self, st: _LoopState, keys: Sequence[str], payload: bytes, say, *, spool: bool = False
+    ) -> str:
         """Upload one input file, create its job, record it in ``llm_batches`` (before anything else can
         interrupt: a rerun then polls it instead of submitting it again). Returns the batch id."""
         s = self.settings
@@ -762,6 +812,8 @@ class LLMClient:
                 input_file_id=fobj.id, endpoint=BATCH_ENDPOINT, completion_window=s.batch_completion_window
             ),
         )
+        if spool:  # before the job is recorded: a recorded job always has its input on disk
+            self._spool(batch.id, payload)
         self.cache.record_batch(batch.id, fobj.id, batch.status or "validating", keys)
         self.batch_jobs[batch.id] = BatchJob(
             batch.id, len(keys), len(payload), batch.status or "validating", True, time.perf_counter()
@@ -775,7 +827,7 @@ class LLMClient:
         self,
         st: _LoopState,
         active: dict[str, tuple[str, ...]],
-        wanted: dict[str, LLMRequest],
+        wanted: dict[str, LLMRequest | _Submitted],
         out: dict[str, LLMResponse] | None,
         errors: dict[str, str],
         say,
@@ -802,6 +854,7 @@ class LLMClient:
                         batch_id, status, output_file_id=batch.output_file_id, error_file_id=batch.error_file_id
                     )
                     del active[batch_id]
+                    self._unspool(batch_id)  # its answers are in the cache now
                     if job is not None:
                         job.answers = n
                     say(f"job {batch_id} {status}: {n:,} answer(s) saved")
@@ -845,13 +898,13 @@ class LLMClient:
             resumed: dict[str, tuple[str, ...]] = {}
             seen: set[str] = set()
             counts = {"requests": 0, "cached": 0, "resumed": 0, "submitted": 0, "jobs_submitted": 0, "answers": 0}
-            wanted: dict[str, LLMRequest] = {}  # only what is submitted now or resumed (for its prompt_version)
+            wanted: dict[str, _Submitted] = {}  # what is submitted now or resumed, without its messages
             chunker = BatchChunker(s.batch_chunk_size, s.batch_chunk_bytes)
             active: dict[str, tuple[str, ...]] = {}
 
             async def submit(done) -> None:
                 keys, payload = done
-                active[await self._submit_job(st, keys, payload, say)] = tuple(keys)
+                active[await self._submit_job(st, keys, payload, say, spool=True)] = tuple(keys)
                 counts["jobs_submitted"] += 1
 
             for reqs in request_batches:
@@ -867,7 +920,7 @@ class LLMClient:
                 for k, r in keyed.items():
                     if k in cached:
                         continue
-                    wanted[k] = r
+                    wanted[k] = _Submitted(r.prompt_version, r.top_logprobs is not None)
                     if k in open_keys:
                         bid = open_keys[k]
                         if bid not in resumed:
@@ -918,13 +971,14 @@ class LLMClient:
         st: _LoopState,
         batch: Any,
         batch_keys: Sequence[str],
-        wanted: dict[str, LLMRequest],
+        wanted: dict[str, LLMRequest | _Submitted],
         out: dict[str, LLMResponse] | None,
         errors: dict[str, str],
     ) -> int:
         """Download a terminal job's output and error files; cache every answer (``out``: also return them)."""
         s = self.settings
         got: set[str] = set()
+        spooled = None if out is not None else self._spooled_bodies(batch.id)
         saved = 0
         for file_id, is_error_file in ((batch.output_file_id, False), (batch.error_file_id, True)):
             if not file_id:
@@ -946,8 +1000,14 @@ class LLMClient:
                 body = response.get("body")
                 if obj.get("error") is None and response.get("status_code") == 200 and isinstance(body, dict):
                     req = wanted.get(key)
+                    if isinstance(req, LLMRequest):
+                        want_lp, request_body = req.top_logprobs is not None, build_body(s, req)
+                    elif req is not None:
+                        want_lp, request_body = req.want_logprobs, (spooled or {}).get(key)
+                    else:
+                        want_lp, request_body = True, None
                     try:
-                        resp = parse_completion(key, body, 0.0, req is None or req.top_logprobs is not None)
+                        resp = parse_completion(key, body, 0.0, want_lp)
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:
                         errors[key] = f"unparsable batch answer: {exc}"
                         continue
@@ -957,7 +1017,7 @@ class LLMClient:
                     if req is not None:
                         if out is not None:
                             out[key] = resp
-                        rows.append(CacheRow(resp, s.model, req.prompt_version, build_body(s, req)))
+                        rows.append(CacheRow(resp, s.model, req.prompt_version, request_body))
                     else:  # belongs to an earlier run's request set: keep the answer, request unknown here
                         rows.append(CacheRow(resp, s.model, None, None))
                 else:
