@@ -354,6 +354,9 @@ def main() -> int:
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
                 while get_stats(url, by_content=False)["batches"] == before["batches"] and proc.poll() is None:
                     time.sleep(0.2)
+                # the client records a job right after the API returns it; a kill inside those milliseconds loses
+                # the record (that job would be submitted again): give it a second, well before the job completes
+                time.sleep(1.0)
                 killed_after = time.perf_counter() - t0
                 killed = proc.poll() is None
                 proc.send_signal(signal.SIGKILL)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -311,7 +311,10 @@ class JudgeTierResource(dg.ConfigurableResource):
         from rlhn_assets.lib.llm.client import LLMClient
 
         return LLMClient(
-            self.endpoint_settings(base_url, model_identity), cache, api_key="local" if self.local_model else None
+            self.endpoint_settings(base_url, model_identity),
+            cache,
+            api_key="local" if self.local_model else None,
+            keep_loop=True,  # one HTTP client for the whole step; open_judge closes it
         )
 
     @contextmanager
@@ -350,8 +353,7 @@ class JudgeTierResource(dg.ConfigurableResource):
                         f"llama.cpp server healthy at {base_url} ({server.binary()}"
                         f"{' ' + ' '.join(server.settings_args) if server.settings_args else ''})"
                     )
-            with ResponseCache(cache_path) as cache:
-                client = self.make_client(cache, base_url, identity)
+            with ResponseCache(cache_path) as cache, closing(self.make_client(cache, base_url, identity)) as client:
                 if self.kind == "listwise":
                     yield judges.ListwiseLLMJudge(
                         client,

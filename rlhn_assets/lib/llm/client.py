@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -499,7 +500,12 @@ class LLMClient:
         http_client: httpx.AsyncClient | None = None,
         api_key: str | None = None,
         http_backend: Literal["auto", "httpx", "aiohttp"] = "auto",
+        keep_loop: bool = False,
     ):
+        """``keep_loop``: run every :meth:`complete_many` on one event loop in a helper thread that lives until
+        :meth:`close`, so the HTTP client and its connections are reused from call to call (a judging step calls
+        once per round of instances; building and closing them each time cost a judging step ~10% of its calls/s
+        in bench_scale, docs/benchmarks.md). Without it, each call runs a fresh loop and closes what it built."""
         self.settings = settings
         self.cache = cache
         self.stats = ClientStats()
@@ -511,6 +517,8 @@ class LLMClient:
         self._state: _LoopState | None = None
         self.batch_jobs: dict[str, BatchJob] = {}  # every Batch API job this client submitted or resumed
         self._spool_mem: dict[str, bytes] = {}  # prefetched jobs' input files when the cache is in memory
+        self.keep_loop = keep_loop
+        self._bg: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
 
     def __repr__(self) -> str:
         s = self.settings
@@ -578,11 +586,51 @@ class LLMClient:
             await st.oai.close()
 
     # ------------------------------------------------------------------------------ public API
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        if self._bg is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="llm-client-loop", daemon=True)
+            thread.start()
+            self._bg = (loop, thread)
+        return self._bg[0]
+
+    def _run_on_background_loop(self, coro) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._background_loop())
+        try:
+            return fut.result()
+        except BaseException:
+            # interrupted here (or failed there): cancel the work and wait for its cleanup (the cache writer's
+            # final flush) before the caller closes the cache
+            fut.cancel()
+            concurrent.futures.wait([fut])
+            raise
+
+    def close(self) -> None:
+        """Stop the helper loop of ``keep_loop`` (closing the HTTP client first); a no-op otherwise."""
+        bg, self._bg = self._bg, None
+        if bg is None:
+            return
+        loop, thread = bg
+        try:
+            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=30)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+            loop.close()
+
+    def __enter__(self) -> LLMClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def complete_many(
         self, requests: Sequence[LLMRequest], progress: Callable[[str], None] | None = None
     ) -> list[LLMResponse]:
-        """Synchronous wrapper: runs :meth:`acomplete_many` (online or batch per ``settings.mode``) in a fresh
-        event loop; from inside a running loop it uses a helper thread."""
+        """Synchronous wrapper: runs :meth:`acomplete_many` (online or batch per ``settings.mode``) on the helper
+        loop (``keep_loop``) or in a fresh event loop; from inside a running loop it uses a helper thread."""
+        if self.keep_loop:
+            return self._run_on_background_loop(self.acomplete_many(requests, progress))
 
         async def runner() -> list[LLMResponse]:
             try:
@@ -760,26 +808,28 @@ class LLMClient:
             say(f"resuming {len(active)} pending job(s) holding {len(in_flight)} request(s)")
         return active, in_flight
 
-    def _spool_path(self, batch_id: str) -> Path | None:
-        """Where a prefetched job's input file is kept until its answers are saved (beside the cache file, so a
-        resumed run finds it too); None for an in-memory cache (kept in memory then)."""
+    def _spool_path(self, file_id: str) -> Path | None:
+        """Where a prefetched job's input file (by its file id) is kept until the job's answers are saved (beside
+        the cache file, so a resumed run finds it too); None for an in-memory cache (kept in memory then)."""
         if self.cache.path == ":memory:":
             return None
-        return Path(self.cache.path + ".batch_inputs") / f"{batch_id}.jsonl"
+        return Path(self.cache.path + ".batch_inputs") / f"{file_id}.jsonl"
 
-    def _spool(self, batch_id: str, payload: bytes) -> None:
-        path = self._spool_path(batch_id)
+    def _spool(self, file_id: str, payload: bytes) -> None:
+        path = self._spool_path(file_id)
         if path is None:
-            self._spool_mem[batch_id] = payload
+            self._spool_mem[file_id] = payload
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(payload)
 
-    def _spooled_bodies(self, batch_id: str) -> dict[str, dict]:
-        """custom_id -> request body of a spooled job's input file ({} when it was not spooled here)."""
-        path = self._spool_path(batch_id)
+    def _spooled_bodies(self, file_id: str | None) -> dict[str, dict]:
+        """custom_id -> request body of a spooled input file ({} when it was not spooled here)."""
+        if not file_id:
+            return {}
+        path = self._spool_path(file_id)
         if path is None:
-            data = self._spool_mem.get(batch_id, b"")
+            data = self._spool_mem.get(file_id, b"")
         else:
             data = path.read_bytes() if path.exists() else b""
         out = {}
@@ -789,10 +839,12 @@ class LLMClient:
                 out[obj["custom_id"]] = obj.get("body")
         return out
 
-    def _unspool(self, batch_id: str) -> None:
-        path = self._spool_path(batch_id)
+    def _unspool(self, file_id: str | None) -> None:
+        if not file_id:
+            return
+        path = self._spool_path(file_id)
         if path is None:
-            self._spool_mem.pop(batch_id, None)
+            self._spool_mem.pop(file_id, None)
         elif path.exists():
             path.unlink()
 
@@ -806,14 +858,14 @@ class LLMClient:
             "upload batch input",
             lambda: st.oai.files.create(file=("batch_input.jsonl", payload, "application/jsonl"), purpose="batch"),
         )
+        if spool:  # before the job exists: nothing slow may stand between creating a job and recording it
+            self._spool(fobj.id, payload)
         batch = await self._retrying(
             "create batch",
             lambda: st.oai.batches.create(
                 input_file_id=fobj.id, endpoint=BATCH_ENDPOINT, completion_window=s.batch_completion_window
             ),
         )
-        if spool:  # before the job is recorded: a recorded job always has its input on disk
-            self._spool(batch.id, payload)
         self.cache.record_batch(batch.id, fobj.id, batch.status or "validating", keys)
         self.batch_jobs[batch.id] = BatchJob(
             batch.id, len(keys), len(payload), batch.status or "validating", True, time.perf_counter()
@@ -854,7 +906,7 @@ class LLMClient:
                         batch_id, status, output_file_id=batch.output_file_id, error_file_id=batch.error_file_id
                     )
                     del active[batch_id]
-                    self._unspool(batch_id)  # its answers are in the cache now
+                    self._unspool(getattr(batch, "input_file_id", None))  # its answers are in the cache now
                     if job is not None:
                         job.answers = n
                     say(f"job {batch_id} {status}: {n:,} answer(s) saved")
@@ -953,6 +1005,9 @@ class LLMClient:
                 say(f"{len(errors):,} request(s) without an answer (asked again online by the judging pass)")
             return counts
 
+        if self.keep_loop:
+            return self._run_on_background_loop(run())
+
         async def runner() -> dict[str, int]:
             try:
                 return await run()
@@ -978,7 +1033,7 @@ class LLMClient:
         """Download a terminal job's output and error files; cache every answer (``out``: also return them)."""
         s = self.settings
         got: set[str] = set()
-        spooled = None if out is not None else self._spooled_bodies(batch.id)
+        spooled = None if out is not None else self._spooled_bodies(getattr(batch, "input_file_id", None))
         saved = 0
         for file_id, is_error_file in ((batch.output_file_id, False), (batch.error_file_id, True)):
             if not file_id:
