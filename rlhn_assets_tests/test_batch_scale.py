@@ -23,7 +23,7 @@ from rlhn_assets.lib.llm.client import (
     request_key,
 )
 from rlhn_assets_tests.fake_openai_server import get_stats, listwise_verdict, passage_share, running_server
-from rlhn_assets_tests.test_llm_client import SECRET, FakeAPI, make_client, req
+from rlhn_assets_tests.test_llm_client import SECRET, FakeAPI, make_client, req, settings
 
 
 # ------------------------------------------------------------------------------------------------ chunking
@@ -136,6 +136,20 @@ def test_has_many(cache, api):
     keys = [request_key(make_client(api, cache).settings, req(x)) for x in ("h1", "h2", "h3")]
     assert cache.has_many(keys) == set(keys[:2])
     assert cache.has_many([]) == set()
+
+
+def test_keep_loop_reuses_one_loop_and_client_until_close(api, cache):
+    http = httpx.AsyncClient(transport=httpx.MockTransport(api.handler))
+    client = LLMClient(settings(), cache, http_client=http, api_key=SECRET, keep_loop=True)
+    assert client.complete_many([req("k1")])[0].text == "ans:k1"
+    state, (loop, thread) = client._state, client._bg
+    assert state.loop is loop and thread.is_alive()
+    assert client.complete_many([req("k2"), req("k1")])[0].text == "ans:k2"
+    assert client._state is state  # the same openai client and semaphore: connections are kept
+    assert api.paths[("POST", "/v1/chat/completions")] == 2 and cache.count() == 2
+    client.close()
+    assert not thread.is_alive() and client._bg is None and loop.is_closed()
+    client.close()  # idempotent
 
 
 # ------------------------------------------------------------------------------------------------ the fake server

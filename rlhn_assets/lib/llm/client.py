@@ -599,10 +599,10 @@ class LLMClient:
         try:
             return fut.result()
         except BaseException:
-            # interrupted here (or failed there): cancel the work and wait for its cleanup (the cache writer's
-            # final flush) before the caller closes the cache
+            # interrupted here (or failed there): cancel the task. Its cleanup (the cache writer's final flush)
+            # runs on the loop before anything scheduled later, so close() - which open_judge calls before it
+            # closes the cache - returns only after that flush.
             fut.cancel()
-            concurrent.futures.wait([fut])
             raise
 
     def close(self) -> None:
