@@ -2,6 +2,9 @@
 writes data/reports/bench_<name>.json), then collect the JSON files into data/reports/benchmarks.md (+ .json).
 
     .venv/bin/python benchmarks/run_all.py [--only ingest,eval]
+
+bench_scale runs at its default size (100,000 instances: hours on a 2-core machine); run it alone with
+``--instances`` for a smaller size, its JSON is collected here like the others.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -154,6 +154,12 @@ class JudgeTierResource(dg.ConfigurableResource):
     max_retries: int = Field(default=5, ge=0)
     timeout_s: float = Field(default=120.0, gt=0)
     mode: Literal["online", "batch"] = "online"  # batch: OpenAI Batch API, half price
+    # batch mode: one job per at most this many requests / bytes of input file (OpenAI's limits: 50,000 / 200 MB).
+    # Lower them for a provider that drops rows of large jobs (the RLHN authors saw that on Azure), to stay under
+    # the enqueued-token limit of your organisation, or for earlier partial results (lib/llm/client.py).
+    batch_chunk_size: int = Field(default=50_000, ge=1, le=50_000)
+    batch_chunk_bytes: int = Field(default=190_000_000, ge=1, le=200_000_000)
+    batch_poll_s: float = Field(default=60.0, gt=0)
     local_model: str = ""
     local_parallel: int = Field(default=1, ge=1)
     local_ctx_size: int = Field(default=4096, ge=512)
@@ -243,6 +249,8 @@ class JudgeTierResource(dg.ConfigurableResource):
         d = {"tier": self.tier, "kind": self.kind}
         if self.kind != "embedding_margin":
             d |= {"model": self.model, "endpoint": self.endpoint, "mode": self.mode, "paid": self.is_paid}
+            if self.mode == "batch":
+                d |= {"batch_chunk_size": self.batch_chunk_size, "batch_chunk_bytes": self.batch_chunk_bytes}
             if self.kind == "listwise":
                 d |= {"prompt_family": self.prompt_family, "response_format_style": self.response_format_style}
         if self.kind == "embedding_margin":
@@ -292,6 +300,9 @@ class JudgeTierResource(dg.ConfigurableResource):
             max_retries=self.max_retries,
             timeout_s=self.timeout_s,
             mode=self.mode,
+            batch_chunk_size=self.batch_chunk_size,
+            batch_chunk_bytes=self.batch_chunk_bytes,
+            batch_poll_s=self.batch_poll_s,
         )
 
     def cost_usd(self, tokens_in: int, tokens_out: int) -> float:
@@ -301,7 +312,10 @@ class JudgeTierResource(dg.ConfigurableResource):
         from rlhn_assets.lib.llm.client import LLMClient
 
         return LLMClient(
-            self.endpoint_settings(base_url, model_identity), cache, api_key="local" if self.local_model else None
+            self.endpoint_settings(base_url, model_identity),
+            cache,
+            api_key="local" if self.local_model else None,
+            keep_loop=True,  # one HTTP client for the whole step; open_judge closes it
         )
 
     @property
@@ -345,8 +359,10 @@ class JudgeTierResource(dg.ConfigurableResource):
                         f"llama.cpp server healthy at {base_url} ({server.binary()}"
                         f"{' ' + ' '.join(server.settings_args) if server.settings_args else ''})"
                     )
-            with contextlib.nullcontext(cache) if cache is not None else ResponseCache(self.shared_cache_path) as c:
-                client = self.make_client(c, base_url, identity)
+            with (
+                contextlib.nullcontext(cache) if cache is not None else ResponseCache(self.shared_cache_path) as c,
+                closing(self.make_client(c, base_url, identity)) as client,
+            ):
                 if self.kind == "listwise":
                     yield judges.ListwiseLLMJudge(
                         client,

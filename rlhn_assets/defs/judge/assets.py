@@ -1,4 +1,6 @@
+import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -138,7 +140,6 @@ def _plan(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, 
 
 def _judge_shard(context, tier: int, judge_res: JudgeTierResource, registry, shard: dict) -> dict:
     """Judge one staged shard; its verdicts and new LLM answers go to Parquet files next to its instances."""
-    import dataclasses
     import tempfile
 
     from rlhn_assets.lib.judging.shards import is_remote, iter_shard, join, only_positions, write_verdicts
@@ -163,25 +164,59 @@ def _judge_shard(context, tier: int, judge_res: JudgeTierResource, registry, sha
         judge = stack.enter_context(
             judge_res.open_judge(family_by_instance=family_by_instance, log=context.log.info, cache=cache)
         )
-        for b, (batch, positions) in enumerate(iter_shard(shard["instances_path"], shard["batch_size"])):
-            if shard["flagged_only"]:
-                judged, kept = only_positions(batch, positions)
-                rows = [
-                    dataclasses.replace(j, neg_index=kept[j.instance_id][j.neg_index - 1])
-                    for j in judge.judge(judged, progress=context.log.info)
-                ]
-            else:
-                rows = judge.judge(batch, progress=context.log.info)
-            if rows:
-                files.append(join(shard["dir"], f"verdicts-{b:05d}.parquet"))
-                write_verdicts(files[-1], dataset, tier, judge, rows)
-            done += len(batch)
-            s = judge.stats
-            context.log.info(
-                f"{dataset} tier {tier} ({judge.kind}) shard {k}: {done:,}/{shard['instances']:,} instances, "
-                f"{s.negatives:,} negatives, {s.calls:,} calls, {s.cache_hits:,} cache hits, "
-                f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s"
+
+        def rounds():
+            """(staged instances, instances to judge, original positions or None) per round of ``batch_size``."""
+            for batch, positions in iter_shard(shard["instances_path"], shard["batch_size"]):
+                yield (
+                    (len(batch), *only_positions(batch, positions))
+                    if shard["flagged_only"]
+                    else (len(batch), batch, None)
+                )
+
+        client = getattr(judge, "client", None)
+        if judge_res.mode == "batch" and client is not None:
+            # Batch API: submit every request of the shard first (jobs of up to batch_chunk_size requests /
+            # batch_chunk_bytes bytes), wait for all jobs, then judge from the cache below. Submitting per round
+            # would wait for one job per `batch_size` instances in turn (hours each on the real API).
+            counts = client.batch_prefetch(
+                (judge.requests_for(judged) for _, judged, _ in rounds()), progress=context.log.info
             )
+            context.log.info(f"{dataset} tier {tier} shard {k}: batch prefetch {counts}")
+
+        def write(b: int, rows) -> None:
+            if rows:
+                path = join(shard["dir"], f"verdicts-{b:05d}.parquet")
+                write_verdicts(path, dataset, tier, judge, rows)
+                files.append(path)
+
+        # The next round is read and the previous round's verdicts written on a helper thread while this round's
+        # calls are in flight: done in turn, the endpoint sat idle for both on every round (docs/benchmarks.md,
+        # bench_scale).
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="judge-io") as io:
+            it = rounds()
+            upcoming = io.submit(next, it, None)
+            written, b = None, 0
+            while (item := upcoming.result()) is not None:
+                upcoming = io.submit(next, it, None)
+                staged, judged, kept = item
+                rows = judge.judge(judged, progress=context.log.info)
+                if kept is not None:
+                    rows = [dataclasses.replace(j, neg_index=kept[j.instance_id][j.neg_index - 1]) for j in rows]
+                if written is not None:
+                    written.result()
+                written = io.submit(write, b, rows)
+                b += 1
+                done += staged
+                s = judge.stats
+                context.log.info(
+                    f"{dataset} tier {tier} ({judge.kind}) shard {k}: {done:,}/{shard['instances']:,} "
+                    f"instances, {s.negatives:,} negatives, {s.calls:,} calls, {s.cache_hits:,} cache hits, "
+                    f"{s.errors:,} errors, {time.perf_counter() - t0:.0f}s"
+                )
+            if written is not None:
+                written.result()
+        batch_jobs = [dataclasses.asdict(j) for j in client.batch_jobs.values()] if client is not None else []
         if cache is not None and cache.count():
             responses = join(shard["dir"], "llm_responses.parquet")
             cache.export_responses(responses)
@@ -194,6 +229,7 @@ def _judge_shard(context, tier: int, judge_res: JudgeTierResource, registry, sha
         "stats": stats,
         "seconds": round(time.perf_counter() - t0, 2),
         "judge": [kind, model],
+        "batch_jobs": batch_jobs,
     }
 
 
@@ -270,8 +306,34 @@ def _merge(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB,
             "flagged_preview": dg.MetadataValue.md(
                 md_table(["instance", "query", "neg #", "verdict", "score", "passage"], preview, max_chars=60)
             ),
-        },
+        }
+        | _batch_metadata([j for s in shards for j in s.get("batch_jobs", [])]),
     )
+
+
+def _batch_metadata(jobs: list[dict]) -> dict:
+    """Batch mode: one row per Batch API job the shards submitted or resumed (the per-chunk progress in the UI)."""
+    if not jobs:
+        return {}
+    rows = [
+        [
+            j["batch_id"],
+            j["requests"],
+            "" if j["input_bytes"] is None else round(j["input_bytes"] / 1e6, 1),
+            j["status"],
+            "submitted" if j["submitted"] else "resumed",
+            j["answers"],
+            round(j["seconds"], 1),
+        ]
+        for j in jobs
+    ]
+    return {
+        "batch_jobs": dg.MetadataValue.md(
+            md_table(["batch id", "requests", "input MB", "status", "how", "answers saved", "seconds"], rows)
+        ),
+        "batch_jobs_submitted": sum(j["submitted"] for j in jobs),
+        "batch_jobs_resumed": sum(not j["submitted"] for j in jobs),
+    }
 
 
 def _chars_per_token() -> float:

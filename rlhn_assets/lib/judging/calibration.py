@@ -164,6 +164,9 @@ class CalibratedJudge:
         self.stats = inner.stats
         self.client = getattr(inner, "client", None)  # the endpoint (a started local server or a remote one)
 
+    def requests_for(self, instances):
+        return self.inner.requests_for(instances)
+
     def judge(self, instances, progress=None):
         import dataclasses
 

@@ -170,6 +170,17 @@ class ListwiseLLMJudge:
         family = self.family_by_instance(inst) if self.family_by_instance else self.family
         return listwise_calls(inst, family, self.docs_per_call, structured=self.structured)
 
+    def requests_for(self, instances: Sequence[Instance]) -> list:
+        """The first-attempt requests :meth:`judge` sends for ``instances`` (Batch API prefetch)."""
+        from rlhn_assets.lib.llm.client import LLMRequest
+
+        schema = prompts.LISTWISE_JSON_SCHEMA if self.structured else None
+        return [
+            LLMRequest(messages=r.messages, prompt_version=r.prompt_version, json_schema=schema)
+            for inst in instances
+            for _, r in self.calls_for(inst)
+        ]
+
     def judge(self, instances, progress=None):
         from rlhn_assets.lib.llm.client import LLMRequest
 
@@ -288,6 +299,21 @@ class PointwiseLLMJudge:
 
     def messages(self, inst: Instance, neg: Passage) -> tuple[dict, ...]:
         return self.render(self.family, inst, neg)
+
+    def requests_for(self, instances: Sequence[Instance]) -> list:
+        """The first-attempt requests :meth:`judge` sends for ``instances`` (Batch API prefetch)."""
+        from rlhn_assets.lib.llm.client import LLMRequest
+
+        return [
+            LLMRequest(
+                messages=self.messages(inst, n),
+                prompt_version=self.prompt_version,
+                max_tokens=1,
+                top_logprobs=self.top_logprobs,
+            )
+            for inst in instances
+            for n in inst.negatives
+        ]
 
     def score(self, top_logprobs, text) -> float:
         return yes_probability(top_logprobs, text)

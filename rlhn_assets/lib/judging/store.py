@@ -18,41 +18,51 @@ def count_instances(conn: duckdb.DuckDBPyConnection, dataset: str, only: str | N
 
 
 def load_instances(
-    conn: duckdb.DuckDBPyConnection, dataset: str, *, offset: int, limit: int, only: str | None = None
+    conn: duckdb.DuckDBPyConnection,
+    dataset: str,
+    *,
+    limit: int,
+    after: str | None = None,
+    only: str | None = None,
 ) -> list[Instance]:
-    """Instances ordered by instance_id; ``only`` is a SQL subquery of instance ids (over dataset $1)."""
-    where = f" AND instance_id IN ({only})" if only else ""
+    """Up to ``limit`` instances ordered by instance_id, those after ``after`` (keyset pagination: each batch is one
+    top-N scan, where LIMIT/OFFSET re-sorted and skipped everything before it); ``only`` is a SQL subquery of
+    instance ids (over dataset $1). The passages of the batch come in one join against the batch's id list (a list
+    parameter, not a row-by-row insert)."""
+    where = f" AND i.instance_id IN ({only})" if only else ""
+    params: list = [dataset]
+    if after is not None:
+        where += " AND i.instance_id > $2"
+        params.append(after)
     rows = conn.execute(
         f"""SELECT i.instance_id, q.query, i.positive_ids, i.negative_ids
             FROM pruned_instances i JOIN raw_queries q USING (dataset, query_id)
-            WHERE i.dataset = $1{where} ORDER BY i.instance_id LIMIT {int(limit)} OFFSET {int(offset)}""",
-        [dataset],
+            WHERE i.dataset = $1{where} ORDER BY i.instance_id LIMIT {int(limit)}""",
+        params,
     ).fetchall()
     if not rows:
         return []
     ids = sorted({d for r in rows for d in r[2] + r[3]})
-    conn.execute("CREATE OR REPLACE TEMP TABLE _want (docid VARCHAR)")
-    conn.executemany("INSERT INTO _want VALUES (?)", [[d] for d in ids])
     texts = {
         d: Passage(d, t or "", x)
         for d, t, x in conn.execute(
-            "SELECT p.docid, p.title, p.text FROM raw_passages p JOIN _want USING (docid) WHERE p.dataset = $1",
-            [dataset],
+            """SELECT p.docid, p.title, p.text FROM raw_passages p
+               JOIN (SELECT unnest($2::VARCHAR[]) AS docid) w USING (docid) WHERE p.dataset = $1""",
+            [dataset, ids],
         ).fetchall()
     }
-    conn.execute("DROP TABLE _want")
     return [Instance(iid, q, tuple(texts[d] for d in pos), tuple(texts[d] for d in neg)) for iid, q, pos, neg in rows]
 
 
 def iter_batches(open_conn, dataset: str, batch_size: int, only: str | None = None) -> Iterator[list[Instance]]:
-    offset = 0
+    after = None
     while True:
         with open_conn() as conn:
-            batch = load_instances(conn, dataset, offset=offset, limit=batch_size, only=only)
+            batch = load_instances(conn, dataset, limit=batch_size, after=after, only=only)
         if not batch:
             return
         yield batch
-        offset += len(batch)
+        after = batch[-1].instance_id
 
 
 def judgments_table(dataset: str, tier: int, judge, rows: Sequence[NegativeJudgment]):

@@ -221,6 +221,22 @@ class ResponseCache:
             )
         return out
 
+    def has_many(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` have a cached response (one query; the responses themselves are not read)."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return set()
+        with self._lock:
+            rows = (
+                self._c()
+                .execute(
+                    "SELECT r.key FROM llm_responses r JOIN (SELECT unnest(?::VARCHAR[]) AS k) q ON r.key = q.k",
+                    [wanted],
+                )
+                .fetchall()
+            )
+        return {r[0] for r in rows}
+
     def put_many(self, rows: Sequence[CacheRow]) -> int:
         """INSERT OR REPLACE successful responses; rows with ``response.error`` set are skipped.
         Returns the number of rows written."""

@@ -10,8 +10,11 @@
   requests in flight, our own retry loop (exponential back-off with full jitter, ``Retry-After`` honoured) on
   429 / 408 / 5xx / timeouts / connection errors; each answer is written to the :class:`ResponseCache` as it
   arrives (buffered: every 32 answers or 0.5 s, and always at the end / on exception / on cancellation).
-  ``mode="batch"`` sends the misses through the OpenAI Batch API instead (chunks of ``batch_chunk_size``,
-  jobs recorded in ``llm_batches`` so an interrupted run resumes by polling instead of resubmitting).
+  ``mode="batch"`` sends the misses through the OpenAI Batch API instead (one job per chunk of at most
+  ``batch_chunk_size`` requests and ``batch_chunk_bytes`` bytes of input file, jobs recorded in ``llm_batches``
+  so an interrupted run resumes by polling instead of resubmitting). For a whole dataset,
+  :meth:`LLMClient.batch_prefetch` submits every request first (streaming, one chunk in memory at a time) and
+  then waits for all jobs at once, instead of one job per call of :meth:`LLMClient.complete_many`.
 
 Transport: openai's aiohttp transport when ``aiohttp`` is installed (``openai[aiohttp]``), else httpx2;
 ``LLMClient(..., http_backend=...)`` forces one. A caller-supplied ``http_client`` (tests: ``httpx.AsyncClient``
@@ -32,10 +35,12 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -87,7 +92,14 @@ class EndpointSettings:
     timeout_s: float = 120.0
     seed: int | None = None
     mode: Literal["online", "batch"] = "online"
-    batch_chunk_size: int = 250  # requests per Batch API job (authors: larger chunks dropped rows on Azure)
+    # One Batch API job holds at most this many requests and this many bytes of input file. OpenAI's limits are
+    # 50,000 requests and 200 MB per file; the defaults sit at / just under them (fewest jobs, least polling).
+    # Lower them when a provider drops rows of large jobs (the RLHN authors saw that on Azure OpenAI and used a
+    # few hundred requests per job), when a job would exceed the organisation's enqueued-token limit for the
+    # model (the job then fails as a whole), or to get answers - and progress - earlier: a job's answers arrive
+    # only when the whole job completes.
+    batch_chunk_size: int = 50_000
+    batch_chunk_bytes: int = 190_000_000
     batch_poll_s: float = 60.0
     batch_completion_window: str = "24h"
 
@@ -100,8 +112,8 @@ class EndpointSettings:
             raise ValueError(f"response_format_style must be one of {_STYLES}, got {self.response_format_style!r}")
         if self.mode not in ("online", "batch"):
             raise ValueError(f"mode must be 'online' or 'batch', got {self.mode!r}")
-        if self.concurrency < 1 or self.batch_chunk_size < 1 or self.max_retries < 0:
-            raise ValueError("concurrency and batch_chunk_size must be >= 1, max_retries >= 0")
+        if self.concurrency < 1 or self.batch_chunk_size < 1 or self.batch_chunk_bytes < 1 or self.max_retries < 0:
+            raise ValueError("concurrency, batch_chunk_size and batch_chunk_bytes must be >= 1, max_retries >= 0")
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,7 @@ class ClientStats:
     tokens_out: int = 0
     wall_s: float = 0.0
     batches_submitted: int = 0
+    batches_resumed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -387,9 +400,84 @@ class _Progress:
         )
 
 
-def _chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
+def batch_line(settings: EndpointSettings, key: str, req: LLMRequest) -> bytes:
+    """One line of a Batch API input file (UTF-8, with its newline)."""
+    body = build_body(settings, req)
+    return (_canonical_json({"custom_id": key, "method": "POST", "url": BATCH_ENDPOINT, "body": body}) + "\n").encode(
+        "utf-8"
+    )
+
+
+class BatchChunker:
+    """Groups Batch API input lines into files of at most ``max_requests`` lines and ``max_bytes`` bytes: :meth:`add`
+    returns the finished chunk (keys, file bytes) when the new line does not fit the current one, :meth:`flush` the
+    last one. A single line above ``max_bytes`` gets a file of its own (the API then rejects that job, and the
+    error names it)."""
+
+    def __init__(self, max_requests: int, max_bytes: int):
+        if max_requests < 1 or max_bytes < 1:
+            raise ValueError("max_requests and max_bytes must be >= 1")
+        self.max_requests, self.max_bytes = max_requests, max_bytes
+        self._keys: list[str] = []
+        self._lines: list[bytes] = []
+        self._bytes = 0
+
+    def add(self, key: str, line: bytes) -> tuple[list[str], bytes] | None:
+        done = None
+        if self._keys and (len(self._keys) >= self.max_requests or self._bytes + len(line) > self.max_bytes):
+            done = self.flush()
+        self._keys.append(key)
+        self._lines.append(line)
+        self._bytes += len(line)
+        return done
+
+    def flush(self) -> tuple[list[str], bytes] | None:
+        if not self._keys:
+            return None
+        out = (self._keys, b"".join(self._lines))
+        self._keys, self._lines, self._bytes = [], [], 0
+        return out
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def chunk_batch_lines(
+    lines: Iterable[tuple[str, bytes]], max_requests: int, max_bytes: int
+) -> Iterable[tuple[list[str], bytes]]:
+    """(keys, file bytes) per Batch API job for ``(key, line)`` pairs, in order (see :class:`BatchChunker`)."""
+    chunker = BatchChunker(max_requests, max_bytes)
+    for key, line in lines:
+        done = chunker.add(key, line)
+        if done is not None:
+            yield done
+    last = chunker.flush()
+    if last is not None:
+        yield last
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    """What :meth:`LLMClient.batch_prefetch` keeps per submitted request instead of the request itself (whose
+    messages, ~10 KB for a listwise call, would add up to gigabytes over a dataset): the request body is read back
+    from the job's spooled input file when the answers are saved."""
+
+    prompt_version: str
+    want_logprobs: bool
+
+
+@dataclass
+class BatchJob:
+    """One Batch API job as this client saw it (asset metadata: ``batch_jobs``)."""
+
+    batch_id: str
+    requests: int
+    input_bytes: int | None  # None for a job resumed from an earlier run
+    status: str
+    submitted: bool  # False = resumed (submitted by an earlier, interrupted run)
+    t0: float  # perf_counter when submitted / first seen
+    seconds: float = 0.0  # until it reached a terminal state (or until now)
+    answers: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -412,7 +500,12 @@ class LLMClient:
         http_client: httpx.AsyncClient | None = None,
         api_key: str | None = None,
         http_backend: Literal["auto", "httpx", "aiohttp"] = "auto",
+        keep_loop: bool = False,
     ):
+        """``keep_loop``: run every :meth:`complete_many` on one event loop in a helper thread that lives until
+        :meth:`close`, so the HTTP client and its connections are reused from call to call (a judging step calls
+        once per round of instances; building and closing them each time cost a judging step ~10% of its calls/s
+        in bench_scale, docs/benchmarks.md). Without it, each call runs a fresh loop and closes what it built."""
         self.settings = settings
         self.cache = cache
         self.stats = ClientStats()
@@ -422,6 +515,10 @@ class LLMClient:
         self.http_backend = http_backend
         self._api_key = _Secret(api_key) if api_key else None
         self._state: _LoopState | None = None
+        self.batch_jobs: dict[str, BatchJob] = {}  # every Batch API job this client submitted or resumed
+        self._spool_mem: dict[str, bytes] = {}  # prefetched jobs' input files when the cache is in memory
+        self.keep_loop = keep_loop
+        self._bg: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
 
     def __repr__(self) -> str:
         s = self.settings
@@ -489,11 +586,51 @@ class LLMClient:
             await st.oai.close()
 
     # ------------------------------------------------------------------------------ public API
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        if self._bg is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="llm-client-loop", daemon=True)
+            thread.start()
+            self._bg = (loop, thread)
+        return self._bg[0]
+
+    def _run_on_background_loop(self, coro) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._background_loop())
+        try:
+            return fut.result()
+        except BaseException:
+            # interrupted here (or failed there): cancel the task. Its cleanup (the cache writer's final flush)
+            # runs on the loop before anything scheduled later, so close() - which open_judge calls before it
+            # closes the cache - returns only after that flush.
+            fut.cancel()
+            raise
+
+    def close(self) -> None:
+        """Stop the helper loop of ``keep_loop`` (closing the HTTP client first); a no-op otherwise."""
+        bg, self._bg = self._bg, None
+        if bg is None:
+            return
+        loop, thread = bg
+        try:
+            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=30)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+            loop.close()
+
+    def __enter__(self) -> LLMClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def complete_many(
         self, requests: Sequence[LLMRequest], progress: Callable[[str], None] | None = None
     ) -> list[LLMResponse]:
-        """Synchronous wrapper: runs :meth:`acomplete_many` (online or batch per ``settings.mode``) in a fresh
-        event loop; from inside a running loop it uses a helper thread."""
+        """Synchronous wrapper: runs :meth:`acomplete_many` (online or batch per ``settings.mode``) on the helper
+        loop (``keep_loop``) or in a fresh event loop; from inside a running loop it uses a helper thread."""
+        if self.keep_loop:
+            return self._run_on_background_loop(self.acomplete_many(requests, progress))
 
         async def runner() -> list[LLMResponse]:
             try:
@@ -626,69 +763,21 @@ class LLMClient:
         st = self._loop_state()
         s = self.settings
         wanted = dict(todo)
-        bodies = {k: build_body(s, r) for k, r in todo}
 
         def say(msg: str) -> None:
             if progress is not None:
                 progress(f"{label} batch: {msg}")
 
         # resume: jobs submitted by an earlier (interrupted) run that hold some of our keys
-        active: dict[str, tuple[str, ...]] = {}
-        in_flight: set[str] = set()
-        for rec in self.cache.batches(open_only=True):
-            if any(k in wanted for k in rec.keys):
-                active[rec.batch_id] = rec.keys
-                in_flight.update(rec.keys)
+        active, in_flight = self._resume_jobs(wanted.keys(), say)
         fresh = [k for k, _ in todo if k not in in_flight]
-        if active:
-            say(f"resuming {len(active)} pending job(s) holding {len(in_flight & wanted.keys())} request(s)")
-
-        for chunk in _chunks(fresh, s.batch_chunk_size):
-            lines = [
-                _canonical_json({"custom_id": k, "method": "POST", "url": BATCH_ENDPOINT, "body": bodies[k]})
-                for k in chunk
-            ]
-            payload = ("\n".join(lines) + "\n").encode("utf-8")
-            fobj = await self._retrying(
-                "upload batch input",
-                lambda payload=payload: st.oai.files.create(
-                    file=("batch_input.jsonl", payload, "application/jsonl"), purpose="batch"
-                ),
-            )
-            batch = await self._retrying(
-                "create batch",
-                lambda fobj=fobj: st.oai.batches.create(
-                    input_file_id=fobj.id, endpoint=BATCH_ENDPOINT, completion_window=s.batch_completion_window
-                ),
-            )
-            self.cache.record_batch(batch.id, fobj.id, batch.status or "validating", chunk)
-            active[batch.id] = tuple(chunk)
-            self.stats.batches_submitted += 1
-            self.stats.calls_made += len(chunk)
-            say(f"submitted job {batch.id} with {len(chunk)} request(s)")
+        lines = ((k, batch_line(s, k, wanted[k])) for k in fresh)
+        for keys, payload in chunk_batch_lines(lines, s.batch_chunk_size, s.batch_chunk_bytes):
+            active[await self._submit_job(st, keys, payload, say)] = tuple(keys)
 
         out: dict[str, LLMResponse] = {}
         errors: dict[str, str] = {}
-        last_status: dict[str, str] = {}
-        while active:
-            for batch_id in list(active):
-                batch = await self._retrying(
-                    f"poll batch {batch_id}", lambda batch_id=batch_id: st.oai.batches.retrieve(batch_id)
-                )
-                status = batch.status
-                if status in TERMINAL_BATCH_STATUSES:
-                    n = await self._collect_batch(st, batch, active[batch_id], wanted, out, errors)
-                    self.cache.update_batch(
-                        batch_id, status, output_file_id=batch.output_file_id, error_file_id=batch.error_file_id
-                    )
-                    del active[batch_id]
-                    say(f"job {batch_id} {status}: {n} answer(s) saved")
-                elif last_status.get(batch_id) != status:
-                    self.cache.update_batch(batch_id, status)
-                    last_status[batch_id] = status
-            if active:
-                say(f"{len(active)} job(s) pending, {len(out)} answer(s) so far; next poll in {s.batch_poll_s:g} s")
-                await asyncio.sleep(s.batch_poll_s)
+        await self._wait_jobs(st, active, wanted, out, errors, say)
 
         results: dict[str, LLMResponse] = {}
         for k, _ in todo:
@@ -699,16 +788,252 @@ class LLMClient:
                 results[k] = _error_response(k, errors.get(k, "no result for this request in the batch output"))
         return results
 
+    def _resume_jobs(self, wanted_keys, say) -> tuple[dict[str, tuple[str, ...]], set[str]]:
+        """Jobs recorded in ``llm_batches`` by an earlier (interrupted) run, not terminal yet, that hold any of
+        ``wanted_keys``: {batch_id: keys}, and the set of wanted keys they hold (polled, never resubmitted)."""
+        active: dict[str, tuple[str, ...]] = {}
+        in_flight: set[str] = set()
+        wanted_keys = wanted_keys if isinstance(wanted_keys, (set, frozenset, dict)) else set(wanted_keys)
+        for rec in self.cache.batches(open_only=True):
+            mine = [k for k in rec.keys if k in wanted_keys]
+            if mine:
+                active[rec.batch_id] = rec.keys
+                in_flight.update(mine)
+                if rec.batch_id not in self.batch_jobs:
+                    self.batch_jobs[rec.batch_id] = BatchJob(
+                        rec.batch_id, len(rec.keys), None, rec.status, False, time.perf_counter()
+                    )
+                    self.stats.batches_resumed += 1
+        if active:
+            say(f"resuming {len(active)} pending job(s) holding {len(in_flight)} request(s)")
+        return active, in_flight
+
+    def _spool_path(self, file_id: str) -> Path | None:
+        """Where a prefetched job's input file (by its file id) is kept until the job's answers are saved (beside
+        the cache file, so a resumed run finds it too); None for an in-memory cache (kept in memory then)."""
+        if self.cache.path == ":memory:":
+            return None
+        return Path(self.cache.path + ".batch_inputs") / f"{file_id}.jsonl"
+
+    def _spool(self, file_id: str, payload: bytes) -> None:
+        path = self._spool_path(file_id)
+        if path is None:
+            self._spool_mem[file_id] = payload
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)
+
+    def _spooled_bodies(self, file_id: str | None) -> dict[str, dict]:
+        """custom_id -> request body of a spooled input file ({} when it was not spooled here)."""
+        if not file_id:
+            return {}
+        path = self._spool_path(file_id)
+        if path is None:
+            data = self._spool_mem.get(file_id, b"")
+        else:
+            data = path.read_bytes() if path.exists() else b""
+        out = {}
+        for line in data.splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                out[obj["custom_id"]] = obj.get("body")
+        return out
+
+    def _unspool(self, file_id: str | None) -> None:
+        if not file_id:
+            return
+        path = self._spool_path(file_id)
+        if path is None:
+            self._spool_mem.pop(file_id, None)
+        elif path.exists():
+            path.unlink()
+
+    async def _submit_job(
+        self, st: _LoopState, keys: Sequence[str], payload: bytes, say, *, spool: bool = False
+    ) -> str:
+        """Upload one input file, create its job, record it in ``llm_batches`` (before anything else can
+        interrupt: a rerun then polls it instead of submitting it again). Returns the batch id."""
+        s = self.settings
+        fobj = await self._retrying(
+            "upload batch input",
+            lambda: st.oai.files.create(file=("batch_input.jsonl", payload, "application/jsonl"), purpose="batch"),
+        )
+        if spool:  # before the job exists: nothing slow may stand between creating a job and recording it
+            self._spool(fobj.id, payload)
+        batch = await self._retrying(
+            "create batch",
+            lambda: st.oai.batches.create(
+                input_file_id=fobj.id, endpoint=BATCH_ENDPOINT, completion_window=s.batch_completion_window
+            ),
+        )
+        self.cache.record_batch(batch.id, fobj.id, batch.status or "validating", keys)
+        self.batch_jobs[batch.id] = BatchJob(
+            batch.id, len(keys), len(payload), batch.status or "validating", True, time.perf_counter()
+        )
+        self.stats.batches_submitted += 1
+        self.stats.calls_made += len(keys)
+        say(f"submitted job {batch.id} with {len(keys):,} request(s), {len(payload) / 1e6:.1f} MB")
+        return batch.id
+
+    async def _wait_jobs(
+        self,
+        st: _LoopState,
+        active: dict[str, tuple[str, ...]],
+        wanted: dict[str, LLMRequest | _Submitted],
+        out: dict[str, LLMResponse] | None,
+        errors: dict[str, str],
+        say,
+    ) -> int:
+        """Poll ``active`` jobs until each is terminal; save every answer in the cache (and in ``out`` when given).
+        Logs one line per job state change and a summary per poll round. Returns the answers saved."""
+        s = self.settings
+        last_status: dict[str, str] = {}
+        saved_total = 0
+        while active:
+            for batch_id in list(active):
+                batch = await self._retrying(
+                    f"poll batch {batch_id}", lambda batch_id=batch_id: st.oai.batches.retrieve(batch_id)
+                )
+                status = batch.status
+                job = self.batch_jobs.get(batch_id)
+                if job is not None:
+                    job.status = status
+                    job.seconds = time.perf_counter() - job.t0
+                if status in TERMINAL_BATCH_STATUSES:
+                    n = await self._collect_batch(st, batch, active[batch_id], wanted, out, errors)
+                    saved_total += n
+                    self.cache.update_batch(
+                        batch_id, status, output_file_id=batch.output_file_id, error_file_id=batch.error_file_id
+                    )
+                    del active[batch_id]
+                    self._unspool(getattr(batch, "input_file_id", None))  # its answers are in the cache now
+                    if job is not None:
+                        job.answers = n
+                    say(f"job {batch_id} {status}: {n:,} answer(s) saved")
+                elif last_status.get(batch_id) != status:
+                    self.cache.update_batch(batch_id, status)
+                    last_status[batch_id] = status
+                    counts = getattr(batch, "request_counts", None)
+                    done = f" ({counts.completed:,}/{counts.total:,} done)" if counts is not None else ""
+                    say(f"job {batch_id} {status}{done}")
+            if active:
+                say(
+                    f"{len(active)} job(s) pending, {saved_total:,} answer(s) saved so far; "
+                    f"next poll in {s.batch_poll_s:g} s"
+                )
+                await asyncio.sleep(s.batch_poll_s)
+        return saved_total
+
+    def batch_prefetch(
+        self, request_batches: Iterable[Sequence[LLMRequest]], progress: Callable[[str], None] | None = None
+    ) -> dict[str, int]:
+        """Batch mode over a whole dataset: submit every request of ``request_batches`` (an iterable of request
+        lists, consumed lazily: one chunk's lines are held in memory at a time) that is neither cached nor held by
+        an open job of an earlier run, in jobs of at most ``batch_chunk_size`` requests / ``batch_chunk_bytes``
+        bytes; then wait for all jobs (resumed ones included) and save their answers in the cache. A following
+        :meth:`complete_many` over the same requests then finds them cached. Returns counts: requests seen,
+        cached, resumed, submitted, jobs submitted, answers saved."""
+
+        async def run() -> dict[str, int]:
+            st = self._loop_state()
+            s = self.settings
+            label = f"llm[{s.model}] batch"
+
+            def say(msg: str) -> None:
+                if progress is not None:
+                    progress(f"{label}: {msg}")
+                else:
+                    log.info("%s: %s", label, msg)
+
+            open_jobs = self.cache.batches(open_only=True)
+            open_keys = {k: rec.batch_id for rec in open_jobs for k in rec.keys}
+            resumed: dict[str, tuple[str, ...]] = {}
+            seen: set[str] = set()
+            counts = {"requests": 0, "cached": 0, "resumed": 0, "submitted": 0, "jobs_submitted": 0, "answers": 0}
+            wanted: dict[str, _Submitted] = {}  # what is submitted now or resumed, without its messages
+            chunker = BatchChunker(s.batch_chunk_size, s.batch_chunk_bytes)
+            active: dict[str, tuple[str, ...]] = {}
+
+            async def submit(done) -> None:
+                keys, payload = done
+                active[await self._submit_job(st, keys, payload, say, spool=True)] = tuple(keys)
+                counts["jobs_submitted"] += 1
+
+            for reqs in request_batches:
+                keyed = {}
+                for r in reqs:
+                    k = request_key(s, r)
+                    if k not in seen:
+                        seen.add(k)
+                        keyed[k] = r
+                counts["requests"] += len(keyed)
+                cached = self.cache.has_many(keyed)
+                counts["cached"] += len(cached)
+                for k, r in keyed.items():
+                    if k in cached:
+                        continue
+                    wanted[k] = _Submitted(r.prompt_version, r.top_logprobs is not None)
+                    if k in open_keys:
+                        bid = open_keys[k]
+                        if bid not in resumed:
+                            rec = next(x for x in open_jobs if x.batch_id == bid)
+                            resumed[bid] = rec.keys
+                        counts["resumed"] += 1
+                        continue
+                    counts["submitted"] += 1
+                    done = chunker.add(k, batch_line(s, k, r))
+                    if done is not None:
+                        await submit(done)
+            last = chunker.flush()
+            if last is not None:
+                await submit(last)
+            for bid, keys in resumed.items():
+                rec = next(x for x in open_jobs if x.batch_id == bid)
+                if bid not in self.batch_jobs:
+                    self.batch_jobs[bid] = BatchJob(bid, len(keys), None, rec.status, False, time.perf_counter())
+                    self.stats.batches_resumed += 1
+                active[bid] = keys
+            if resumed:
+                say(f"resuming {len(resumed)} pending job(s) of an earlier run ({counts['resumed']:,} request(s))")
+            say(
+                f"{counts['requests']:,} request(s): {counts['cached']:,} cached, {counts['resumed']:,} in resumed "
+                f"jobs, {counts['submitted']:,} submitted in {counts['jobs_submitted']} job(s)"
+            )
+            errors: dict[str, str] = {}
+            counts["answers"] = await self._wait_jobs(st, active, wanted, None, errors, say)
+            if errors:
+                say(f"{len(errors):,} request(s) without an answer (asked again online by the judging pass)")
+            return counts
+
+        if self.keep_loop:
+            return self._run_on_background_loop(run())
+
+        async def runner() -> dict[str, int]:
+            try:
+                return await run()
+            finally:
+                await self.aclose()
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(runner())
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-client") as ex:
+            return ex.submit(asyncio.run, runner()).result()
+
     async def _collect_batch(
         self,
         st: _LoopState,
         batch: Any,
         batch_keys: Sequence[str],
-        wanted: dict[str, LLMRequest],
-        out: dict[str, LLMResponse],
+        wanted: dict[str, LLMRequest | _Submitted],
+        out: dict[str, LLMResponse] | None,
         errors: dict[str, str],
     ) -> int:
+        """Download a terminal job's output and error files; cache every answer (``out``: also return them)."""
         s = self.settings
+        got: set[str] = set()
+        spooled = None if out is not None else self._spooled_bodies(getattr(batch, "input_file_id", None))
         saved = 0
         for file_id, is_error_file in ((batch.output_file_id, False), (batch.error_file_id, True)):
             if not file_id:
@@ -730,16 +1055,24 @@ class LLMClient:
                 body = response.get("body")
                 if obj.get("error") is None and response.get("status_code") == 200 and isinstance(body, dict):
                     req = wanted.get(key)
+                    if isinstance(req, LLMRequest):
+                        want_lp, request_body = req.top_logprobs is not None, build_body(s, req)
+                    elif req is not None:
+                        want_lp, request_body = req.want_logprobs, (spooled or {}).get(key)
+                    else:
+                        want_lp, request_body = True, None
                     try:
-                        resp = parse_completion(key, body, 0.0, req is None or req.top_logprobs is not None)
+                        resp = parse_completion(key, body, 0.0, want_lp)
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:
                         errors[key] = f"unparsable batch answer: {exc}"
                         continue
                     self.stats.tokens_in += resp.tokens_in
                     self.stats.tokens_out += resp.tokens_out
+                    got.add(key)
                     if req is not None:
-                        out[key] = resp
-                        rows.append(CacheRow(resp, s.model, req.prompt_version, build_body(s, req)))
+                        if out is not None:
+                            out[key] = resp
+                        rows.append(CacheRow(resp, s.model, req.prompt_version, request_body))
                     else:  # belongs to an earlier run's request set: keep the answer, request unknown here
                         rows.append(CacheRow(resp, s.model, None, None))
                 else:
@@ -756,7 +1089,7 @@ class LLMClient:
             if errs is not None and getattr(errs, "data", None):
                 detail = "; ".join(f"{e.code}: {e.message}" for e in errs.data if e is not None)
             for key in batch_keys:
-                if key not in out:
+                if key not in got:
                     errors.setdefault(
                         key,
                         f"batch {batch.id} {batch.status} without an answer for this request"
