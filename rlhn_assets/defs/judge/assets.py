@@ -106,7 +106,11 @@ def _plan(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, 
         flagged_negatives_sql(config.forward_errors) if tier == 2 and judge_res.scope == "flagged_negatives" else None
     )
     reason = _skip_reason(registry, duckdb, dataset)
-    staging = join(_staging_root(config), context.run_id, f"{dataset}-tier{tier}")
+    # One folder per dataset and tier, not per run: a shard's own LLM cache file lives there, and with it the
+    # Batch API jobs it submitted (llm_batches), so a run killed between submit and completion is resumed by the
+    # next run instead of resubmitted (bench_scale measures it). Runs of one partition never overlap (the
+    # `llm_judge` pool and one run per dataset in backfills); the merge step removes the folder.
+    staging = join(_staging_root(config), f"{dataset}-tier{tier}")
     staged = []
     with duckdb.get_connection() as conn:
         if not reason:
@@ -253,7 +257,7 @@ def _merge(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB,
         merged = merge_verdicts(conn, dataset, tier, [f for s in shards for f in s["verdict_files"]])
     if not is_remote(summary["staging"]):
         shutil.rmtree(summary["staging"], ignore_errors=True)
-        with contextlib.suppress(OSError):  # the run's folder, once its last tier's staging is gone
+        with contextlib.suppress(OSError):  # the staging root, once no dataset's staging is left in it
             os.rmdir(os.path.dirname(summary["staging"]))
     base = {"judge": dg.MetadataValue.json(judge_res.describe())}
     if summary["reason"]:
