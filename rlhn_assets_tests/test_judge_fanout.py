@@ -164,6 +164,9 @@ def test_shards_on_two_celery_workers_merge_to_the_single_step_verdicts(tmp_path
             "RLHN_CELERY_BROKER": f"redis://127.0.0.1:{port}/0",
             "RLHN_CELERY_BACKEND": f"redis://127.0.0.1:{port}/1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            # `dagster-celery worker start` runs `celery` from PATH: the venv's, also when the tests run without
+            # an activated venv (`make test` calls .venv/bin/python directly)
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
         for k in ("DAGSTER_HOME", "RLHN_EXECUTOR", "RLHN_CELERY_BROKER", "RLHN_CELERY_BACKEND"):
             monkeypatch.setenv(k, env[k])
@@ -181,6 +184,10 @@ def test_shards_on_two_celery_workers_merge_to_the_single_step_verdicts(tmp_path
                     pass
                 assert redis.poll() is None and time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.1)
+            # Create the instance's SQLite storage once here: two workers creating it at the same moment race on
+            # its schema (sqlite3.IntegrityError on alembic_version, one worker dies).
+            with dg.DagsterInstance.get():
+                pass
             celery_cli = str(Path(sys.executable).parent / "dagster-celery")
             for name, log in zip(("w1", "w2"), worker_logs):
                 cmd = ["worker", "start", "-A", "dagster_celery.app", "-y", str(ROOT / "deploy" / "celery.yaml")]
@@ -195,6 +202,15 @@ def test_shards_on_two_celery_workers_merge_to_the_single_step_verdicts(tmp_path
                         start_new_session=True,
                     )
                 )
+            # Both workers up before the run: a worker that died at start-up would leave the run waiting for its
+            # tasks forever (execute_job has no timeout).
+            deadline = time.monotonic() + 120
+            while not all(" ready." in (tmp_path / f"{n}.log").read_text() for n in ("w1", "w2")):
+                dead = [n for n, w in zip(("w1", "w2"), workers) if w.poll() is not None]
+                if dead or time.monotonic() > deadline:
+                    logs_text = "".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("w1", "w2"))
+                    pytest.fail(f"celery worker(s) {dead or 'not ready in 120 s'}: {logs_text}")
+                time.sleep(0.5)
             run_config = yaml.safe_load((ROOT / "deploy" / "celery.yaml").read_text())
             run_config["ops"] = {"tier1_judgments": {"config": {"shards": 2, "staging_dir": str(tmp_path / "stage2")}}}
             run_config["resources"] = {
