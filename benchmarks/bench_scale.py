@@ -112,6 +112,8 @@ def _numeric_metadata(result) -> dict:
             val = getattr(v, "value", v)
             if isinstance(val, (int, float)) and not isinstance(val, bool):
                 out[k] = val
+            elif k == "shard_seconds" and isinstance(val, dict):  # the fanned-out judging's per-shard step times
+                out[k] = {str(s): float(t) for s, t in val.items()}
     return out
 
 
@@ -285,6 +287,14 @@ def _judging_figures(r: dict, args) -> None:
             "ratio_to_ideal": round(calls / judge_s / ideal, 4),
             "ratio_to_ideal_whole_stage": round(calls / r["seconds"] / ideal, 4),
         }
+        # wall_seconds spans the whole graph-backed asset (staging, shard steps, merge); the shard steps alone
+        # are the judging loop (with shards: 1, one step).
+        shard_s = max((md.get("shard_seconds") or {}).values(), default=0.0)
+        if shard_s:
+            r["judging"] |= {
+                "shard_seconds_max": shard_s,
+                "ratio_to_ideal_shard_steps": round(calls / shard_s / ideal, 4),
+            }
 
 
 def main() -> int:
@@ -388,7 +398,12 @@ def main() -> int:
                         print(
                             f"        {name}: {j['calls']:,} calls in {j['judging_seconds']:.1f} s of judging = "
                             f"{j['calls_per_s']:.1f} calls/s, {j['ratio_to_ideal']:.3f} of ideal "
-                            f"({j['ratio_to_ideal_whole_stage']:.3f} over the whole stage)",
+                            f"({j['ratio_to_ideal_whole_stage']:.3f} over the whole stage"
+                            + (
+                                f", {j['ratio_to_ideal_shard_steps']:.3f} over the shard steps alone)"
+                                if "ratio_to_ideal_shard_steps" in j
+                                else ")"
+                            ),
                             flush=True,
                         )
                 if mode == "batch" and name == "tier1_judgments":
