@@ -629,12 +629,17 @@ class LLMClient:
     ) -> list[LLMResponse]:
         """Synchronous wrapper: runs :meth:`acomplete_many` (online or batch per ``settings.mode``) on the helper
         loop (``keep_loop``) or in a fresh event loop; from inside a running loop it uses a helper thread."""
-        if self.keep_loop:
-            return self._run_on_background_loop(self.acomplete_many(requests, progress))
+        return self._run_sync(self.acomplete_many(requests, progress))
 
-        async def runner() -> list[LLMResponse]:
+    def _run_sync(self, coro) -> Any:
+        """Run ``coro`` from synchronous code: on the helper loop (``keep_loop``), else in a fresh event loop that
+        closes this loop's HTTP client at the end (from inside a running loop, on a helper thread)."""
+        if self.keep_loop:
+            return self._run_on_background_loop(coro)
+
+        async def runner() -> Any:
             try:
-                return await self.acomplete_many(requests, progress)
+                return await coro
             finally:
                 await self.aclose()
 
@@ -1005,21 +1010,7 @@ class LLMClient:
                 say(f"{len(errors):,} request(s) without an answer (asked again online by the judging pass)")
             return counts
 
-        if self.keep_loop:
-            return self._run_on_background_loop(run())
-
-        async def runner() -> dict[str, int]:
-            try:
-                return await run()
-            finally:
-                await self.aclose()
-
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(runner())
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-client") as ex:
-            return ex.submit(asyncio.run, runner()).result()
+        return self._run_sync(run())
 
     async def _collect_batch(
         self,
