@@ -174,3 +174,20 @@ def encoder_texts(monkeypatch) -> TokenizerSpy:
     monkeypatch.setattr(Transformer, "_call_processor", spy)
     monkeypatch.setattr(BaseDataCollator, "__call__", collate)
     return seen
+
+
+# The LLM client's tests (test_llm_client.py, test_batch_scale.py): the mock OpenAI transport and an in-memory
+# response cache.
+@pytest.fixture
+def api():
+    from rlhn_assets_tests.test_llm_client import FakeAPI
+
+    return FakeAPI()
+
+
+@pytest.fixture
+def cache():
+    from rlhn_assets.lib.llm.cache import ResponseCache
+
+    with ResponseCache(":memory:") as c:
+        yield c

@@ -23,7 +23,7 @@ from rlhn_assets.lib.llm.client import (
     request_key,
 )
 from rlhn_assets_tests.fake_openai_server import get_stats, listwise_verdict, passage_share, running_server
-from rlhn_assets_tests.test_llm_client import SECRET, FakeAPI, make_client, req, settings
+from rlhn_assets_tests.test_llm_client import SECRET, make_client, req, settings
 
 
 # ------------------------------------------------------------------------------------------------ chunking
@@ -208,17 +208,6 @@ def test_fake_server_file_content_roundtrip():
             assert h.get("/v1/files/file-nope/content").status_code == 404
             b = h.post("/v1/batches", json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions"}).json()
             assert b["status"] == "in_progress" and json.loads(h.get("/stats").text)["batch_requests"] == 1
-
-
-@pytest.fixture
-def api() -> FakeAPI:
-    return FakeAPI()
-
-
-@pytest.fixture
-def cache():
-    with ResponseCache(":memory:") as c:
-        yield c
 
 
 assert SECRET  # the shared test key (never sent anywhere but the mock transport)

@@ -220,17 +220,6 @@ class FakeAPI:
         b["status"] = self.final_status
 
 
-@pytest.fixture
-def api() -> FakeAPI:
-    return FakeAPI()
-
-
-@pytest.fixture
-def cache():
-    with ResponseCache(":memory:") as c:
-        yield c
-
-
 def make_client(api: FakeAPI, cache: ResponseCache, **kw) -> LLMClient:
     api_key = kw.pop("api_key", SECRET)
     http = httpx.AsyncClient(transport=httpx.MockTransport(api.handler))
