@@ -240,9 +240,7 @@ def run_stage(name: str, stage: str, work: Path, mode: str, base_url: str, args,
         "stage": name,
         "mode": mode,
         "process_wall_s": round(wall, 1),
-        "online_calls": after["total"] - before["total"],
-        "batch_requests": after["batch_requests"] - before["batch_requests"],
-        "batch_jobs": after["batches"] - before["batches"],
+        **_calls_between(before, after),
         "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
         **_sizes(work, mode),
     }
@@ -269,6 +267,15 @@ def _print_stage(r: dict) -> None:
     )
     if not r.get("success"):
         print("   error:", (r.get("error") or json.dumps(r.get("runs"))[:3000]), flush=True)
+
+
+def _calls_between(before: dict, after: dict) -> dict:
+    """What the fake server received between two of its /stats snapshots."""
+    return {
+        "online_calls": after["total"] - before["total"],
+        "batch_requests": after["batch_requests"] - before["batch_requests"],
+        "batch_jobs": after["batches"] - before["batches"],
+    }
 
 
 def _judging_figures(r: dict, args) -> None:
@@ -378,9 +385,7 @@ def main() -> int:
                         "mode": mode,
                         "success": killed,
                         "seconds": round(killed_after, 1),
-                        "batch_jobs": mid["batches"] - before["batches"],
-                        "batch_requests": mid["batch_requests"] - before["batch_requests"],
-                        "online_calls": mid["total"] - before["total"],
+                        **_calls_between(before, mid),
                         "note": "SIGKILL after the first job was created, before it completed",
                     }
                 )
