@@ -73,7 +73,7 @@ test-fast: venv  ## the tests that need no local LLM server
 ui: venv  ## open the Dagster UI on http://127.0.0.1:3000
 	$(VENV)/bin/dg dev --host 127.0.0.1 --port 3000
 
-bench: venv llm  ## run every benchmark under benchmarks/ and write data/reports/benchmarks.md
+bench: venv llm  ## run every benchmark under benchmarks/ and write data/reports/benchmarks.md (hours: bench_scale defaults to 100,000 instances)
 	$(PY) benchmarks/run_all.py
 
 clean:  ## remove the DuckDB files, caches and Dagster instance state (keeps .venv)
