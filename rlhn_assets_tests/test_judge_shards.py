@@ -35,7 +35,7 @@ def test_staging_splits_contiguous_near_equal_ranges_with_texts_in_order(tmp_pat
     conn = _db(7)
     shards = stage_shards(conn, "ds", 3, str(tmp_path))
     assert [s.instances for s in shards] == [3, 2, 2]
-    got = [inst for s in shards for batch, _ in iter_shard(s.instances_path, 2) for inst in batch]
+    got = [inst for s in shards for batch, _ in iter_shard(s.instances_paths, 2) for inst in batch]
     assert [i.instance_id for i in got] == [f"i{k:02d}" for k in range(7)]  # every instance once, in order
     assert [n.docid for n in got[1].negatives] == ["d5", "d4"]  # the stored order, not sorted
     assert got[1].positives[0].text == "text 3" and got[1].positives[0].title == ""
@@ -43,10 +43,33 @@ def test_staging_splits_contiguous_near_equal_ranges_with_texts_in_order(tmp_pat
     assert len(stage_shards(conn, "ds", 20, str(tmp_path / "many"))) == 7
 
 
+def test_staging_writes_bounded_chunks_read_back_in_order(tmp_path):
+    """A shard is staged as files of at most chunk_instances rows (one SQL aggregation each, so the memory of
+    staging does not grow with the dataset), read back in instance_id order across files and rounds."""
+    conn = _db(7)
+    shards = stage_shards(conn, "ds", 2, str(tmp_path), chunk_instances=2)
+    assert [s.instances for s in shards] == [4, 3]
+    assert [len(s.instances_paths) for s in shards] == [2, 2]
+    sizes = [
+        conn.execute(f"SELECT count(*) FROM read_parquet('{p}')").fetchone()[0]
+        for s in shards
+        for p in s.instances_paths
+    ]
+    assert sizes == [2, 2, 2, 1]
+    got = [i.instance_id for s in shards for batch, _ in iter_shard(s.instances_paths, 3) for i in batch]
+    assert got == [f"i{k:02d}" for k in range(7)]
+    # the staging temp tables are gone
+    assert conn.execute("SELECT count(*) FROM duckdb_tables() WHERE temporary").fetchone()[0] == 0
+    # files given out of order are refused, not judged in another order
+    first, second = shards[0].instances_paths
+    with pytest.raises(ValueError, match="not in instance_id order"):
+        list(iter_shard([second, first], 10))
+
+
 def test_staging_carries_positions_and_refuses_a_missing_passage(tmp_path):
     conn = _db(3)
     (s,) = stage_shards(conn, "ds", 1, str(tmp_path), positions="SELECT 'i01' AS instance_id, 2 AS neg_index")
-    ((batch, positions),) = list(iter_shard(s.instances_path, 10))
+    ((batch, positions),) = list(iter_shard(s.instances_paths, 10))
     assert positions == {"i01": [2]} and len(batch) == 3
     conn.execute("DELETE FROM raw_passages WHERE docid = 'd4'")
     with pytest.raises(ValueError, match="1 positive/negative ids"):

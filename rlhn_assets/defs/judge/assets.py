@@ -131,7 +131,7 @@ def _plan(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, 
         yield dg.DynamicOutput(
             {
                 "index": s.index,
-                "instances_path": s.instances_path,
+                "instances_paths": list(s.instances_paths),
                 "instances": s.instances,
                 "dir": join(staging, f"shard-{s.index}"),
                 "batch_size": config.batch_size,
@@ -171,7 +171,7 @@ def _judge_shard(context, tier: int, judge_res: JudgeTierResource, registry, sha
 
         def rounds():
             """(staged instances, instances to judge, original positions or None) per round of ``batch_size``."""
-            for batch, positions in iter_shard(shard["instances_path"], shard["batch_size"]):
+            for batch, positions in iter_shard(shard["instances_paths"], shard["batch_size"]):
                 yield (
                     (len(batch), *only_positions(batch, positions))
                     if shard["flagged_only"]

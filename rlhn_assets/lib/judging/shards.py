@@ -2,8 +2,8 @@
 
 DuckDB allows one writing process per file, and shard steps run in other processes (Celery workers, Kubernetes
 pods, possibly on other machines). So shards never open the pipeline database: the planning step stages each
-shard's instances (query, positives and negatives with their texts) as one Parquet file, a shard judges from its
-file and writes its verdicts as Parquet files, and the merging step loads them all into ``judgments`` in one
+shard's instances (query, positives and negatives with their texts) as Parquet files, a shard judges from its
+files and writes its verdicts as Parquet files, and the merging step loads them all into ``judgments`` in one
 transaction, ordered by (instance_id, neg_index), whatever order the shards finished in. Every file goes through
 DuckDB's COPY / read_parquet, so a staging directory on object storage (``s3://...`` with DuckDB's httpfs
 extension and a secret) works like a local one.
@@ -37,10 +37,17 @@ def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts])
 
 
+# Instances per staged file. Each file's passages are gathered by one GROUP BY with list() aggregates, which DuckDB
+# holds in memory: staging a whole dataset in one query ran out of the pipeline connection's 1 GB memory_limit at
+# 100,000 instances x 25 negatives (docs/benchmarks.md, bench_scale). 10,000 instances of ~26 passages of ~350
+# characters are ~100 MB; every chunk re-reads the dataset's raw_passages once.
+STAGE_CHUNK_INSTANCES = 10_000
+
+
 @dataclass(frozen=True)
 class StagedShard:
     index: int
-    instances_path: str
+    instances_paths: tuple[str, ...]  # in instance_id order: each file sorted, file k+1 after file k
     instances: int
     first_instance: str
     last_instance: str
@@ -54,18 +61,23 @@ def stage_shards(
     *,
     only: str | None = None,
     positions: str | None = None,
+    chunk_instances: int = STAGE_CHUNK_INSTANCES,
 ) -> list[StagedShard]:
     """Split the instances to judge (``pruned_instances`` of dataset $1, restricted to the subquery ``only`` of
     instance ids) into ``shards`` contiguous ranges of instance_id of near-equal size and write each range to
-    ``<staging>/shard-<k>/instances.parquet``: instance_id, query, positives and negatives as lists of
-    {docid, title, text} in their stored order, and ``positions`` - the 1-based negative positions to judge, from
-    the subquery ``positions`` of (instance_id, neg_index), or NULL for every negative. Empty shards are not
-    written (fewer instances than shards). A docid without a passage fails here, not in a shard."""
+    ``<staging>/shard-<k>/instances-<c>.parquet`` files of at most ``chunk_instances`` rows each: instance_id,
+    query, positives and negatives as lists of {docid, title, text} in their stored order, and ``positions`` - the
+    1-based negative positions to judge, from the subquery ``positions`` of (instance_id, neg_index), or NULL for
+    every negative. Empty shards are not written (fewer instances than shards). A docid without a passage fails
+    here, not in a shard."""
+    if chunk_instances < 1:
+        raise ValueError(f"chunk_instances must be >= 1, got {chunk_instances}")
     where = f" AND i.instance_id IN ({only})" if only else ""
     conn.execute(
         f"""CREATE OR REPLACE TEMP TABLE _shard_inst AS
             SELECT i.instance_id, q.query, i.positive_ids, i.negative_ids,
-                   ntile({int(shards)}) OVER (ORDER BY i.instance_id) - 1 AS shard
+                   ntile({int(shards)}) OVER (ORDER BY i.instance_id) - 1 AS shard,
+                   row_number() OVER (ORDER BY i.instance_id) - 1 AS rn
             FROM pruned_instances i JOIN raw_queries q USING (dataset, query_id)
             WHERE i.dataset = $1{where}""",
         [dataset],
@@ -76,47 +88,55 @@ def stage_shards(
         [dataset],
     ).fetchall()[0][0]
     if missing:
+        conn.execute("DROP TABLE _shard_inst")
         raise ValueError(f"{dataset}: {missing} positive/negative ids of the instances to judge have no passage")
-    pos_sql = (
-        f"""SELECT instance_id, list(neg_index ORDER BY neg_index) AS positions FROM ({positions}) GROUP BY 1"""
-        if positions
-        else "SELECT NULL::VARCHAR AS instance_id, NULL::INTEGER[] AS positions WHERE false"
-    )
+    if positions:  # the subquery may use $1 (the dataset)
+        conn.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _shard_pos AS
+                SELECT instance_id, list(neg_index ORDER BY neg_index) AS positions FROM ({positions}) GROUP BY 1""",
+            [dataset] if "$1" in positions else [],
+        )
+    else:
+        conn.execute("CREATE OR REPLACE TEMP TABLE _shard_pos (instance_id VARCHAR, positions INTEGER[])")
 
     def passages(column: str) -> str:
         return f"""SELECT u.instance_id,
                           list({{'docid': u.docid, 'title': coalesce(p.title, ''), 'text': p.text}} ORDER BY u.k) AS v
                    FROM (SELECT instance_id, unnest({column}) AS docid, generate_subscripts({column}, 1) AS k
-                         FROM _shard_inst) u
+                         FROM _chunk) u
                    JOIN raw_passages p ON p.dataset = $1 AND p.docid = u.docid
                    GROUP BY u.instance_id"""
 
-    conn.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _shard_rows AS
-            SELECT s.shard, s.instance_id, s.query, coalesce(pp.v, []) AS positives, coalesce(nn.v, []) AS negatives,
-                   fp.positions
-            FROM _shard_inst s
-            LEFT JOIN ({passages("positive_ids")}) pp USING (instance_id)
-            LEFT JOIN ({passages("negative_ids")}) nn USING (instance_id)
-            LEFT JOIN ({pos_sql}) fp USING (instance_id)""",
-        [dataset],
-    )
     out = []
-    for k, n, first, last in conn.execute(
-        "SELECT shard, count(*), min(instance_id), max(instance_id) FROM _shard_rows GROUP BY 1 ORDER BY 1"
+    for k, n, first, last, lo, hi in conn.execute(
+        """SELECT shard, count(*), min(instance_id), max(instance_id), min(rn), max(rn)
+           FROM _shard_inst GROUP BY 1 ORDER BY 1"""
     ).fetchall():
-        path = join(staging, f"shard-{k}", "instances.parquet")
-        if not is_remote(path):
-            from pathlib import Path
+        paths = []
+        for c, start in enumerate(range(int(lo), int(hi) + 1, chunk_instances)):
+            path = join(staging, f"shard-{k}", f"instances-{c:05d}.parquet")
+            if not is_remote(path):
+                from pathlib import Path
 
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn.execute(
-            f"""COPY (SELECT instance_id, query, positives, negatives, positions FROM _shard_rows
-                      WHERE shard = {int(k)} ORDER BY instance_id) TO {_lit(path)} (FORMAT parquet)"""
-        )
-        out.append(StagedShard(int(k), path, int(n), first, last))
-    conn.execute("DROP TABLE _shard_rows")
-    conn.execute("DROP TABLE _shard_inst")
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn.execute(
+                "CREATE OR REPLACE TEMP TABLE _chunk AS SELECT * FROM _shard_inst WHERE rn BETWEEN $1 AND $2",
+                [start, min(start + chunk_instances - 1, int(hi))],
+            )
+            conn.execute(
+                f"""COPY (SELECT c.instance_id, c.query, coalesce(pp.v, []) AS positives,
+                                 coalesce(nn.v, []) AS negatives, fp.positions
+                          FROM _chunk c
+                          LEFT JOIN ({passages("positive_ids")}) pp USING (instance_id)
+                          LEFT JOIN ({passages("negative_ids")}) nn USING (instance_id)
+                          LEFT JOIN _shard_pos fp USING (instance_id)
+                          ORDER BY c.instance_id) TO {_lit(path)} (FORMAT parquet)""",
+                [dataset],
+            )
+            paths.append(path)
+        out.append(StagedShard(int(k), tuple(paths), int(n), first, last))
+    for table in ("_chunk", "_shard_pos", "_shard_inst"):
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
     return out
 
 
@@ -124,17 +144,24 @@ def _passages(items) -> tuple[Passage, ...]:
     return tuple(Passage(p["docid"], p["title"], p["text"]) for p in items or [])
 
 
-def iter_shard(path: str, batch_size: int) -> Iterator[tuple[list[Instance], dict[str, list[int]]]]:
-    """The staged instances of one shard in instance_id order, ``batch_size`` at a time, with the staged negative
-    positions of the instances that have some (``stage_shards``' ``positions``)."""
+def iter_shard(paths: str | Sequence[str], batch_size: int) -> Iterator[tuple[list[Instance], dict[str, list[int]]]]:
+    """The staged instances of one shard (its files in order) in instance_id order, ``batch_size`` at a time, with
+    the staged negative positions of the instances that have some (``stage_shards``' ``positions``). Each file is
+    read in its stored order (sorted when written; DuckDB keeps a file's row order, ``preserve_insertion_order``),
+    not sorted again, so a shard process never holds more than a round's rows; the order is checked as it goes."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    last = None
     with duckdb.connect() as conn:
-        cur = conn.execute(
-            f"SELECT instance_id, query, positives, negatives, positions FROM read_parquet({_lit(path)}) "
-            "ORDER BY instance_id"
-        )
-        while rows := cur.fetchmany(batch_size):
-            batch = [Instance(i, q, _passages(p), _passages(n)) for i, q, p, n, _ in rows]
-            yield batch, {r[0]: list(r[4]) for r in rows if r[4] is not None}
+        for path in paths:
+            cur = conn.execute(
+                f"SELECT instance_id, query, positives, negatives, positions FROM read_parquet({_lit(path)})"
+            )
+            while rows := cur.fetchmany(batch_size):
+                if (last is not None and rows[0][0] <= last) or any(a[0] >= b[0] for a, b in zip(rows, rows[1:])):
+                    raise ValueError(f"{path}: staged instances are not in instance_id order (near {rows[0][0]})")
+                last = rows[-1][0]
+                batch = [Instance(i, q, _passages(p), _passages(n)) for i, q, p, n, _ in rows]
+                yield batch, {r[0]: list(r[4]) for r in rows if r[4] is not None}
 
 
 def only_positions(batch: Sequence[Instance], positions: dict[str, list[int]]) -> tuple[list[Instance], dict]:
