@@ -128,6 +128,10 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
+CACHE_MEMORY_LIMIT = "1GB"  # per cache connection (DuckDB memory_limit)
+_EXPORT_ROW_GROUP = 4096  # rows per Parquet row group of export_responses (~30 MB of listwise requests)
+
+
 class ResponseCache:
     """LLM response cache over a DuckDB file (``":memory:"`` for tests).
 
@@ -154,6 +158,9 @@ class ResponseCache:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # DuckDB's default memory limit is 80% of RAM, and its buffer pool keeps what it wrote: importing 100,000
+        # answers reached 4 GB RSS without a limit (docs/benchmarks.md); with one, DuckDB spills instead.
+        config = {"memory_limit": CACHE_MEMORY_LIMIT, **(config or {})}
         self._conn = open_with_lock_retry(
             self.path, config=config, timeout_s=open_timeout_s, first_delay=first_delay_s, log=log
         )
@@ -288,7 +295,10 @@ class ResponseCache:
         with self._lock:
             conn = self._c()
             n = self.count()
-            conn.execute(f"COPY llm_responses TO {_sql_str(path)} (FORMAT parquet)")
+            # Small row groups: a row holds the whole request (~7 KB for a listwise prompt) and the Parquet writer
+            # buffers a row group in memory; DuckDB's default (122,880 rows) took 3.1 GB to export 100,000
+            # answers (docs/benchmarks.md, bench_scale at 100K).
+            conn.execute(f"COPY llm_responses TO {_sql_str(path)} (FORMAT parquet, ROW_GROUP_SIZE {_EXPORT_ROW_GROUP})")
         return n
 
     def import_responses(self, paths: Sequence[str]) -> int:
@@ -296,15 +306,26 @@ class ResponseCache:
         is already here keeps its row: both are answers to the same request). Returns the rows added."""
         if not paths:
             return 0
-        files = "[" + ", ".join(_sql_str(p) for p in paths) + "]"
         cols = ", ".join(_RESPONSE_COLUMNS)
+        # File by file, and a key's first row found by a keys-only aggregate: a window over whole rows (requests
+        # included) held every row in memory, 4.0 GB to import 100,000 answers (docs/benchmarks.md).
         with self._lock:
             conn = self._c()
             before = self.count()
-            conn.execute(
-                f"""INSERT OR IGNORE INTO llm_responses ({cols})
-                    SELECT {cols} FROM read_parquet({files}) QUALIFY row_number() OVER (PARTITION BY key) = 1"""
-            )
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                for path in paths:
+                    src = f"read_parquet({_sql_str(path)}, file_row_number = true)"
+                    conn.execute(
+                        f"""INSERT OR IGNORE INTO llm_responses ({cols})
+                            SELECT {", ".join("r." + c for c in _RESPONSE_COLUMNS)} FROM {src} r
+                            SEMI JOIN (SELECT key, min(file_row_number) AS first FROM {src} GROUP BY key) f
+                              ON r.key = f.key AND r.file_row_number = f.first"""
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             return self.count() - before
 
     def count(self) -> int:
