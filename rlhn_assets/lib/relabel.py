@@ -217,12 +217,34 @@ def build_variant(
     return stats
 
 
-def export_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, parquet_path, jsonl_path) -> int:
+# Instances per export chunk, and rows per Parquet row group. Each chunk's passage lists are one SQL aggregation that
+# DuckDB holds in memory, and the Parquet writer buffers a whole row group: exporting 100,000 instances x 25
+# negatives in one query ran out of the pipeline connection's 1 GB memory_limit (docs/benchmarks.md, bench_scale).
+EXPORT_CHUNK_INSTANCES = 10_000
+EXPORT_ROW_GROUP = 2048
+
+
+def export_variant(
+    conn: duckdb.DuckDBPyConnection,
+    dataset: str,
+    variant: str,
+    parquet_path,
+    jsonl_path,
+    *,
+    chunk_instances: int = EXPORT_CHUNK_INSTANCES,
+) -> int:
     """Write (dataset, variant) in the rlhn/Tevatron schema ``query_id, query, positive_passages[{docid,
     title,text}], negative_passages[...], subset`` as Parquet and JSONL.gz (loadable by HF datasets,
-    Tevatron and sentence-transformers). Returns the row count."""
+    Tevatron and sentence-transformers), rows in instance_id order. Built ``chunk_instances`` instances at a
+    time into temporary Parquet parts next to the output, then streamed into the two files, so memory does not
+    grow with the dataset. Returns the row count."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     select = """
-      WITH r AS (SELECT * FROM relabeled_instances WHERE dataset = $1 AND variant = $2),
+      WITH r AS (SELECT r.* FROM relabeled_instances r JOIN _export_ids e USING (instance_id)
+                 WHERE r.dataset = $1 AND r.variant = $2 AND e.rn BETWEEN $3 AND $4),
       refs AS (
         SELECT instance_id, 'pos' AS side, unnest(positive_ids) AS docid, generate_subscripts(positive_ids, 1) AS i
         FROM r
@@ -241,13 +263,32 @@ def export_variant(conn: duckdb.DuckDBPyConnection, dataset: str, variant: str, 
       FROM r JOIN lists l USING (instance_id)
       JOIN raw_queries q ON q.dataset = $1 AND q.query_id = r.query_id
       ORDER BY r.instance_id"""
-    from pathlib import Path
-
+    if chunk_instances < 1:
+        raise ValueError(f"chunk_instances must be >= 1, got {chunk_instances}")
     for path in (parquet_path, jsonl_path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn.execute(f"CREATE OR REPLACE TEMP TABLE _export AS {select}", [dataset, variant])
-    conn.execute(f"COPY _export TO '{parquet_path}' (FORMAT parquet)")
-    conn.execute(f"COPY _export TO '{jsonl_path}' (FORMAT json, COMPRESSION gzip)")
-    n = conn.execute("SELECT count(*) FROM _export").fetchall()[0][0]
-    conn.execute("DROP TABLE _export")
-    return n
+    conn.execute(
+        """CREATE OR REPLACE TEMP TABLE _export_ids AS
+           SELECT instance_id, row_number() OVER (ORDER BY instance_id) - 1 AS rn
+           FROM relabeled_instances WHERE dataset = $1 AND variant = $2""",
+        [dataset, variant],
+    )
+    n = conn.execute("SELECT count(*) FROM _export_ids").fetchall()[0][0]
+    parts_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=Path(parquet_path).parent))
+    try:
+        parts = []
+        for c, start in enumerate(range(0, max(n, 1), chunk_instances)):  # one (empty) part when n = 0: the schema
+            part = parts_dir / f"part-{c:05d}.parquet"
+            conn.execute(
+                f"COPY ({select}) TO '{part}' (FORMAT parquet, ROW_GROUP_SIZE {EXPORT_ROW_GROUP})",
+                [dataset, variant, start, start + chunk_instances - 1],
+            )
+            parts.append(f"'{part}'")
+        # read back in part order, each part's rows in stored order (preserve_insertion_order): instance_id order
+        src = f"SELECT * FROM read_parquet([{', '.join(parts)}])"
+        conn.execute(f"COPY ({src}) TO '{parquet_path}' (FORMAT parquet, ROW_GROUP_SIZE {EXPORT_ROW_GROUP})")
+        conn.execute(f"COPY ({src}) TO '{jsonl_path}' (FORMAT json, COMPRESSION gzip)")
+    finally:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        conn.execute("DROP TABLE IF EXISTS _export_ids")
+    return int(n)
