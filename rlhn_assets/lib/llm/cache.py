@@ -307,8 +307,9 @@ class ResponseCache:
         if not paths:
             return 0
         cols = ", ".join(_RESPONSE_COLUMNS)
-        # File by file, and a key's first row found by a keys-only aggregate: a window over whole rows (requests
-        # included) held every row in memory, 4.0 GB to import 100,000 answers (docs/benchmarks.md).
+        # File by file, a key's first row found by a keys-only aggregate (not a window over whole rows). Importing
+        # 100,000 answers took 4.0 GB RSS either way without a memory limit; the connection's memory_limit (above)
+        # is what bounds it: 1.07 GB (docs/benchmarks.md).
         with self._lock:
             conn = self._c()
             before = self.count()
