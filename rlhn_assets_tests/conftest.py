@@ -67,6 +67,21 @@ def tmp_data(tmp_path) -> Path:
     return dst
 
 
+def tiny_corpus_db(n: int):
+    """An in-memory pipeline database of dataset 'ds' with ``n`` queries q<i> ("query <i>") and ``3n`` passages
+    d<k> ("text <k>", no title): instance i of the tests that use it has positive d<3i> and negatives d<3i+2>,
+    d<3i+1> (stored order, not sorted)."""
+    import duckdb
+
+    from rlhn_assets.lib.schema import apply_schema
+
+    conn = duckdb.connect()
+    apply_schema(conn)
+    conn.execute("INSERT INTO raw_queries SELECT 'ds', 'q' || i, 'query ' || i FROM range($1) t(i)", [n])
+    conn.execute("INSERT INTO raw_passages SELECT 'ds', 'd' || i, NULL, 'text ' || i FROM range($1) t(i)", [n * 3])
+    return conn
+
+
 def tiny_beir_copy(src: Path, dst: Path, *, queries: int = 12, extra_docs: int = 60, split: str = "test") -> None:
     """A small BEIR folder cut from ``src``: the first ``queries`` judged queries, their relevant passages and
     the first ``extra_docs`` other passages (distractors), so an eval set costs seconds instead of minutes."""

@@ -5,18 +5,14 @@ in their stored order, whatever the chunk size; an empty variant still writes bo
 import gzip
 import json
 
-import duckdb
 import pyarrow.parquet as pq
 
 from rlhn_assets.lib.relabel import export_variant
-from rlhn_assets.lib.schema import apply_schema
+from rlhn_assets_tests.conftest import tiny_corpus_db
 
 
 def _db(n: int = 7):
-    conn = duckdb.connect()
-    apply_schema(conn)
-    conn.execute("INSERT INTO raw_queries SELECT 'ds', 'q' || i, 'query ' || i FROM range($1) t(i)", [n])
-    conn.execute("INSERT INTO raw_passages SELECT 'ds', 'd' || i, NULL, 'text ' || i FROM range($1) t(i)", [n * 3])
+    conn = tiny_corpus_db(n)
     conn.execute(
         """INSERT INTO relabeled_instances
              (dataset, variant, instance_id, query_id, positive_ids, negative_ids, false_negatives)

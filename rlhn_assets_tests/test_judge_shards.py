@@ -4,14 +4,13 @@ order of the files, and a shard's cache reads through the shared one and hands i
 
 from __future__ import annotations
 
-import duckdb
 import pytest
 
 from rlhn_assets.lib.judging.judges import NegativeJudgment
 from rlhn_assets.lib.judging.shards import iter_shard, merge_verdicts, stage_shards, write_verdicts
 from rlhn_assets.lib.llm.cache import ResponseCache
 from rlhn_assets.lib.llm.types import CacheRow, LLMResponse
-from rlhn_assets.lib.schema import apply_schema
+from rlhn_assets_tests.conftest import tiny_corpus_db
 
 
 class _Judge:
@@ -19,10 +18,7 @@ class _Judge:
 
 
 def _db(n: int = 7):
-    conn = duckdb.connect()
-    apply_schema(conn)
-    conn.execute("INSERT INTO raw_queries SELECT 'ds', 'q' || i, 'query ' || i FROM range($1) t(i)", [n])
-    conn.execute("INSERT INTO raw_passages SELECT 'ds', 'd' || i, NULL, 'text ' || i FROM range($1) t(i)", [n * 3])
+    conn = tiny_corpus_db(n)
     conn.execute(
         """INSERT INTO pruned_instances SELECT 'ds', printf('i%02d', i), 'q' || i, ['d' || (3 * i)],
                   ['d' || (3 * i + 2), 'd' || (3 * i + 1)] FROM range($1) t(i)""",
