@@ -144,11 +144,13 @@ def child_stage(args) -> dict:
             runs[-1] |= {k: v for k, v in _numeric_metadata(r).items() if k in ("instances", "exported_rows")}
     else:
         keys = args.child.split(",")
+        judging = {"tier1_judgments", "tier2_judgments"} & set(keys)
         r = dg.materialize(
             assets,
             selection=dg.AssetSelection.assets(*keys),
             partition_key=DATASET,
             resources=res,
+            run_config={"ops": {k: {"config": {"rounds_in_flight": args.rounds_in_flight}} for k in judging}},
             raise_on_error=False,
         )
         runs.append({"assets": keys, "success": r.success, "metadata": _numeric_metadata(r)})
@@ -220,6 +222,8 @@ def _child_cmd(stage: str, work: Path, mode: str, base_url: str, args) -> list[s
         str(args.batch_chunk),
         "--tier2-scope",
         args.tier2_scope,
+        "--rounds-in-flight",
+        str(args.rounds_in_flight),
     ]
 
 
@@ -318,6 +322,10 @@ def main() -> int:
     ap.add_argument("--batch-delay", type=float, default=10.0, help="seconds until a fake batch job completes")
     ap.add_argument("--batch-poll", type=float, default=1.0, help="the tiers' batch_poll_s")
     ap.add_argument("--batch-chunk", type=int, default=50_000, help="the tiers' batch_chunk_size")
+    ap.add_argument(
+        "--rounds-in-flight", type=int, default=2, help="the judging steps' rounds_in_flight (1 = one round at a time)"
+    )
+    ap.add_argument("--judging-only", action="store_true", help="stop after tier 2 (no relabel, COPY, warm re-run)")
     ap.add_argument("--work-dir", default="", help="keep the databases here (default: a temp dir, removed)")
     ap.add_argument("--report", type=Path, default=REPORT_PATH)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -422,6 +430,8 @@ def main() -> int:
                         flush=True,
                     )
                 stages.append(r)
+            if args.judging_only:
+                continue
             stages.append(run_stage("relabeled+export", "relabeled", work, mode, url, args, n))
             if mode == "online":
                 stages.append(run_stage("copy_baseline", "copy_baseline", work, mode, url, args, n))
@@ -492,6 +502,8 @@ def main() -> int:
                 "batch_delay",
                 "batch_poll",
                 "batch_chunk",
+                "rounds_in_flight",
+                "judging_only",
             )
         },
         "dataset": {"file": str(data_file.relative_to(ROOT)), "pool": gen.pool, "negatives": bench_ingest.N_NEG},

@@ -280,7 +280,8 @@ def test_shards_on_two_celery_workers_merge_to_the_single_step_verdicts(tmp_path
 def test_in_process_shards_of_both_tiers_equal_one_step(tmp_path):
     """Tier 1 and tier 2 (scope flagged_negatives: only tier 1's flagged positions travel through the staged
     Parquet and back) in 3 shards give the verdicts of 1 shard; the shards' answers land in the shared cache, so
-    a rerun makes no call."""
+    a rerun makes no call. The reference judges one round at a time, the shards two rounds at once (the
+    default `rounds_in_flight`): the overlap changes neither the verdicts nor the number of calls."""
     from rlhn_assets.defs.judge import checks
     from rlhn_assets.defs.judge.assets import tier1_judgments, tier2_judgments
     from rlhn_assets_tests.conftest import make_resources
@@ -292,14 +293,21 @@ def test_in_process_shards_of_both_tiers_equal_one_step(tmp_path):
         checks.tier2_covers_exactly_the_forwarded,
     ]
 
-    def run(db: Path, shards: int, base_url: str, cache: Path):
+    def run(db: Path, shards: int, base_url: str, cache: Path, rounds_in_flight: int = 2):
         res = make_resources(db)
         tier_cls = type(res["tier1_judge"])
         res["tier1_judge"] = tier_cls(**_tier1(base_url, cache))
         res["tier2_judge"] = tier_cls(
             **{**_tier1(base_url, cache), "tier": 2, "scope": "flagged_negatives", "threshold_relevant": 0.3}
         )
-        cfg = {"config": {"shards": shards, "batch_size": 5, "staging_dir": str(tmp_path / f"stage-{db.stem}")}}
+        cfg = {
+            "config": {
+                "shards": shards,
+                "batch_size": 5,
+                "rounds_in_flight": rounds_in_flight,
+                "staging_dir": str(tmp_path / f"stage-{db.stem}"),
+            }
+        }
         with dg.instance_for_test() as inst:
             r = dg.materialize(
                 assets,
@@ -315,9 +323,14 @@ def test_in_process_shards_of_both_tiers_equal_one_step(tmp_path):
         one, three = tmp_path / "one.duckdb", tmp_path / "three.duckdb"
         _seed(one)
         _seed(three)
-        run(one, 1, base_url, tmp_path / "c1.duckdb")
+        ref = run(one, 1, base_url, tmp_path / "c1.duckdb", rounds_in_flight=1)
         md = run(three, 3, base_url, tmp_path / "c3.duckdb")
         assert md["tier1_judgments"]["shards"].value == 3 and md["tier2_judgments"]["shards"].value == 3
+        for key in ("tier1_judgments", "tier2_judgments"):
+            assert [md[key][m].value for m in ("llm_calls", "cache_hits")] == [
+                ref[key][m].value for m in ("llm_calls", "cache_hits")
+            ]
+        assert md["tier1_judgments"]["llm_calls"].value > 0
         again = run(three, 3, base_url, tmp_path / "c3.duckdb")
     assert all(m["llm_calls"].value == 0 and m["cache_hits"].value > 0 for m in again.values())
     with duckdb.connect(str(one), read_only=True) as a, duckdb.connect(str(three), read_only=True) as b:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 from collections import Counter
@@ -414,6 +415,29 @@ def test_concurrency_limit_respected(api, cache):
     out = client.complete_many([req(f"q{i}") for i in range(20)])
     assert all(r.error is None for r in out)
     assert api.max_in_flight == 3
+
+
+def test_two_threads_share_one_limit_and_ask_a_shared_request_once(api, cache):
+    """Two rounds of a judging step overlap (defs/judge/assets.py): two threads call complete_many on one
+    keep_loop client at once. They share its concurrency limit, a request both need is sent once (the second
+    gets the first's answer, counted as a cache hit), and every answer is in the cache when the calls return."""
+    api.delay_s = 0.05
+    http = httpx.AsyncClient(transport=httpx.MockTransport(api.handler))
+    client = LLMClient(settings(concurrency=4), cache, http_client=http, api_key=SECRET, keep_loop=True)
+    first = [req(f"a{i}") for i in range(12)] + [req("shared")]
+    second = [req("shared")] + [req(f"b{i}") for i in range(12)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            one, two = pool.map(client.complete_many, [first, second])
+    finally:
+        client.close()
+    assert [r.text for r in one] == [f"ans:a{i}" for i in range(12)] + ["ans:shared"]
+    assert [r.text for r in two] == ["ans:shared"] + [f"ans:b{i}" for i in range(12)]
+    assert api.max_in_flight == 4
+    sent = [b["messages"][-1]["content"] for b in api.chat_bodies]
+    assert sorted(sent) == sorted({*(f"a{i}" for i in range(12)), *(f"b{i}" for i in range(12)), "shared"})
+    assert [r.cached for r in (one[-1], two[0])].count(True) == 1  # one of the two made the call
+    assert client.stats.calls_made == 25 and cache.count() == 25
 
 
 def test_complete_many_inside_running_loop(api, cache):

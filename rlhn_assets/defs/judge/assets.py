@@ -1,3 +1,4 @@
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -29,6 +30,9 @@ JUDGE_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONEN
 
 class JudgeRunConfig(dg.Config):
     batch_size: int = 256  # instances read, judged and written per round
+    # Rounds judged at once (online mode): with 2, one round's prompt rendering, cache lookup and parsing overlap
+    # the other's calls instead of idling the endpoint between rounds (docs/benchmarks.md). 1 = one at a time.
+    rounds_in_flight: int = Field(default=2, ge=1, le=8)
     # Forward instances whose tier-1 answer ended in `error` to tier 2 (an unreadable answer is no evidence
     # that an instance is clean).
     forward_errors: bool = True
@@ -135,6 +139,7 @@ def _plan(context, tier: int, judge_res: JudgeTierResource, duckdb: RLHNDuckDB, 
                 "instances": s.instances,
                 "dir": join(staging, f"shard-{s.index}"),
                 "batch_size": config.batch_size,
+                "rounds_in_flight": config.rounds_in_flight,
                 "flagged_only": positions_sql is not None,
             },
             output_name="shards",
@@ -196,17 +201,43 @@ def _judge_shard(context, tier: int, judge_res: JudgeTierResource, registry, sha
 
         # The next round is read and the previous round's verdicts written on a helper thread while this round's
         # calls are in flight: done in turn, the endpoint sat idle for both on every round (docs/benchmarks.md,
-        # bench_scale).
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="judge-io") as io:
+        # bench_scale). Online, `rounds_in_flight` rounds are judged at once (each on a fork of the judge, sharing
+        # its client and so its `concurrency` limit): the work between two rounds' calls - rendering the prompts,
+        # the cache lookup, parsing, the last cache write - then overlaps another round's calls, where it left the
+        # endpoint idle for a growing part of each round (bench_scale at 100K instances, docs/benchmarks.md).
+        overlap = shard.get("rounds_in_flight", 2)
+        if client is None or judge_res.mode == "batch" or not hasattr(judge, "fork"):
+            overlap = 1  # the embedding judge is CPU-bound; batch mode judges from the prefetched cache
+
+        def judge_round(item):
+            staged, judged, kept = item
+            worker = judge.fork() if overlap > 1 else judge
+            rows = worker.judge(judged, progress=context.log.info)
+            if kept is not None:
+                rows = [dataclasses.replace(j, neg_index=kept[j.instance_id][j.neg_index - 1]) for j in rows]
+            return staged, rows, (worker.stats if worker is not judge else None)
+
+        with (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="judge-io") as io,
+            concurrent.futures.ThreadPoolExecutor(overlap, thread_name_prefix="judge-round") as runner,
+        ):
             it = rounds()
             upcoming = io.submit(next, it, None)
+            started: collections.deque[concurrent.futures.Future] = collections.deque()
+
+            def start_rounds() -> None:
+                nonlocal upcoming
+                while len(started) < overlap and (item := upcoming.result()) is not None:
+                    upcoming = io.submit(next, it, None)
+                    started.append(runner.submit(judge_round, item))
+
+            start_rounds()
             written, b = None, 0
-            while (item := upcoming.result()) is not None:
-                upcoming = io.submit(next, it, None)
-                staged, judged, kept = item
-                rows = judge.judge(judged, progress=context.log.info)
-                if kept is not None:
-                    rows = [dataclasses.replace(j, neg_index=kept[j.instance_id][j.neg_index - 1]) for j in rows]
+            while started:
+                staged, rows, fork_stats = started.popleft().result()  # rounds end in order
+                start_rounds()
+                if fork_stats is not None:
+                    judge.stats.add(fork_stats)
                 if written is not None:
                     written.result()
                 written = io.submit(write, b, rows)

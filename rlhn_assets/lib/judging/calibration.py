@@ -167,6 +167,15 @@ class CalibratedJudge:
     def requests_for(self, instances):
         return self.inner.requests_for(instances)
 
+    def fork(self):
+        """This judge on a fork of the inner one (own stats; client, encoder and calibrator shared)."""
+        import copy
+
+        twin = copy.copy(self)
+        twin.inner = self.inner.fork()
+        twin.stats = twin.inner.stats
+        return twin
+
     def judge(self, instances, progress=None):
         import dataclasses
 

@@ -16,6 +16,7 @@ covered: counted, never read as "no false negatives".
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,12 @@ class JudgeStats:
                 else:
                     setattr(out, name, getattr(out, name) + value)
         return out
+
+    def add(self, other: JudgeStats) -> None:
+        """Add another judge's counts (a :meth:`ListwiseLLMJudge.fork` that judged one round) to these."""
+        merged = JudgeStats.total([self.as_dict(), other.as_dict()])
+        for name, value in merged.as_dict().items():
+            setattr(self, name, value)
 
     def count(self, judgments: Sequence[NegativeJudgment]) -> None:
         for j in judgments:
@@ -169,6 +176,13 @@ class ListwiseLLMJudge:
     def calls_for(self, inst: Instance) -> list[tuple[int, prompts.RenderedListwise]]:
         family = self.family_by_instance(inst) if self.family_by_instance else self.family
         return listwise_calls(inst, family, self.docs_per_call, structured=self.structured)
+
+    def fork(self):
+        """This judge with its own :class:`JudgeStats` (the client is shared): two rounds of a judging step run
+        at once on two threads, each on a fork, and the step adds the forks' stats (defs/judge/assets.py)."""
+        twin = copy.copy(self)
+        twin.stats = JudgeStats()
+        return twin
 
     def requests_for(self, instances: Sequence[Instance]) -> list:
         """The first-attempt requests :meth:`judge` sends for ``instances`` (Batch API prefetch)."""
@@ -299,6 +313,13 @@ class PointwiseLLMJudge:
 
     def messages(self, inst: Instance, neg: Passage) -> tuple[dict, ...]:
         return self.render(self.family, inst, neg)
+
+    def fork(self):
+        """This judge with its own :class:`JudgeStats` (the client is shared): two rounds of a judging step run
+        at once on two threads, each on a fork, and the step adds the forks' stats (defs/judge/assets.py)."""
+        twin = copy.copy(self)
+        twin.stats = JudgeStats()
+        return twin
 
     def requests_for(self, instances: Sequence[Instance]) -> list:
         """The first-attempt requests :meth:`judge` sends for ``instances`` (Batch API prefetch)."""

@@ -26,7 +26,9 @@ Plain module: no Dagster imports.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import dataclasses
 import email.utils
 import hashlib
 import importlib.util
@@ -38,7 +40,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 KEY_VERSION = 2  # bump when the key payload changes (invalidates every cached answer); 2: model identity
 BATCH_ENDPOINT = "/v1/chat/completions"
 _STYLES = ("json_schema", "json_object_schema", "none")
+_RECENT_ANSWERS = 4096  # answers kept per loop for concurrent calls (see _LoopState.recent)
 
 
 class LLMConfigError(RuntimeError):
@@ -317,15 +320,22 @@ class _LoopState:
     oai: openai.AsyncOpenAI
     sem: asyncio.Semaphore
     owns_http: bool
+    # key -> the answer being fetched: a request that is already in flight for another call of this client on
+    # this loop (the overlapping rounds of a judging step) waits for that answer instead of being sent twice
+    in_flight: dict = field(default_factory=dict)
+    # the latest answers received on this loop: another call that looked the cache up before they were written
+    # finds them here (bounded: the older ones are in the cache by the time a call starts)
+    recent: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
 
 class _CacheWriter:
     """Buffers successful answers and writes them from a worker thread every ``every`` rows or ``interval_s``
-    (DuckDB releases the GIL, so the event loop keeps serving responses meanwhile). :meth:`close` waits for a
-    write in progress and writes whatever is left synchronously - also on exception / cancellation."""
+    (DuckDB releases the GIL, so the event loop keeps serving responses meanwhile). :meth:`aclose` waits for a
+    write in progress and writes whatever is left - also on exception / cancellation."""
 
-    def __init__(self, cache: ResponseCache, every: int, interval_s: float):
+    def __init__(self, cache: ResponseCache, every: int, interval_s: float, pending: set):
         self.cache = cache
+        self.pending = pending  # the client's set of writes not finished yet (close() waits for them)
         self.every = every
         self.interval_s = interval_s
         self.buf: list = []
@@ -353,23 +363,35 @@ class _CacheWriter:
             if self.buf:
                 rows, self.buf = self.buf, []
                 self._inflight = self._pool.submit(self.cache.put_many, rows)
+                self.pending.add(self._inflight)
+                self._inflight.add_done_callback(self.pending.discard)
                 # shield: cancelling this task must not cancel a write that holds rows already taken from buf
                 self.written += await asyncio.shield(asyncio.wrap_future(self._inflight))
                 self._inflight = None
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Write what is left, waiting for the writes without blocking the event loop: other calls of the same
+        client (the overlapping rounds of a judging step, defs/judge/assets.py) keep being served meanwhile. A
+        synchronous wait here held every in-flight call of the other round for the length of a DuckDB commit
+        (~0.3 s per round at 100K answers in the cache: bench_scale, docs/benchmarks.md). Also runs on
+        exception / cancellation; if this coroutine is itself cancelled, the write goes on in the writer's thread
+        and :meth:`LLMClient.close` waits for it (``pending``)."""
         task = self._task
         if task is not None and not task.done():
             task.cancel()
         try:
             if self._inflight is not None:
-                self._inflight.result()  # wait for the write in progress (re-raises its error)
+                inflight = self._inflight
+                await asyncio.shield(asyncio.wrap_future(inflight))  # re-raises its error
                 self._inflight = None
             rows, self.buf = self.buf, []
             if rows:
-                self.written += self.cache.put_many(rows)
+                final = self._pool.submit(self.cache.put_many, rows)
+                self.pending.add(final)
+                final.add_done_callback(self.pending.discard)
+                self.written += await asyncio.shield(asyncio.wrap_future(final))
         finally:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=False)
         if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()
 
@@ -519,6 +541,8 @@ class LLMClient:
         self._spool_mem: dict[str, bytes] = {}  # prefetched jobs' input files when the cache is in memory
         self.keep_loop = keep_loop
         self._bg: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+        self._bg_lock = threading.Lock()  # complete_many may be called from several threads at once
+        self._pending_writes: set[concurrent.futures.Future] = set()  # cache writes close() waits for
 
     def __repr__(self) -> str:
         s = self.settings
@@ -587,12 +611,13 @@ class LLMClient:
 
     # ------------------------------------------------------------------------------ public API
     def _background_loop(self) -> asyncio.AbstractEventLoop:
-        if self._bg is None:
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="llm-client-loop", daemon=True)
-            thread.start()
-            self._bg = (loop, thread)
-        return self._bg[0]
+        with self._bg_lock:
+            if self._bg is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="llm-client-loop", daemon=True)
+                thread.start()
+                self._bg = (loop, thread)
+            return self._bg[0]
 
     def _run_on_background_loop(self, coro) -> Any:
         fut = asyncio.run_coroutine_threadsafe(coro, self._background_loop())
@@ -606,17 +631,21 @@ class LLMClient:
             raise
 
     def close(self) -> None:
-        """Stop the helper loop of ``keep_loop`` (closing the HTTP client first); a no-op otherwise."""
-        bg, self._bg = self._bg, None
-        if bg is None:
-            return
-        loop, thread = bg
+        """Stop the helper loop of ``keep_loop`` (closing the HTTP client first) and wait for cache writes still
+        running (those of a call interrupted while it wrote)."""
+        with self._bg_lock:
+            bg, self._bg = self._bg, None
         try:
-            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=30)
+            if bg is not None:
+                loop, thread = bg
+                try:
+                    asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=30)
+                finally:
+                    loop.call_soon_threadsafe(loop.stop)
+                    thread.join(timeout=30)
+                    loop.close()
         finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-            loop.close()
+            concurrent.futures.wait(list(self._pending_writes))
 
     def __enter__(self) -> LLMClient:
         return self
@@ -656,11 +685,9 @@ class LLMClient:
         """Responses in the order of ``requests``; requests with the same key are asked once."""
         t0 = time.perf_counter()
         try:
-            keys = [request_key(self.settings, r) for r in requests]
-            unique: dict[str, LLMRequest] = {}
-            for k, r in zip(keys, requests):
-                unique.setdefault(k, r)
-            results: dict[str, LLMResponse] = self.cache.get_many(unique) if unique else {}
+            # Off the event loop: the keys' hashing and the cache lookup (which waits for a cache write holding
+            # the cache's lock) would otherwise stall the answers of another call in flight on this loop.
+            keys, unique, results = await asyncio.to_thread(self._lookup, requests)
             self.stats.cache_hits += len(results)
             todo = [(k, r) for k, r in unique.items() if k not in results]
             label = f"llm[{self.settings.model}]"
@@ -675,6 +702,16 @@ class LLMClient:
         finally:
             self.stats.wall_s += time.perf_counter() - t0
 
+    def _lookup(
+        self, requests: Sequence[LLMRequest]
+    ) -> tuple[list[str], dict[str, LLMRequest], dict[str, LLMResponse]]:
+        """(each request's key, the distinct requests by key, the cached answers among them)."""
+        keys = [request_key(self.settings, r) for r in requests]
+        unique: dict[str, LLMRequest] = {}
+        for k, r in zip(keys, requests):
+            unique.setdefault(k, r)
+        return keys, unique, (self.cache.get_many(unique) if unique else {})
+
     # ------------------------------------------------------------------------------ online
     async def _run_online(
         self, todo: list[tuple[str, LLMRequest]], progress, n_hits: int, label: str
@@ -682,17 +719,33 @@ class LLMClient:
         st = self._loop_state()
         s = self.settings
         out: dict[str, LLMResponse] = {}
-        writer = _CacheWriter(self.cache, self.flush_every, self.flush_interval_s)
+        writer = _CacheWriter(self.cache, self.flush_every, self.flush_interval_s, self._pending_writes)
         prog = _Progress(label, len(todo), n_hits, progress)
         pending = iter(todo)
 
         async def worker() -> None:
             for key, req in pending:  # shared iterator: each request is taken by exactly one worker
-                body = build_body(s, req)
-                resp = await self._call(st, key, body, req.top_logprobs is not None)
+                shared = await self._answer_in_flight(st, key)
+                if shared is not None:  # another call of this client fetched it meanwhile: no second request
+                    out[key] = shared
+                    prog.tick(shared)
+                    continue
+                mine = st.loop.create_future()
+                st.in_flight[key] = mine
+                try:
+                    body = build_body(s, req)
+                    resp = await self._call(st, key, body, req.top_logprobs is not None)
+                    mine.set_result(resp)
+                finally:
+                    del st.in_flight[key]
+                    if not mine.done():  # this call was cancelled: a waiter sends the request itself
+                        mine.cancel()
                 out[key] = resp
                 if resp.error is None:
                     writer.add(CacheRow(resp, s.model, req.prompt_version, body))
+                    st.recent[key] = resp
+                    if len(st.recent) > _RECENT_ANSWERS:
+                        st.recent.popitem(last=False)
                 prog.tick(resp)
 
         writer.start()
@@ -703,8 +756,24 @@ class LLMClient:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            writer.close()
+            await writer.aclose()
         return out
+
+    @staticmethod
+    async def _answer_in_flight(st: _LoopState, key: str) -> LLMResponse | None:
+        """The answer to ``key`` if another call on this loop got it after this call's cache lookup or is fetching
+        it now (as a cache hit: this call made no request), else None."""
+        if (done := st.recent.get(key)) is not None:
+            return dataclasses.replace(done, cached=True)
+        while (other := st.in_flight.get(key)) is not None:
+            try:
+                resp = await asyncio.shield(other)
+            except asyncio.CancelledError:
+                if not other.cancelled() or asyncio.current_task().cancelling():
+                    raise  # this call itself is being cancelled
+                continue  # the fetching call was cancelled: fetch it here (unless a third one took it over)
+            return dataclasses.replace(resp, cached=True) if resp.error is None else None
+        return None
 
     async def _call(self, st: _LoopState, key: str, body: dict, want_logprobs: bool) -> LLMResponse:
         s = self.settings
