@@ -150,14 +150,33 @@ def child_stage(args) -> dict:
             selection=dg.AssetSelection.assets(*keys),
             partition_key=DATASET,
             resources=res,
-            run_config={"ops": {k: {"config": {"rounds_in_flight": args.rounds_in_flight}} for k in judging}},
+            run_config={
+                "ops": {
+                    # each mode stages its shards (and their own LLM cache files) in its work dir: the default,
+                    # <data dir>/staging, is shared, so batch mode would find online mode's answers there
+                    k: {
+                        "config": {
+                            "rounds_in_flight": args.rounds_in_flight,
+                            "staging_dir": str(work / f"staging_{args.mode}"),
+                        }
+                    }
+                    for k in judging
+                }
+            },
             raise_on_error=False,
         )
         runs.append({"assets": keys, "success": r.success, "metadata": _numeric_metadata(r)})
         if not r.success:
             for ev in r.all_events:
                 if ev.is_failure:
-                    runs[-1]["error"] = str(ev.event_specific_data)[:2000]
+                    err = getattr(ev.event_specific_data, "error", None)
+                    while err is not None and err.cause is not None:  # the root cause, not the retry wrapper
+                        err = err.cause
+                    runs[-1]["error"] = (
+                        f"{ev.step_key}: {err.message.strip()[:1500]}\n{''.join(err.stack[-6:])[-3000:]}"
+                        if err is not None
+                        else str(ev.event_specific_data)[:2000]
+                    )
                     break
     return {
         "seconds": round(time.perf_counter() - t0, 2),

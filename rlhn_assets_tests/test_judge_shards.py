@@ -109,3 +109,30 @@ def test_shard_cache_reads_through_and_hands_answers_back(tmp_path):
         # the shard's file holds only what it was answered now: "new"
         assert c.import_responses([str(tmp_path / "r.parquet")]) == 1
         assert c.keys() == ["new", "old"]
+
+
+def test_import_in_chunks_keeps_the_first_row_of_a_key(tmp_path, monkeypatch):
+    """The import commits every _IMPORT_CHUNK_ROWS rows of a file (bounded memory at 100K answers); a key that
+    is already cached keeps its row, and within the files a key's first row wins, across chunk boundaries too."""
+    import duckdb
+
+    from rlhn_assets.lib.llm import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_IMPORT_CHUNK_ROWS", 2)
+    texts = [("a", "a1"), ("b", "b1"), ("c", "c1"), ("a", "a2"), ("d", "d1"), ("b", "b2"), ("e", "e1")]
+    with ResponseCache(tmp_path / "src.duckdb") as src:
+        src.put_many([_row("x")])
+        src.export_responses(str(tmp_path / "one.parquet"))
+    cols = ", ".join(cache_mod._RESPONSE_COLUMNS)
+    with duckdb.connect() as con:  # a file with duplicated keys (not one of our exports), in this row order
+        first = con.execute(f"SELECT {cols} FROM read_parquet('{tmp_path / 'one.parquet'}')").fetchall()[0]
+        names = list(cache_mod._RESPONSE_COLUMNS)
+        rows = [tuple(k if n == "key" else t if n == "text" else v for n, v in zip(names, first)) for k, t in texts]
+        con.execute(f"CREATE TABLE r AS SELECT {cols} FROM read_parquet('{tmp_path / 'one.parquet'}') LIMIT 0")
+        con.executemany(f"INSERT INTO r VALUES ({', '.join(['?'] * len(names))})", rows)
+        con.execute(f"COPY r TO '{tmp_path / 'dup.parquet'}' (FORMAT parquet)")
+    with ResponseCache(tmp_path / "shared.duckdb") as c:
+        c.put_many([CacheRow(LLMResponse("c", "cached", "stop", 3, 1, 0.1, None, False), "m", "v1", {"k": "c"})])
+        assert c.import_responses([str(tmp_path / "dup.parquet")]) == 4  # a, b, d, e
+        got = {k: r.text for k, r in c.get_many(["a", "b", "c", "d", "e"]).items()}
+    assert got == {"a": "a1", "b": "b1", "c": "cached", "d": "d1", "e": "e1"}
