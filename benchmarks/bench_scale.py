@@ -192,17 +192,21 @@ def child_copy_baseline(args) -> dict:
     then timed: COPY to Parquet and to JSONL.gz, as lib/relabel.export_variant writes them."""
     import duckdb
 
+    from rlhn_assets.lib.relabel import EXPORT_ROW_GROUP
+
     work = Path(args.work)
     exports = work / f"exports_{args.mode}"
     out_dir = work / "copy_baseline"
     out_dir.mkdir(exist_ok=True)
-    conn = duckdb.connect(str(work / "copy_baseline.duckdb"), config=DUCKDB_CONFIG)
+    # COPY in one statement per file, as a user would write it; it needs more than the pipeline's 1 GB
+    # memory_limit at 100,000 instances (the export writes in parts for that reason), so the baseline gets 4 GB
+    conn = duckdb.connect(str(work / "copy_baseline.duckdb"), config={**DUCKDB_CONFIG, "memory_limit": "4GB"})
     seconds, rows = 0.0, 0
     for v in VARIANTS:
         src = exports / v / f"{DATASET}.parquet"
         conn.execute(f"CREATE OR REPLACE TABLE t AS SELECT * FROM read_parquet('{src}')")
         t = time.perf_counter()
-        conn.execute(f"COPY t TO '{out_dir / (v + '.parquet')}' (FORMAT parquet)")
+        conn.execute(f"COPY t TO '{out_dir / (v + '.parquet')}' (FORMAT parquet, ROW_GROUP_SIZE {EXPORT_ROW_GROUP})")
         conn.execute(f"COPY t TO '{out_dir / (v + '.jsonl.gz')}' (FORMAT json, COMPRESSION gzip)")
         seconds += time.perf_counter() - t
         rows += conn.execute("SELECT count(*) FROM t").fetchall()[0][0]
