@@ -146,7 +146,18 @@ def listwise_calls(
     return out
 
 
-class ListwiseLLMJudge:
+class _ForkWithOwnStats:
+    """``fork()`` for the LLM judges: a shallow copy (client shared) counting into its own :class:`JudgeStats`,
+    so two rounds of a judging step run at once on two threads and the step adds the forks' stats
+    (defs/judge/assets.py)."""
+
+    def fork(self):
+        twin = copy.copy(self)
+        twin.stats = JudgeStats()
+        return twin
+
+
+class ListwiseLLMJudge(_ForkWithOwnStats):
     """The paper's listwise contract. When the client's ``response_format_style`` is not ``none``, every call
     asks for the verdict as structured output (prompts.LISTWISE_JSON_SCHEMA, prompt version ``+json-v1``) and
     the answer is validated by ``parse_listwise_json``; otherwise the paper's <verdict> tags."""
@@ -176,13 +187,6 @@ class ListwiseLLMJudge:
     def calls_for(self, inst: Instance) -> list[tuple[int, prompts.RenderedListwise]]:
         family = self.family_by_instance(inst) if self.family_by_instance else self.family
         return listwise_calls(inst, family, self.docs_per_call, structured=self.structured)
-
-    def fork(self):
-        """This judge with its own :class:`JudgeStats` (the client is shared): two rounds of a judging step run
-        at once on two threads, each on a fork, and the step adds the forks' stats (defs/judge/assets.py)."""
-        twin = copy.copy(self)
-        twin.stats = JudgeStats()
-        return twin
 
     def requests_for(self, instances: Sequence[Instance]) -> list:
         """The first-attempt requests :meth:`judge` sends for ``instances`` (Batch API prefetch)."""
@@ -271,7 +275,7 @@ class ListwiseLLMJudge:
         return out
 
 
-class PointwiseLLMJudge:
+class PointwiseLLMJudge(_ForkWithOwnStats):
     """One negative per call; score = P(yes) of the first answer token; ``worse`` at score >= threshold_relevant,
     ``better`` at >= threshold_better. ``family`` picks the prompt (``prompts.POINTWISE_PROMPTS``)."""
 
@@ -313,13 +317,6 @@ class PointwiseLLMJudge:
 
     def messages(self, inst: Instance, neg: Passage) -> tuple[dict, ...]:
         return self.render(self.family, inst, neg)
-
-    def fork(self):
-        """This judge with its own :class:`JudgeStats` (the client is shared): two rounds of a judging step run
-        at once on two threads, each on a fork, and the step adds the forks' stats (defs/judge/assets.py)."""
-        twin = copy.copy(self)
-        twin.stats = JudgeStats()
-        return twin
 
     def requests_for(self, instances: Sequence[Instance]) -> list:
         """The first-attempt requests :meth:`judge` sends for ``instances`` (Batch API prefetch)."""
